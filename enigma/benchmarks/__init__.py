@@ -1,0 +1,1 @@
+"""Benchmarks: each measures its model and its baseline in the same run."""

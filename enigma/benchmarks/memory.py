@@ -1,0 +1,67 @@
+"""Peak RSS of one forward + backward of the machine, measured in a fresh process.
+
+``python -m enigma.benchmarks.memory --blocks 16 --memory-efficient`` prints one JSON line. The
+RSS high-water mark is what the operating system saw, so it counts every allocator and every
+buffer autograd kept; running in a fresh process keeps earlier work out of the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(blocks: int, memory_efficient: bool, d: int, batch: int, length: int) -> dict:
+    from enigma import Enigma
+
+    torch.manual_seed(0)
+    machine = Enigma(d, num_rev_blocks=blocks, num_rotors=2, memory_efficient=memory_efficient)
+    x = torch.randn(batch, length, d, requires_grad=True)
+    before = peak_rss_mb()
+    machine(x).square().mean().backward()
+    return {
+        "blocks": blocks,
+        "memory_efficient": memory_efficient,
+        "d": d,
+        "batch": batch,
+        "length": length,
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def measure_in_fresh_process(
+    blocks: int, memory_efficient: bool, d: int = 512, batch: int = 8, length: int = 512
+) -> dict:
+    """Run :func:`measure` in a new interpreter and return its result."""
+    cmd = [sys.executable, "-m", "enigma.benchmarks.memory", "--blocks", str(blocks)]
+    cmd += ["--d", str(d), "--batch", str(batch), "--length", str(length)]
+    if memory_efficient:
+        cmd.append("--memory-efficient")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, required=True)
+    p.add_argument("--memory-efficient", action="store_true")
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=512)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(json.dumps(measure(a.blocks, a.memory_efficient, a.d, a.batch, a.length)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Interleaved timing: every contestant runs once per round, so drift hits all of them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved(
+    contestants: dict[str, Callable[[], None]], rounds: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each contestant over ``rounds`` interleaved rounds."""
+    for _ in range(warmup):
+        for fn in contestants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contestants}
+    for _ in range(rounds):
+        for name, fn in contestants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

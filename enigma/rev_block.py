@@ -1,0 +1,94 @@
+"""Coupling blocks on channel halves: additive (RevNet) and affine (RealNVP/Glow)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .invertible import InvertibleModule, check_even_dim, zero_log_det
+
+COUPLINGS = ("additive", "affine")
+
+
+class CouplingNet(nn.Sequential):
+    """``Linear -> GELU -> Linear``; the last layer starts at zero, so the block starts as identity.
+
+    No normalisation and no dropout: the memory-efficient backward runs this net again and must
+    get the same function both times.
+    """
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, generator: torch.Generator):
+        first, last = nn.Linear(d_in, hidden), nn.Linear(hidden, d_out)
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(d_in)
+            first.weight.uniform_(-bound, bound, generator=generator)
+            first.bias.uniform_(-bound, bound, generator=generator)
+            last.weight.zero_()
+            last.bias.zero_()
+        super().__init__(first, nn.GELU(), last)
+
+    def forward(self, h: Tensor) -> Tensor:
+        # The net runs in its weights' precision (bf16 under DeepSpeed), the coupling stream stays
+        # in the caller's (fp32): additive coupling is then exactly invertible whatever F's dtype.
+        return super().forward(h.to(self[0].weight.dtype)).to(h.dtype)
+
+
+class RevBlock(InvertibleModule):
+    """``y1 = x1 + F(x2); y2 = x2 + G(y1)`` (additive, volume-preserving), or the affine version
+    ``y1 = x1 * exp(s(x2)) + t(x2)`` with the log-scale bounded to ``(-scale_bound, scale_bound)``.
+    """
+
+    def __init__(
+        self,
+        d: int,
+        coupling: str = "additive",
+        hidden: int | None = None,
+        scale_bound: float = 2.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_even_dim(d)
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling={coupling!r} is not one of {COUPLINGS}")
+        half = d // 2
+        hidden = d if hidden is None else hidden
+        out = half if coupling == "additive" else 2 * half
+        g = torch.Generator().manual_seed(seed)
+        self.d, self.coupling, self.scale_bound = d, coupling, scale_bound
+        self.f = CouplingNet(half, hidden, out, g)
+        self.g = CouplingNet(half, hidden, out, g)
+
+    def _shift_scale(self, net: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+        raw_s, t = net(h).chunk(2, dim=-1)
+        return self.scale_bound * torch.tanh(raw_s / self.scale_bound), t
+
+    def _forward(self, x: Tensor, positions: Tensor):
+        x1, x2 = x.chunk(2, dim=-1)
+        if self.coupling == "additive":
+            y1 = x1 + self.f(x2)
+            y2 = x2 + self.g(y1)
+            y = torch.cat([y1, y2], dim=-1)
+            return y, zero_log_det(y)
+        s1, t1 = self._shift_scale(self.f, x2)
+        y1 = x1 * s1.exp() + t1
+        s2, t2 = self._shift_scale(self.g, y1)
+        y2 = x2 * s2.exp() + t2
+        return torch.cat([y1, y2], dim=-1), s1.sum(-1) + s2.sum(-1)
+
+    def _inverse(self, y: Tensor, positions: Tensor):
+        y1, y2 = y.chunk(2, dim=-1)
+        if self.coupling == "additive":
+            x2 = y2 - self.g(y1)
+            x1 = y1 - self.f(x2)
+            x = torch.cat([x1, x2], dim=-1)
+            return x, zero_log_det(x)
+        s2, t2 = self._shift_scale(self.g, y1)
+        x2 = (y2 - t2) * (-s2).exp()
+        s1, t1 = self._shift_scale(self.f, x2)
+        x1 = (y1 - t1) * (-s1).exp()
+        return torch.cat([x1, x2], dim=-1), -(s1.sum(-1) + s2.sum(-1))
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, coupling={self.coupling!r}"

@@ -1,0 +1,116 @@
+"""A chain of invertible steps whose backward rebuilds activations instead of storing them.
+
+A chain is a list of ``(module, reverse)`` steps. In memory-efficient mode the forward pass runs
+under ``no_grad`` and keeps only the chain's output. The backward pass walks the chain from the
+end: it rebuilds each step's input from its output with the inverse, runs that one step again with
+autograd, and backpropagates through it alone. Peak memory is one step's activations, whatever the
+depth. Gradient checkpointing cannot do this: it must keep every segment's input.
+
+The recomputation is reentrant (``torch.autograd.backward`` inside ``backward``), like
+``torch.utils.checkpoint(use_reentrant=True)``, so parameter gradients arrive through the ordinary
+accumulation hooks that DeepSpeed ZeRO relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .invertible import InvertibleModule
+
+Step = tuple[InvertibleModule, bool]
+
+
+def invert_chain(steps: Sequence[Step]) -> list[Step]:
+    """The chain that undoes ``steps``."""
+    return [(module, not reverse) for module, reverse in reversed(steps)]
+
+
+def run_chain(steps: Sequence[Step], x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply the steps with ordinary autograd; returns ``(y, total log-det)``."""
+    log_det = None
+    for module, reverse in steps:
+        x, step_log_det = module(x, positions, reverse=reverse, with_log_det=True)
+        log_det = step_log_det if log_det is None else log_det + step_log_det
+    if log_det is None:
+        log_det = x.new_zeros(())
+    return x, log_det.expand(x.shape[:-1]).contiguous()
+
+
+class _AutocastState:
+    """The autocast setting of the forward pass, replayed while the backward recomputes."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type)
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, positions, steps, anchor):
+        ctx.steps = steps
+        ctx.autocast = _AutocastState(x.device.type)
+        ctx.set_materialize_grads(False)
+        with torch.no_grad():
+            y, log_det = run_chain(steps, x, positions)
+        ctx.save_for_backward(y, positions)
+        return y, log_det
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_log_det):
+        y, positions = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        for module, reverse in reversed(ctx.steps):
+            with torch.no_grad(), ctx.autocast():
+                x = module(y, positions, reverse=not reverse)
+            with torch.enable_grad(), ctx.autocast():
+                x = x.detach().requires_grad_(True)
+                out, log_det = module(x, positions, reverse=reverse, with_log_det=True)
+            outputs, grads = [out], [grad_y]
+            if grad_log_det is not None and log_det.requires_grad:
+                outputs.append(log_det)
+                grads.append(grad_log_det)
+            torch.autograd.backward(outputs, grads)
+            grad_y, y = x.grad, x.detach()
+        return grad_y, None, None, None
+
+
+def apply_chain(
+    steps: Sequence[Step], x: Tensor, positions: Tensor, memory_efficient: bool
+) -> tuple[Tensor, Tensor]:
+    """Run a chain, storing no per-step activations when ``memory_efficient`` and grad is on."""
+    if memory_efficient and torch.is_grad_enabled() and steps:
+        # The anchor makes autograd call our backward even when x needs no gradient, so the
+        # parameters inside the chain still receive theirs.
+        anchor = torch.empty(0, device=x.device, requires_grad=True)
+        return _ReversibleFunction.apply(x, positions, list(steps), anchor)
+    return run_chain(steps, x, positions)
+
+
+class ReversibleSequence(InvertibleModule):
+    """Invertible modules applied in order, with optional memory-efficient backprop.
+
+    ``ReversibleSequence(*[RevBlock(d) for _ in range(16)])`` backpropagates in the memory of one
+    block when ``memory_efficient=True``.
+    """
+
+    def __init__(self, *modules: InvertibleModule, memory_efficient: bool = True):
+        super().__init__()
+        self.steps_modules = nn.ModuleList(modules)
+        self.memory_efficient = memory_efficient
+
+    def chain(self) -> list[Step]:
+        return [(module, False) for module in self.steps_modules]
+
+    def _forward(self, x: Tensor, positions: Tensor):
+        return apply_chain(self.chain(), x, positions, self.memory_efficient)
+
+    def _inverse(self, y: Tensor, positions: Tensor):
+        return apply_chain(invert_chain(self.chain()), y, positions, self.memory_efficient)

@@ -1,0 +1,209 @@
+"""Rotors: LU-parametrised invertible 1x1 convolutions (Glow) that step with the token position.
+
+A rotor at offset ``k`` applies ``S^-k W S^k``, where ``S`` cyclically shifts the channels by
+``d / positions``: the wiring turns with the rotor, as in the real machine. Rotor ``i`` sits at
+offset ``floor(t / positions**i) mod positions`` (an odometer), so the stack is periodic in ``t``
+with period ``positions**num_rotors``.
+
+All tokens go through each rotor in one GEMM: the per-token shift is a gather over channel blocks,
+and the shifts of consecutive rotors compose, so ``n`` rotors cost ``n`` GEMMs and ``n + 1``
+gathers. The inverse is computed once per call by triangular solves and shared by every token.
+Each rotor is applied as ``z + z A^T`` with ``A = W - I`` formed directly, so fp32 rounding scales
+with how far the rotor has moved from the identity rather than with the activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.linalg import solve_triangular
+
+from .invertible import InvertibleModule
+
+
+def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Rotor algebra runs in fp32 at least: bf16/fp16 solves would break invertibility."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotor_offsets(positions: Tensor, num_rotors: int, num_positions: int) -> Tensor:
+    """Odometer offsets, shape ``(num_rotors, *positions.shape)``: rotor ``i`` sits at
+    ``floor(t / positions**i) mod positions``."""
+    scale = num_positions ** torch.arange(num_rotors, device=positions.device)
+    scale = scale.view(-1, *([1] * positions.dim()))
+    return torch.div(positions.unsqueeze(0), scale, rounding_mode="floor") % num_positions
+
+
+def _turn(z: Tensor, shift: Tensor, num_positions: int) -> Tensor:
+    """Per-row cyclic shift of the channels by ``shift * d / num_positions`` (a block gather)."""
+    n, d = z.shape
+    block = d // num_positions
+    ring = torch.arange(num_positions, device=z.device)
+    index = (ring - shift[:, None]) % num_positions
+    index = index[:, :, None].expand(n, num_positions, block)
+    return z.view(n, num_positions, block).gather(1, index).view(n, d)
+
+
+def _lu_identity(n: int, d: int) -> dict[str, Tensor]:
+    return {
+        "pivot": torch.arange(d).repeat(n, 1),
+        "lower": torch.zeros(n, d, d),
+        "upper": torch.zeros(n, d, d),
+        "sign": torch.ones(n, d),
+        "log_s": torch.zeros(n, d),
+    }
+
+
+def _lu_orthogonal(n: int, d: int, seed: int, off_scale: float) -> dict[str, Tensor]:
+    """Glow's start: the LU of random orthogonal matrices."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, d, d, generator=g, dtype=torch.float64))
+    p, lo, up = torch.linalg.lu(q)
+    diag = up.diagonal(dim1=-2, dim2=-1)
+    return {
+        "pivot": p.argmax(dim=-1),  # P[i, pivot[i]] = 1, so (P A)[i] = A[pivot[i]]
+        "lower": (lo.tril(-1) / off_scale).float(),
+        "upper": (up.triu(1) / off_scale).float(),
+        "sign": diag.sign().float(),
+        "log_s": diag.abs().log().float(),
+    }
+
+
+class DynamicInvertibleConv1x1Stack(InvertibleModule):
+    """``num_layers`` rotors that step with the token position (see the module docstring).
+
+    Rotor ``i`` has weight ``W_i = P_i L_i (U_i + diag(sign_i * exp(log_s_i)))`` and
+    ``log|det W_i| = sum(log_s_i)``; conjugating by a shift leaves the determinant alone, so the
+    log-det does not depend on the position.
+
+    ``init="identity"`` (the default) starts every rotor at ``W = I``. Glow's usual start, the LU
+    of a random orthogonal matrix (``init="orthogonal"``), has a badly conditioned ``L`` at large
+    ``d`` and loses fp32 exactness. The off-diagonal factors are scaled by ``1/sqrt(d)``, so an
+    optimiser step moves ``W`` by an operator-norm amount that does not grow with ``d``: this keeps
+    ``L`` and ``U`` well conditioned through training.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_layers: int,
+        positions: int = 16,
+        init: str = "identity",
+        seed: int = 0,
+    ):
+        super().__init__()
+        d, n = num_channels, num_layers
+        if d < 1:
+            raise ValueError(f"num_channels={d} must be positive")
+        if positions < 1 or d % positions:
+            divisors = [p for p in (1, 2, 4, 8, 16, 32, 64) if d % p == 0]
+            raise ValueError(
+                f"positions={positions} must divide num_channels={d}: a rotor turns by "
+                f"num_channels / positions channels per step; pick positions from {divisors}"
+            )
+        if n < 0:
+            raise ValueError(f"num_layers={n} must be >= 0")
+        self.num_channels, self.num_layers, self.positions = d, n, positions
+        self.off_scale = 1.0 / math.sqrt(d)
+        if init == "identity":
+            lu = _lu_identity(n, d)
+        elif init == "orthogonal":
+            lu = _lu_orthogonal(n, d, seed, self.off_scale)
+        else:
+            raise ValueError(f"init={init!r} is not one of 'identity', 'orthogonal'")
+        self.lower = nn.Parameter(lu["lower"])
+        self.upper = nn.Parameter(lu["upper"])
+        self.log_s = nn.Parameter(lu["log_s"])
+        self.register_buffer("sign", lu["sign"])
+        self.register_buffer("pivot", lu["pivot"])
+
+    @property
+    def period(self) -> int:
+        """The map repeats after this many token positions."""
+        return self.positions**self.num_layers
+
+    def _deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``A = W - I`` and the factors ``L``, ``U``; ``A`` never adds ``I`` to small terms."""
+        eye = torch.eye(self.num_channels, dtype=dtype, device=self.lower.device)
+        strict_lower = self.lower.to(dtype).tril(-1) * self.off_scale
+        log_s, sign = self.log_s.to(dtype), self.sign.to(dtype)
+        diag_minus_one = torch.where(sign > 0, torch.expm1(log_s), -log_s.exp() - 1)
+        upper_minus_eye = self.upper.to(dtype).triu(1) * self.off_scale
+        upper_minus_eye = upper_minus_eye + torch.diag_embed(diag_minus_one)
+        # L U - I = (U - I) + (L - I) U
+        lu_minus_eye = upper_minus_eye + strict_lower @ (upper_minus_eye + eye)
+        rows = self.pivot[:, :, None].expand(-1, -1, self.num_channels)
+        deviation = (lu_minus_eye + eye).gather(1, rows) - eye
+        return deviation, strict_lower + eye, upper_minus_eye + eye
+
+    def weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """All rotor matrices ``W``, shape ``(num_layers, d, d)``."""
+        return self._deviation(dtype)[0] + torch.eye(self.num_channels, dtype=dtype)
+
+    def _inverse_deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``A = W - I`` and ``B = W^-1 - I = -U^-1 L^-1 P^T A`` by triangular solves."""
+        deviation, lower, upper = self._deviation(dtype)
+        back = torch.argsort(self.pivot, dim=-1)[:, :, None].expand(-1, -1, self.num_channels)
+        rhs = deviation.gather(1, back)  # P^T A
+        inv = solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        return deviation, -solve_triangular(upper, inv, upper=True)
+
+    def inverse_weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """All ``W^-1`` (no ``torch.inverse``)."""
+        return self._inverse_deviation(dtype)[1] + torch.eye(self.num_channels, dtype=dtype)
+
+    def _rotate(self, x: Tensor, positions: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+        batch_shape = x.shape[:-1]
+        dtype = _solve_dtype(x.dtype)
+        if self.num_layers == 0:
+            return x, x.new_zeros((), dtype=dtype).expand(batch_shape)
+        stepping = self.positions > 1
+        if stepping:
+            flat = positions.expand(batch_shape).reshape(-1)
+            offsets = rotor_offsets(flat, self.num_layers, self.positions)
+        order = reversed(range(self.num_layers)) if reverse else range(self.num_layers)
+        with torch.autocast(x.device.type, enabled=False):
+            # Rotors stay near the identity, so apply z + z A^T with A = W - I (or W^-1 - I):
+            # rounding then scales with the small deviation, not with z.
+            mats = self._inverse_deviation(dtype)[1] if reverse else self._deviation(dtype)[0]
+            z = x.reshape(-1, self.num_channels).to(dtype)
+            frame = None  # the shift currently applied to z; consecutive shifts compose
+            for i in order:
+                if stepping:
+                    shift = offsets[i] if frame is None else offsets[i] - frame
+                    z = _turn(z, shift, self.positions)
+                    frame = offsets[i]
+                z = torch.addmm(z, z, mats[i].T)
+            if stepping:
+                z = _turn(z, -frame, self.positions)
+            log_det = self.log_s.to(dtype).sum()
+        log_det = -log_det if reverse else log_det
+        return z.to(x.dtype).reshape(x.shape), log_det.expand(batch_shape)
+
+    def _forward(self, x: Tensor, positions: Tensor):
+        return self._rotate(x, positions, reverse=False)
+
+    def _inverse(self, y: Tensor, positions: Tensor):
+        return self._rotate(y, positions, reverse=True)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_channels={self.num_channels}, num_layers={self.num_layers}, "
+            f"positions={self.positions}"
+        )
+
+
+class InvertibleConv1x1Stack(DynamicInvertibleConv1x1Stack):
+    """``num_layers`` fixed (non-stepping) 1x1 convolutions: the rotors with ``positions=1``."""
+
+    def __init__(self, num_channels: int, num_layers: int, init: str = "identity", seed: int = 0):
+        super().__init__(num_channels, num_layers, positions=1, init=init, seed=seed)
+
+
+class InvertibleConv1x1(InvertibleConv1x1Stack):
+    """One LU-parametrised invertible 1x1 convolution (Glow)."""
+
+    def __init__(self, num_channels: int, init: str = "identity", seed: int = 0):
+        super().__init__(num_channels, 1, init=init, seed=seed)
