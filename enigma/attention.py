@@ -1,0 +1,86 @@
+"""Causal self-attention with ALiBi biases, through ``F.scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """Press et al. (2022): a geometric sequence starting at ``2^(-8/n)``; for a head count that is
+    not a power of two, the slopes of the next power of two are interleaved."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(closest)
+    if closest < num_heads:
+        slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes)
+
+
+def attention_bias(
+    num_heads: int,
+    past: int,
+    length: int,
+    use_alibi: bool,
+    padding_mask: Tensor | None = None,
+    device: torch.device | None = None,
+) -> tuple[Tensor | None, bool]:
+    """``(bias, is_causal)`` for SDPA: an additive float bias ``(B or 1, H or 1, Lq, Lk)``, or
+    ``None`` with ``is_causal`` when the fused causal kernel suffices.
+
+    Queries occupy key slots ``past .. past + length - 1`` (the KV-cache slots); causality and ALiBi
+    distances are measured in slots.
+    """
+    if not use_alibi and padding_mask is None:
+        if past == 0:
+            return None, True
+        if length == 1:
+            return None, False
+    queries = torch.arange(past, past + length, device=device)
+    keys = torch.arange(past + length, device=device)
+    distance = queries[:, None] - keys[None, :]  # (Lq, Lk); negative = future
+    future = (distance < 0)[None]
+    if use_alibi:
+        slopes = alibi_slopes(num_heads).to(device)
+        bias = -slopes[:, None, None] * distance.clamp(min=0)[None].float()
+    else:
+        bias = torch.zeros(future.shape, device=device)
+    bias = bias.masked_fill(future, float("-inf"))[None]
+    if padding_mask is not None:
+        pad = ~padding_mask.bool()[:, None, None, :]
+        bias = bias.masked_fill(pad, float("-inf"))
+    return bias, False
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, num_heads: int, layer_idx: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.layer_idx = num_heads, d // num_heads, layer_idx
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, bias: Tensor | None, is_causal: bool, cache=None) -> Tensor:
+        b, length, d = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=bias,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))

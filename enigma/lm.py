@@ -1,0 +1,177 @@
+"""EnigmaLM: token embedding -> the machine at each token's position -> pre-LN Transformer -> head.
+
+The machine acts per token at its absolute position, so it is causal and needs no cache: cached
+decoding runs it on the new token only. ``core="none"`` (or 0 blocks and 0 rotors) is the plain
+Transformer that every comparison uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import CausalSelfAttention, attention_bias
+from .lm_config import EnigmaConfig
+from .machine import Enigma
+
+
+class TransformerBlock(GradientCheckpointingLayer):
+    """Pre-LN block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: EnigmaConfig, layer_idx: int):
+        super().__init__()
+        d = config.d
+        self.ln_attn = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, config.num_heads, layer_idx, config.dropout)
+        self.ln_mlp = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, config.mlp_ratio * d), nn.GELU(), nn.Linear(config.mlp_ratio * d, d)
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, bias: Tensor | None, is_causal: bool, cache=None) -> Tensor:
+        x = x + self.drop(self.attn(self.ln_attn(x), bias, is_causal, cache=cache))
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+
+def build_machine(config: EnigmaConfig) -> Enigma:
+    return Enigma(
+        config.d,
+        num_rev_blocks=config.num_rev_blocks,
+        num_rotors=config.num_rotors,
+        positions=config.conv1x1_positions,
+        coupling=config.coupling,
+        memory_efficient=config.machine_memory_efficient,
+        dynamic=config.use_dynamic_conv1x1,
+        seed=config.machine_seed,
+    )
+
+
+class EnigmaPreTrainedModel(PreTrainedModel):
+    config_class = EnigmaConfig
+    base_model_prefix = "enigma"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TransformerBlock"]
+    _supports_sdpa = True
+
+
+class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
+    """``EnigmaLM(config)`` or the original's ``EnigmaLM(vocab_size=21128, d=768, ...)``."""
+
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: EnigmaConfig | None = None, **kwargs):
+        config = EnigmaConfig(**kwargs) if config is None else config
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.d)
+        self.pos_embed = None if config.use_alibi else nn.Embedding(config.max_len, config.d)
+        self.machine = build_machine(config) if config.has_machine else None
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, i) for i in range(config.num_transformer_layers)
+        )
+        self.norm = nn.LayerNorm(config.d)
+        self.lm_head = nn.Linear(config.d, config.vocab_size, bias=False)
+        if self.machine is not None:
+            # The machine has its own start (identity rotors, zero-ended couplings, seeded
+            # plugboard); Hugging Face's generic init must leave it alone.
+            for module in self.machine.modules():
+                module._is_hf_initialized = True
+        self.post_init()
+        if config.activation_checkpointing:
+            self.activation_checkpointing_enable({"use_reentrant": False})
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def use_deepspeed_checkpointing(self) -> None:
+        """Checkpoint the Transformer blocks through DeepSpeed's API (configured by the caller)."""
+        import deepspeed
+
+        self._set_gradient_checkpointing(True, deepspeed.checkpointing.checkpoint)
+
+    def check_token_ids(self, input_ids: Tensor) -> None:
+        vocab = self.config.vocab_size
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(
+                f"token ids must lie in [0, vocab_size={vocab}); got min {int(input_ids.min())}, "
+                f"max {int(input_ids.max())}: is the tokenizer the one this model was built for?"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        cache: DynamicCache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if input_ids is None:
+            raise ValueError("EnigmaLM needs input_ids")
+        self.check_token_ids(input_ids)
+        _, length = input_ids.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=device)
+        h = self.embed(input_ids)
+        if self.pos_embed is not None:
+            if past + length > self.config.max_len:
+                raise ValueError(
+                    f"sequence of {past + length} tokens exceeds max_len={self.config.max_len} "
+                    "of learned positions; use_alibi=True extrapolates to any length"
+                )
+            h = h + self.pos_embed(position_ids)
+        if self.machine is not None:
+            # The machine's coupling stream runs in fp32 for exact invertibility (bf16 weights
+            # are fine: see CouplingNet).
+            h = self.machine(h.float(), position_ids).to(h.dtype)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        bias, is_causal = attention_bias(
+            self.config.num_heads, past, length, self.config.use_alibi, attention_mask, device
+        )
+        for block in self.blocks:
+            h = block(h, bias, is_causal, cache=cache)
+        h = self.norm(h)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part: embedding (tied with the head), machine, blocks, norm."""
+        count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())  # noqa: E731
+        parts = {
+            "embedding": count(self.embed) + count(self.pos_embed),
+            "machine": count(self.machine),
+            "blocks": count(self.blocks),
+            "final_norm": count(self.norm),
+        }
+        parts["total"] = sum(p.numel() for p in self.parameters())
+        return parts
+
+
+AutoConfig.register("enigma", EnigmaConfig)
+AutoModelForCausalLM.register(EnigmaConfig, EnigmaLM)

@@ -1,0 +1,95 @@
+"""``EnigmaConfig`` (a Hugging Face config) and the named presets."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# name -> (model fields, training seq_len). Names are part of the interface.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d=128, num_transformer_layers=2, num_heads=4, num_rev_blocks=2, num_rotors=2),
+    "small": dict(d=256, num_transformer_layers=4, num_heads=4, num_rev_blocks=2, num_rotors=2),
+    "base": dict(d=512, num_transformer_layers=8, num_heads=8, num_rev_blocks=4, num_rotors=2),
+    "large": dict(d=768, num_transformer_layers=12, num_heads=12, num_rev_blocks=6, num_rotors=4),
+}
+PRESET_SEQ_LEN = {"tiny": 128, "small": 256, "base": 256, "large": 256}
+CORES = ("enigma", "none")
+
+
+def preset_fields(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+class EnigmaConfig(PretrainedConfig):
+    """EnigmaLM's shape. ``core="none"`` (or 0 blocks and 0 rotors) is the plain Transformer."""
+
+    model_type = "enigma"
+    attribute_map = {
+        "hidden_size": "d",
+        "num_hidden_layers": "num_transformer_layers",
+        "num_attention_heads": "num_heads",
+        "max_position_embeddings": "max_len",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 21128,
+        d: int = 768,
+        num_rev_blocks: int = 6,
+        num_rotors: int = 4,
+        num_transformer_layers: int = 12,
+        num_heads: int = 12,
+        max_len: int = 2048,
+        use_alibi: bool = True,
+        use_dynamic_conv1x1: bool = True,
+        conv1x1_positions: int = 16,
+        core: str = "enigma",
+        coupling: str = "additive",
+        machine_memory_efficient: bool = False,
+        machine_seed: int = 0,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        activation_checkpointing: bool = False,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        bos_token_id: int = 101,
+        eos_token_id: int = 102,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        if d % num_heads:
+            raise ValueError(
+                f"d={d} is not divisible by num_heads={num_heads}; each head gets d / num_heads "
+                f"channels, e.g. num_heads={next(h for h in (8, 4, 2, 1) if d % h == 0)}"
+            )
+        if core not in CORES:
+            raise ValueError(f"core={core!r} is not one of {CORES}")
+        for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be positive")
+        self.vocab_size, self.d, self.max_len = vocab_size, d, max_len
+        self.num_rev_blocks, self.num_rotors = num_rev_blocks, num_rotors
+        self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
+        self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
+        self.conv1x1_positions, self.core, self.coupling = conv1x1_positions, core, coupling
+        self.machine_memory_efficient, self.machine_seed = machine_memory_efficient, machine_seed
+        self.mlp_ratio, self.dropout = mlp_ratio, dropout
+        self.activation_checkpointing = activation_checkpointing
+        self.initializer_range = initializer_range
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def has_machine(self) -> bool:
+        return self.core == "enigma" and (self.num_rev_blocks > 0 or self.num_rotors > 0)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> EnigmaConfig:
+        """``EnigmaConfig.from_preset("tiny", num_rotors=0)``; unknown names list the known ones."""
+        return cls(**{**preset_fields(name), **overrides})

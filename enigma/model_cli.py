@@ -1,0 +1,81 @@
+"""``enigma model info`` and ``enigma generate``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--preset", help="one of tiny, small, base, large")
+    group.add_argument("--model", help="a directory written by save_pretrained")
+
+
+def info(args: argparse.Namespace) -> None:
+    from .lm import EnigmaLM
+    from .lm_config import EnigmaConfig
+
+    if args.preset:
+        model = EnigmaLM(EnigmaConfig.from_preset(args.preset))
+    else:
+        model = EnigmaLM.from_pretrained(_model_dir(args.model))
+    c = model.config
+    print(
+        f"EnigmaLM d={c.d} layers={c.num_transformer_layers} heads={c.num_heads} "
+        f"rev_blocks={c.num_rev_blocks if c.has_machine else 0} "
+        f"rotors={c.num_rotors if c.has_machine else 0} positions={c.conv1x1_positions} "
+        f"alibi={c.use_alibi}"
+    )
+    for part, n in model.parameter_counts().items():
+        print(f"  {part:<12} {n:>14,}")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _model_dir(path: str) -> str:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} is not a saved model directory (no config.json in it)")
+    return path
+
+
+def generate(args: argparse.Namespace) -> str:
+    from transformers import TextStreamer
+
+    from .data.tokenizer import load_tokenizer
+    from .lm import EnigmaLM
+
+    model = EnigmaLM.from_pretrained(_model_dir(args.model)).eval()
+    saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(args.model if saved else None)
+    text, _ = continue_text(model, tokenizer, args.prompt, args, TextStreamer(tokenizer))
+    return text
+
+
+def continue_text(model, tokenizer, prompt: str, args, streamer=None) -> tuple[str, torch.Tensor]:
+    """Sample a continuation of ``prompt``; returns the decoded text and the ids."""
+    torch.manual_seed(args.seed)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty after tokenisation")
+    out = model.generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0], skip_special_tokens=True), out

@@ -1,0 +1,156 @@
+"""EnigmaLM: causality, Hugging Face round trip, KV cache, ALiBi, checkpointing, bad input."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from enigma import EnigmaConfig, EnigmaLM
+
+
+def _small_lm(**overrides) -> EnigmaLM:
+    """A tiny LM whose machine has left its identity start, so positions matter."""
+    torch.manual_seed(0)
+    fields = dict(vocab_size=300, d=32, num_transformer_layers=2, num_heads=4, num_rev_blocks=2)
+    fields.update(num_rotors=2, conv1x1_positions=4, max_len=128)
+    model = EnigmaLM(EnigmaConfig(**{**fields, **overrides})).eval()
+    if model.machine is not None:
+        with torch.no_grad():
+            for p in model.machine.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("use_alibi", [True, False])
+def test_causal(use_alibi):
+    model = _small_lm(use_alibi=use_alibi)
+    ids = torch.randint(0, 300, (2, 20))
+    changed = ids.clone()
+    changed[:, 11] = (changed[:, 11] + 7) % 300
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :11], b[:, :11], rtol=0, atol=0)
+    assert (a[:, 11:] - b[:, 11:]).abs().amax(dim=-1).min() > 0, "every later logit row changes"
+
+
+def test_machine_makes_the_model_position_dependent():
+    model = _small_lm()
+    same = torch.full((1, 8), 5)
+    with torch.no_grad():
+        embedded = model.machine(model.embed(same).float(), torch.arange(8))
+    assert (embedded[0, 0] - embedded[0, 1]).abs().max() > 1e-3
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _small_lm()
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), EnigmaConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True).eval()
+    assert isinstance(loaded, EnigmaLM)
+    ids = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr(), "head tied"
+
+
+@pytest.mark.parametrize("use_alibi", [True, False])
+def test_cached_generation_equals_uncached_greedy(use_alibi):
+    model = _small_lm(use_alibi=use_alibi)
+    prompt = torch.randint(0, 300, (2, 6))
+    out = model.generate(
+        prompt,
+        max_new_tokens=12,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_labels_give_the_shifted_loss():
+    model = _small_lm()
+    ids = torch.randint(0, 300, (2, 10))
+    out = model(ids, labels=ids)
+    manual = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_alibi_extrapolates_beyond_max_len():
+    model = _small_lm(max_len=128)
+    ids = torch.randint(0, 300, (1, 512))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, labels=ids).loss)
+    learned = _small_lm(max_len=128, use_alibi=False)
+    with pytest.raises(ValueError, match="max_len=128"):
+        learned(ids)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain = _small_lm().train()
+    ckpt = _small_lm(activation_checkpointing=True).train()
+    assert all(block.gradient_checkpointing for block in ckpt.blocks)
+    ids = torch.randint(0, 300, (2, 16))
+    for model in (plain, ckpt):
+        model(ids, labels=ids).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_memory_efficient_machine_matches_plain_in_the_lm():
+    a, b = _small_lm(), _small_lm(machine_memory_efficient=True)
+    ids = torch.randint(0, 300, (2, 16))
+    for model in (a, b):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    for p, q in zip(a.machine.parameters(), b.machine.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_baseline_has_no_machine_and_presets_build():
+    assert _small_lm(core="none").machine is None
+    assert _small_lm(num_rev_blocks=0, num_rotors=0).machine is None
+    counts = EnigmaLM(EnigmaConfig.from_preset("tiny")).parameter_counts()
+    assert (
+        counts["machine"] > 0
+        and counts["total"]
+        == counts["embedding"] + counts["machine"] + counts["blocks"] + counts["final_norm"]
+    )
+
+
+def test_original_constructor_signature():
+    model = EnigmaLM(
+        vocab_size=500,
+        d=64,
+        num_rev_blocks=1,
+        num_rotors=1,
+        num_transformer_layers=1,
+        num_heads=4,
+        max_len=64,
+        use_alibi=True,
+        use_dynamic_conv1x1=False,
+        conv1x1_positions=16,
+    )
+    assert model.config.d == 64 and model.machine.rotors.positions == 1
+
+
+def test_bad_input_is_rejected_with_a_clear_message():
+    model = _small_lm()
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        model(torch.tensor([[1, 2, 300]]))
+    with pytest.raises(ValueError, match="vocab_size=300"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="num_heads=5"):
+        EnigmaConfig(d=64, num_heads=5)
+    with pytest.raises(ValueError, match="tiny, small, base, large"):
+        EnigmaConfig.from_preset("huge")
