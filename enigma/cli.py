@@ -1,71 +1,95 @@
-"""The ``enigma`` command line."""
+"""The ``enigma`` command line.
+
+Only the chosen subcommand's module is imported, so ``enigma data prepare`` runs without torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib import import_module
 
-from . import model_cli
-from .benchmarks import core as bench_core
-from .benchmarks import flow as bench_flow
-from .benchmarks import lm as bench_lm
+# (path, help, module, add-arguments function, run function)
+COMMANDS = [
+    (("model", "info"), "parameter count per part", "model_cli", "add_info_arguments", "info"),
+    (
+        ("generate",),
+        "stream a continuation of a prompt from a saved model",
+        "model_cli",
+        "add_generate_arguments",
+        "generate",
+    ),
+    (
+        ("data", "prepare"),
+        "tokenize, pack and split a corpus into parquet shards (Ray Data)",
+        "data.cli",
+        "add_prepare_arguments",
+        "prepare",
+    ),
+    (
+        ("data", "stats"),
+        "documents, tokens, blocks, coverage and frequent tokens of a prepared directory",
+        "data.cli",
+        "add_stats_arguments",
+        "stats",
+    ),
+    (
+        ("bench", "core"),
+        "machine fwd+bwd tokens/s vs an MLP stack of equal FLOPs",
+        "benchmarks.core",
+        "add_arguments",
+        "run",
+    ),
+    (
+        ("bench", "lm"),
+        "EnigmaLM vs the plain Transformer, training tokens/s",
+        "benchmarks.lm",
+        "add_arguments",
+        "run",
+    ),
+    (
+        ("bench", "flow"),
+        "EnigmaFlow vs zuko RealNVP on load_digits, test bits/dim",
+        "benchmarks.flow",
+        "add_arguments",
+        "run",
+    ),
+    (
+        ("bench", "data-scale"),
+        "enigma data prepare on a large generated corpus: MB/s and peak RSS",
+        "benchmarks.data_scale",
+        "add_arguments",
+        "run",
+    ),
+]
+GROUPS = {"model": "inspect models", "data": "tokenized shards", "bench": "benchmarks"}
 
 
-def _command(commands, name: str, help: str, add_arguments, run) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help, description=help)
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enigma", description="Enigma: an invertible machine, its LM and its flow."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    model = commands.add_parser("model", help="inspect models").add_subparsers(
-        dest="model_command", required=True
-    )
-    _command(
-        model, "info", "parameter count per part", model_cli.add_info_arguments, model_cli.info
-    )
-    _command(
-        commands,
-        "generate",
-        "stream a continuation of a prompt from a saved model",
-        model_cli.add_generate_arguments,
-        model_cli.generate,
-    )
-
-    bench = commands.add_parser("bench", help="benchmarks; each measures its baseline in one run")
-    benches = bench.add_subparsers(dest="bench", required=True)
-    _command(
-        benches,
-        "core",
-        "machine fwd+bwd tokens/s vs an MLP stack of equal FLOPs",
-        bench_core.add_arguments,
-        bench_core.run,
-    )
-    _command(
-        benches,
-        "lm",
-        "EnigmaLM vs the plain Transformer, training tokens/s",
-        bench_lm.add_arguments,
-        bench_lm.run,
-    )
-    _command(
-        benches,
-        "flow",
-        "EnigmaFlow vs zuko RealNVP on load_digits, test bits/dim",
-        bench_flow.add_arguments,
-        bench_flow.run,
-    )
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    words = [a for a in argv if not a.startswith("-")]
+    for path, help_text, module, add_name, run_name in COMMANDS:
+        parent = top
+        if len(path) == 2:
+            if path[0] not in groups:
+                group = top.add_parser(path[0], help=GROUPS[path[0]])
+                groups[path[0]] = group.add_subparsers(dest=f"{path[0]}_command", required=True)
+            parent = groups[path[0]]
+        sub = parent.add_parser(path[-1], help=help_text, description=help_text)
+        if list(path) == words[: len(path)]:
+            mod = import_module(f"enigma.{module}")
+            getattr(mod, add_name)(sub)
+            sub.set_defaults(run=getattr(mod, run_name))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, no traceback

@@ -1,0 +1,215 @@
+"""Tokenizer, corpus preparation on Ray Data, the manifest, the verified reader, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from enigma.cli import main
+from enigma.data import load_tokenizer, vocab_hash
+from enigma.data.prepare import Packer, prepare
+from enigma.data.shards import MANIFEST, load_split, read_blocks, read_manifest
+from enigma.data.sources import DataError, Source
+from enigma.data.tokenizer import VOCAB_SIZE, read_vocab, shipped_vocab_path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from enigma.ray_setup import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sanguo(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "sanguo"
+    manifest = prepare(Source.parse("sanguo"), out, seq_len=128, progress=False)
+    return out, manifest
+
+
+def test_tokenizer_offline_has_bert_base_chinese_ids(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = load_tokenizer(quiet=True)
+    assert "cn-clip" in tok.enigma_source
+    assert len(tok) == VOCAB_SIZE
+    assert (tok.cls_token_id, tok.sep_token_id, tok.unk_token_id, tok.pad_token_id) == (
+        101,
+        102,
+        100,
+        0,
+    )
+    assert tok.convert_tokens_to_ids(["曹", "操", "的", "我", "是"]) == [
+        3293,
+        3082,
+        4638,
+        2769,
+        3221,
+    ]
+    assert tok("曹操").input_ids == [101, 3293, 3082, 102]
+
+
+def test_vocab_is_read_by_newlines_only():
+    """Two tokens are U+2028; splitlines() would shift every later id."""
+    path = shipped_vocab_path()
+    vocab = read_vocab(path)
+    assert len(vocab) == VOCAB_SIZE and vocab["[SEP]"] == 102
+    assert len(path.read_text(encoding="utf-8").splitlines()) != VOCAB_SIZE
+
+
+def test_packer_keeps_every_token_and_separates_documents(tmp_path):
+    import pyarrow as pa
+
+    from enigma.data.shards import ShardWriter
+
+    writer = ShardWriter(tmp_path, "train", 4, shard_blocks=2)
+    packer = Packer(writer, 4, sep_id=9)
+    packer.add(pa.array([[1, 2, 3], [4, 5]], type=pa.list_(pa.int32())))
+    packer.add(pa.array([[6, 7, 8, 1, 2]], type=pa.list_(pa.int32())))
+    summary = packer.summary()
+    written = np.concatenate([np.asarray(b) for b in writer.pending] or [np.zeros((0, 4))])
+    assert summary["blocks"] == 3 and summary["dropped_tokens"] == 1
+    assert summary["tokens"] + summary["separators"] == 3 * 4 + 1
+    assert len(summary["shards"]) == 2 and written.size == 0
+
+
+def test_sanguo_blocks_are_real_text(sanguo):
+    out, manifest = sanguo
+    tok = load_tokenizer(str(out / "tokenizer"), quiet=True)
+    train = read_blocks(out, "train")
+    assert train.shape == (manifest["splits"]["train"]["blocks"], 128)
+    assert train.dtype == np.int32 and train.min() >= 0 and train.max() < VOCAB_SIZE
+    text = "".join(tok.decode(train[:200].reshape(-1)).split())
+    assert "曹操" in text and "玄德" in text
+
+
+def test_manifest_counts_are_consistent(sanguo):
+    out, manifest = sanguo
+    assert manifest["tokenizer"]["vocab_hash"] == vocab_hash(load_tokenizer(quiet=True))
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 120
+    for split, s in manifest["splits"].items():
+        assert s["tokens"] + s["separators"] == s["blocks"] * 128 + s["dropped_tokens"]
+        assert s["dropped_tokens"] < 128
+        assert sum(shard["blocks"] for shard in s["shards"]) == s["blocks"]
+        assert len(read_blocks(out, split)) == s["blocks"]
+
+
+def test_no_document_is_in_two_splits(sanguo):
+    """Cut each split's packed stream at [SEP] and compare the documents recovered."""
+    out, manifest = sanguo
+    docs = {}
+    for split in manifest["splits"]:
+        stream = read_blocks(out, split).reshape(-1)
+        cuts = np.flatnonzero(stream == 102)
+        pieces = np.split(stream, cuts + 1)[:-1]  # the last piece is a cut-off tail
+        docs[split] = {p[:40].tobytes() for p in pieces if len(p) > 41}
+        assert len(docs[split]) >= manifest["splits"][split]["documents"] - 1
+    assert docs["train"].isdisjoint(docs["val"])
+    assert docs["train"].isdisjoint(docs["test"]) and docs["val"].isdisjoint(docs["test"])
+
+
+def test_rerun_is_up_to_date_and_another_recipe_needs_force(sanguo, capsys):
+    out, manifest = sanguo
+    again = prepare(Source.parse("sanguo"), out, seq_len=128, progress=False)
+    assert again == manifest and "up to date" in capsys.readouterr().out
+    with pytest.raises(DataError, match="--force"):
+        prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
+
+
+def test_load_split_streams_verified_shards(sanguo):
+    out, manifest = sanguo
+    ds = load_split(out, "val", seq_len=128)
+    assert ds.count() == manifest["splits"]["val"]["blocks"]
+    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
+    assert tuple(batch["input_ids"].shape) == (8, 128)
+    with pytest.raises(DataError, match="seq_len=128 but training expects seq_len=256"):
+        load_split(out, "val", seq_len=256)
+    with pytest.raises(DataError, match="another vocabulary"):
+        load_split(out, "val", vocab_hash="0" * 64)
+
+
+def test_text_jsonl_parquet_sources(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = ["滚滚长江东逝水，浪花淘尽英雄。" * 5 + str(i) for i in range(40)]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("\n".join(lines[:20]) + "\n\n")
+    (tmp_path / "t" / "b.txt").write_text("\n".join(lines[20:]))
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in lines))
+    pq.write_table(pa.table({"body": lines}), tmp_path / "d.parquet")
+    specs = [f"text:{tmp_path}/t", f"text:{tmp_path}/t/*.txt", f"jsonl:{tmp_path}/c.jsonl"]
+    for i, spec in enumerate(specs):
+        m = prepare(Source.parse(spec), tmp_path / f"o{i}", seq_len=16, progress=False)
+        assert sum(s["documents"] for s in m["splits"].values()) == 40
+    m = prepare(
+        Source.parse(f"parquet:{tmp_path}/d.parquet", text_column="body"),
+        tmp_path / "o9",
+        seq_len=16,
+        progress=False,
+    )
+    assert sum(s["documents"] for s in m["splits"].values()) == 40
+
+
+def test_interrupted_prepare_leaves_no_manifest(ray_cluster, tmp_path, monkeypatch):
+    def interrupt(self, docs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Packer, "add", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(Source.parse("sanguo"), tmp_path / "cut", seq_len=32, progress=False)
+    assert not (tmp_path / "cut").exists()
+    assert not list(tmp_path.glob(".cut.tmp-*")), "the staging directory is cleaned up"
+
+
+def test_corrupt_shard_is_detected(sanguo, tmp_path):
+    import shutil
+
+    out, _ = sanguo
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = copy / read_manifest(copy)["splits"]["test"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(data)
+    with pytest.raises(DataError, match="corrupt"):
+        load_split(copy, "test")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "enigma.cli", *argv], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--source", "text:/no/such/corpus"], "does not exist"),
+        (["--source", "books"], "unknown source"),
+        (["--seq-len", "4"], "below 8"),
+        (["--source", "text:EMPTY"], "is empty"),
+    ],
+)
+def test_bad_prepare_input_is_one_line(tmp_path, argv, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("\n\n  \n")
+    argv = [a.replace("EMPTY", str(empty)) for a in argv]
+    result = _cli("data", "prepare", "--out", str(tmp_path / "out"), *argv)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_stats_reports_coverage(sanguo, capsys):
+    out, _ = sanguo
+    assert main(["data", "stats", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "vocabulary coverage" in text and "[UNK]" in text and "曰" in text
+    assert main(["data", "stats", str(out / "nowhere")]) == 2
