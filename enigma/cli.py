@@ -20,6 +20,13 @@ COMMANDS = [
         "generate",
     ),
     (
+        ("train",),
+        "pretrain EnigmaLM with Ray Train + DeepSpeed ZeRO",
+        "trainer",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("data", "prepare"),
         "tokenize, pack and split a corpus into parquet shards (Ray Data)",
         "data.cli",

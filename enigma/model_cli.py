@@ -6,6 +6,9 @@ import argparse
 import os
 
 import torch
+from transformers import TextStreamer
+
+from .data.tokenizer import join_cjk
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,16 +53,21 @@ def _model_dir(path: str) -> str:
 
 
 def generate(args: argparse.Namespace) -> str:
-    from transformers import TextStreamer
-
     from .data.tokenizer import load_tokenizer
     from .lm import EnigmaLM
 
     model = EnigmaLM.from_pretrained(_model_dir(args.model)).eval()
     saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(args.model if saved else None)
-    text, _ = continue_text(model, tokenizer, args.prompt, args, TextStreamer(tokenizer))
+    text, _ = continue_text(model, tokenizer, args.prompt, args, ChineseStreamer(tokenizer))
     return text
+
+
+class ChineseStreamer(TextStreamer):
+    """Streams decoded text to the terminal without WordPiece's spaces between characters."""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(join_cjk(text), flush=True, end="" if not stream_end else None)
 
 
 def continue_text(model, tokenizer, prompt: str, args, streamer=None) -> tuple[str, torch.Tensor]:
@@ -78,4 +86,4 @@ def continue_text(model, tokenizer, prompt: str, args, streamer=None) -> tuple[s
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.decode(out[0], skip_special_tokens=True), out
+    return join_cjk(tokenizer.decode(out[0], skip_special_tokens=True)), out

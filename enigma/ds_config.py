@@ -1,0 +1,131 @@
+"""DeepSpeed JSON: load, reject unknown keys by name, fill ``"auto"`` from the training config.
+
+``"auto"`` follows the Hugging Face convention: batch sizes, accumulation, clipping and the
+optimizer's lr, betas and weight decay come from :class:`TrainConfig`, so one JSON file serves
+every preset. ``torch_adam: "auto"`` is ``true`` on CPU workers (DeepSpeed's fused Adam is a CUDA
+kernel; on CPU it would JIT-build a C++ op) and ``false`` on GPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+
+from .train_config import TrainConfig
+
+# Top-level sections DeepSpeed reads that this project uses or passes through; DeepSpeed itself
+# ignores unknown top-level keys silently, so a typo would otherwise change nothing.
+TOP_LEVEL = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16", "zero_optimization",
+    "activation_checkpointing", "steps_per_print", "wall_clock_breakdown",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "flops_profiler", "comms_logger", "checkpoint", "data_types",
+    "memory_breakdown", "dump_state", "torch_autocast", "seq_parallel_communication_data_type",
+}  # fmt: skip
+OPTIMIZER_PARAMS = {
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "torch_adam",
+    "adam_w_mode",
+    "bias_correction",
+}
+
+
+class DeepSpeedConfigError(ValueError):
+    pass
+
+
+def _close(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=2)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def load(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    try:
+        config = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path} must be a JSON object")
+    validate(config, path)
+    return config
+
+
+def validate(config: dict, where: str = "DeepSpeed config") -> None:
+    """Unknown keys are rejected by name, nested sections through DeepSpeed's own models."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    for key in config:
+        if key not in TOP_LEVEL:
+            raise DeepSpeedConfigError(f"{where}: unknown key {key!r}{_close(key, TOP_LEVEL)}")
+    optimizer = config.get("optimizer", {})
+    for key in optimizer.get("params", {}):
+        if key not in OPTIMIZER_PARAMS:
+            raise DeepSpeedConfigError(
+                f"{where}: unknown optimizer param {key!r}{_close(key, OPTIMIZER_PARAMS)}"
+            )
+    for section, model in (
+        ("zero_optimization", DeepSpeedZeroConfig),
+        ("bf16", DeepSpeedBF16Config),
+        ("fp16", DeepSpeedFP16Config),
+    ):
+        if section in config:
+            try:
+                model(**{k: v for k, v in config[section].items() if v != "auto"})
+            except ValidationError as err:
+                first = err.errors()[0]
+                name = ".".join(str(x) for x in first["loc"])
+                raise DeepSpeedConfigError(f"{where}: {section}.{name}: {first['msg']}") from None
+
+
+def precision(config: dict) -> str:
+    if config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def check_device(config: dict, path: str, use_gpu: bool) -> None:
+    if precision(config) == "fp16" and not use_gpu:
+        raise DeepSpeedConfigError(
+            f"{path} asks for fp16, which DeepSpeed does not support on CPU workers; use bf16 "
+            "instead (--ds-config ds_configs/zero2_bf16.json)"
+        )
+
+
+def fill_auto(config: dict, cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict:
+    """A copy of ``config`` with every ``"auto"`` replaced."""
+    out = copy.deepcopy(config)
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in values.items():
+        if out.get(key, "auto") == "auto":
+            out[key] = value
+    params = out.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
+    auto_params = {
+        "lr": cfg.lr,
+        "betas": list(cfg.betas),
+        "weight_decay": cfg.weight_decay,
+        "torch_adam": not use_gpu,
+    }
+    for key, value in auto_params.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    out.setdefault("steps_per_print", 10**9)  # our own progress line replaces DeepSpeed's
+    return out

@@ -1,0 +1,157 @@
+"""Training configuration: plain defaults, a preset, a JSON file, then ``--set key=value``.
+
+Defaults are the original's ``base`` recipe (micro-batch 16, accumulation 2, lr 5e-4, weight decay
+1e-3, 10 % warmup, 5 epochs, early stop after 2 evaluations without improvement, evaluate every
+2000 steps, save every 10000). Model fields (``d``, ``num_rotors``, ...) may be set the same way;
+every key is checked, and a misspelled one is rejected with the closest known names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # EnigmaConfig overrides on top of the preset
+    data: str = "data/sanguo-128"
+    output_dir: str = "runs/tiny"
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    seq_len: int = 0  # 0: the preset's
+    micro_batch: int = 16
+    grad_accum: int = 2
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 1e-3
+    betas: tuple = (0.9, 0.95)
+    warmup_ratio: float = 0.1
+    max_epochs: int = 5
+    max_steps: int = 0  # 0: max_epochs worth of steps
+    stop_at_step: int = 0  # end early (with a checkpoint); the lr schedule still spans max_steps
+    early_stop_patience: int = 2
+    eval_steps: int = 2000
+    eval_batches: int = 50  # per worker and evaluation
+    save_steps: int = 10000
+    log_steps: int = 10
+    grad_clip: float = 1.0
+    shuffle_buffer: int = 256  # blocks, per worker
+    activation_checkpointing: bool = True
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = -1  # -1: 1 when the cluster has GPUs, else 0
+    max_failures: int = 2
+    seed: int = 0
+    sample_prompt: str = "话说天下大势，分久必合，合久必分。"
+    sample_tokens: int = 48
+
+    @property
+    def model_fields(self) -> dict:
+        return {**preset_fields(self.preset), **self.model}
+
+    def model_config(self) -> EnigmaConfig:
+        fields = self.model_fields
+        fields.setdefault("max_len", max(2048, self.resolved_seq_len))
+        fields.setdefault("activation_checkpointing", self.activation_checkpointing)
+        return EnigmaConfig(**fields)
+
+    @property
+    def resolved_seq_len(self) -> int:
+        return self.seq_len or PRESET_SEQ_LEN[self.preset]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TRAIN_KEYS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+MODEL_KEYS = {
+    name: p
+    for name, p in inspect.signature(EnigmaConfig.__init__).parameters.items()
+    if name not in ("self", "kwargs")
+}
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, [*TRAIN_KEYS, *MODEL_KEYS], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value, default):
+    """Parse ``--set`` strings and check JSON values against the default's type."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{key}={value!r}: expected true or false")
+            return value.lower() in ("true", "1", "yes")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{key}={value!r}: expected a {kind.__name__}") from err
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is tuple and isinstance(value, list):
+        value = tuple(value)
+    if default is not None and not isinstance(value, kind):
+        raise ValueError(f"{key}={value!r}: expected a {kind.__name__}")
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, pairs: dict) -> TrainConfig:
+    """Set train or model keys; model keys land in ``cfg.model``."""
+    for key, value in pairs.items():
+        if key == "model" and isinstance(value, dict):
+            apply_overrides(cfg, value)
+        elif key in TRAIN_KEYS:
+            default = getattr(cfg, key)
+            setattr(cfg, key, _coerce(key, value, default))
+        elif key in MODEL_KEYS:
+            default = MODEL_KEYS[key].default
+            cfg.model[key] = _coerce(key, value, default)
+        else:
+            raise _unknown(key)
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        pairs[key.strip()] = value
+    return pairs
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | None = None,
+    sets: list[str] | None = None,
+    **explicit,
+) -> TrainConfig:
+    """Defaults < preset < JSON file < explicit flags < ``--set`` pairs."""
+    cfg = TrainConfig()
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"config file {config_file} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {config_file} is not valid JSON: {err}") from err
+        apply_overrides(cfg, data)
+    if preset:
+        cfg.preset = preset
+    preset_fields(cfg.preset)  # unknown preset: lists the known ones
+    apply_overrides(cfg, {k: v for k, v in explicit.items() if v is not None})
+    apply_overrides(cfg, parse_set(sets or []))
+    cfg.model_config()  # validates the model shape before any worker starts
+    return cfg

@@ -1,0 +1,87 @@
+"""The same training code on a multi-node cluster and through ``ray job submit``."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from enigma.train_config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+SETS = ["seq_len=64", "micro_batch=8", "grad_accum=1", "eval_batches=2", "eval_steps=4",
+        "log_steps=2", "activation_checkpointing=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "sanguo-64"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", "--seq-len", "64", "--out"]
+    subprocess.run([*cmd, str(out)], check=True, env=env, capture_output=True, cwd=ROOT)
+    return out
+
+
+def test_two_nodes_one_cpu_each(data, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from enigma.trainer import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = build_config("tiny", sets=[*SETS, "max_steps=8"], data=str(data), workers=2,
+                           output_dir=str(tmp_path))  # fmt: skip
+        summary = train(cfg)
+        assert summary["steps"] == 8 and summary["last_val_ppl"] < summary["first_val_ppl"]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Stop only the processes of the cluster this test started (found by its temp dir)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
+                proc.terminate()
+        except psutil.Error:
+            pass
+    time.sleep(2)
+
+
+def test_ray_job_submit_end_to_end(data, tmp_path):
+    temp_dir = Path("/tmp") / f"enigma-ray-{os.getpid()}"  # short: socket paths have a limit
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    start = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
+    try:
+        submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+                  str(ROOT), "--runtime-env", str(ROOT / "ray_jobs" / "runtime_env.yaml"), "--",
+                  sys.executable, "ray_jobs/pretrain.py", "--preset", "tiny", "--data", str(data),
+                  "--workers", "2", "--output-dir", str(tmp_path / "run"), "--max-steps", "4",
+                  *[x for s in SETS for x in ("--set", s)]]  # fmt: skip
+        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "SUCCEEDED" in result.stdout + result.stderr
+        assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    finally:
+        _stop_cluster(temp_dir)
