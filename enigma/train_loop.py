@@ -164,7 +164,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_val": math.inf, "bad_evals": 0}
     state.update(first_val=None, last_val=None, best_step=0, tokens=0)
+    # A restart after a failure resumes from Ray's latest checkpoint; a new run may start from
+    # --resume (Train V2's replacement for resume_from_checkpoint).
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)

@@ -187,6 +187,7 @@ def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None 
             "tokenizer_dir": str(Path(data_dir) / "tokenizer"),
             "progress": queue,
             "fail_at_step": fail_at_step,
+            "resume_from": os.path.abspath(resume) if resume else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
@@ -209,7 +210,6 @@ def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None 
             datasets_to_split=["train", "val"],
             execution_options=ExecutionOptions(preserve_order=True),  # same order on resume
         ),
-        resume_from_checkpoint=ray.train.Checkpoint(os.path.abspath(resume)) if resume else None,
     )
     printer.start()
     try:

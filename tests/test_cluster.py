@@ -1,6 +1,7 @@
 """The same training code on a multi-node cluster and through ``ray job submit``."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def test_ray_job_submit_end_to_end(data, tmp_path):
                   *[x for s in SETS for x in ("--set", s)]]  # fmt: skip
         result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert "SUCCEEDED" in result.stdout + result.stderr
+        output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+        assert re.search(r"Job '\S+' succeeded", output), output[-2000:]
         assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     finally:
         _stop_cluster(temp_dir)
