@@ -75,15 +75,20 @@ def test_ray_job_submit_end_to_end(data, tmp_path):
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
-        submit = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+        address = f"--address=http://127.0.0.1:{dash}"
+        submit = [RAY, "job", "submit", address, "--working-dir",
                   str(ROOT), "--runtime-env", str(ROOT / "ray_jobs" / "runtime_env.yaml"), "--",
                   sys.executable, "ray_jobs/pretrain.py", "--preset", "tiny", "--data", str(data),
                   "--workers", "2", "--output-dir", str(tmp_path / "run"), "--max-steps", "4",
                   *[x for s in SETS for x in ("--set", s)]]  # fmt: skip
-        result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the job agent comes up a little after `ray start` returns
+            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in result.stdout + result.stderr:
+                break
+            time.sleep(2)  # nothing was submitted: safe to try again
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-        assert re.search(r"Job '\S+' succeeded", output), output[-2000:]
+        assert re.search(r"Job '\S+' succeeded", output), output[-1500:]
         assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     finally:
         _stop_cluster(temp_dir)
