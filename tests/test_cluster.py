@@ -65,30 +65,43 @@ def _stop_cluster(temp_dir: Path) -> None:
     time.sleep(2)
 
 
+@pytest.mark.job_submit
 def test_ray_job_submit_end_to_end(data, tmp_path):
     temp_dir = Path("/tmp") / f"enigma-ray-{os.getpid()}"  # short: socket paths have a limit
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    start = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+    start = [RAY, "start", "--head", f"--port={port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
         address = f"--address=http://127.0.0.1:{dash}"
-        submit = [RAY, "job", "submit", address, "--working-dir",
-                  str(ROOT), "--runtime-env", str(ROOT / "ray_jobs" / "runtime_env.yaml"), "--",
+        submit = [RAY, "job", "submit", address, "--no-wait", "--working-dir", str(ROOT),
+                  "--runtime-env", str(ROOT / "ray_jobs" / "runtime_env.yaml"), "--",
                   sys.executable, "ray_jobs/pretrain.py", "--preset", "tiny", "--data", str(data),
                   "--workers", "2", "--output-dir", str(tmp_path / "run"), "--max-steps", "4",
                   *[x for s in SETS for x in ("--set", s)]]  # fmt: skip
         for _ in range(30):  # the job agent comes up a little after `ray start` returns
-            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
             if "No available agent" not in result.stdout + result.stderr:
                 break
             time.sleep(2)  # nothing was submitted: safe to try again
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-        assert re.search(r"Job '\S+' succeeded", output), output[-1500:]
+        assert result.returncode == 0, output[-3000:]
+        job_id = re.search(r"raysubmit_\w+", output).group(0)
+        status = ""
+        deadline = time.monotonic() + 480
+        while time.monotonic() < deadline and not re.search(r"SUCCEEDED|FAILED|STOPPED", status):
+            time.sleep(3)
+            probe = subprocess.run([RAY, "job", "status", address, job_id], env=env,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            status = probe.stdout + probe.stderr  # the CLI logs the status line to stderr
+        probe = subprocess.run([RAY, "job", "logs", address, job_id], env=env,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        logs = probe.stdout + probe.stderr
+        assert "SUCCEEDED" in status, status + logs[-3000:]
+        assert "=== done ===" in logs
         assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     finally:
         _stop_cluster(temp_dir)
