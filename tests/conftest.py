@@ -1,6 +1,19 @@
-"""Shared checks for invertible modules."""
+"""Shared checks for invertible modules, and one Ray cluster per test module."""
 
+import pytest
 import torch
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local 2-CPU Ray instance shared by one test module (starting one costs seconds)."""
+    import ray
+
+    from enigma.ray_setup import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

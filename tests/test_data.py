@@ -16,17 +16,6 @@ from enigma.data.tokenizer import VOCAB_SIZE, read_vocab, shipped_vocab_path
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from enigma.ray_setup import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def sanguo(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "sanguo"
     manifest = prepare(Source.parse("sanguo"), out, seq_len=128, progress=False)

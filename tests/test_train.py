@@ -16,18 +16,7 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    import ray
-
-    from enigma.ray_setup import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def data(cluster, tmp_path_factory):
+def data(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "sanguo-64"
     prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
     return out

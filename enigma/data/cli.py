@@ -1,0 +1,46 @@
+"""``enigma data prepare`` and ``enigma data stats``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="sanguo", help="sanguo, wiki-zh, text:PATH, jsonl:PATH, parquet:PATH")
+    p.add_argument("--out", required=True, help="directory to write (atomically)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--text-column", default="text", help="for parquet sources")
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="a local tokenizer directory")
+    p.add_argument("--shard-blocks", type=int, default=8192, help="blocks per parquet shard")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    from .prepare import prepare as run_prepare
+    from .sources import Source
+
+    source = Source.parse(args.source, args.text_column, args.max_docs)
+    return run_prepare(
+        source,
+        args.out,
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        tokenizer_name=args.tokenizer,
+        force=args.force,
+        shard_blocks=args.shard_blocks,
+    )
+
+
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory")
+    p.add_argument("--top", type=int, default=20)
+
+
+def stats(args: argparse.Namespace) -> dict:
+    from .stats import stats as run_stats
+
+    return run_stats(args.directory, args.top)
