@@ -178,7 +178,9 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=state["step"] or None)
+        # After a restart, drop the events logged past the checkpoint: those steps run again.
+        purge = state["step"] + 1 if state["step"] else None
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
     queue = config.get("progress")
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
