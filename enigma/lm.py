@@ -101,10 +101,13 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         vocab = self.config.vocab_size
         if input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        if not input_ids.numel():
+            return
+        low, high = (int(v) for v in torch.stack(torch.aminmax(input_ids)).tolist())  # one sync
+        if low < 0 or high >= vocab:
             raise ValueError(
-                f"token ids must lie in [0, vocab_size={vocab}); got min {int(input_ids.min())}, "
-                f"max {int(input_ids.max())}: is the tokenizer the one this model was built for?"
+                f"token ids must lie in [0, vocab_size={vocab}); got min {low}, max {high}: "
+                "is the tokenizer the one this model was built for?"
             )
 
     def forward(

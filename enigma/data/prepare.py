@@ -144,7 +144,7 @@ def prepare(
 
     validate(seq_len, val_fraction, test_fraction)
     out = Path(out)
-    files = source.files()  # a missing path fails here, before Ray starts
+    source.files()  # a missing path fails here, before Ray starts
     tokenizer = load_tokenizer(tokenizer_name)
     wanted = recipe(source, tokenizer, seq_len, val_fraction, test_fraction)
     if (out / MANIFEST).is_file() and not force:
@@ -166,13 +166,13 @@ def prepare(
     options.resource_limits = ray.data.ExecutionResources(object_store_memory=PIPELINE_BUFFER)
     staging = staging_directory(out)
     try:
-        return _build(source, out, staging, tokenizer, wanted, files, shard_blocks, progress)
+        return _build(source, out, staging, tokenizer, wanted, shard_blocks, progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # no half-built directory survives
         raise
 
 
-def _build(source, out, staging, tokenizer, wanted, files, shard_blocks, progress) -> dict:
+def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress) -> dict:
     from tqdm import tqdm
 
     seq_len = wanted["seq_len"]
