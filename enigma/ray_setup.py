@@ -6,7 +6,8 @@ import logging
 import os
 
 
-def init_ray(num_cpus: int | None = None, **kwargs) -> None:
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs) -> None:
+    """``object_store_memory`` applies only to a local cluster started here."""
     import ray
 
     # A local cluster with token auth on says so at every start; the CLI is not the place.
@@ -16,6 +17,8 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
         local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+        if object_store_memory and not address:
+            local["object_store_memory"] = object_store_memory
         ray.init(
             address=address,
             logging_level=logging.WARNING,

@@ -51,6 +51,20 @@ def test_vocab_is_read_by_newlines_only():
     assert len(path.read_text(encoding="utf-8").splitlines()) != VOCAB_SIZE
 
 
+def test_worker_tokenizer_gives_bert_tokenizer_ids(tmp_path):
+    """Workers tokenize with the Rust backend alone; its ids must be BertTokenizerFast's."""
+    import pyarrow as pa
+
+    from enigma.data.prepare import NORMALIZE, _tokenize
+
+    tok = load_tokenizer(quiet=True)
+    tok.save_pretrained(tmp_path)
+    texts = ["话说天下大势，分久必合。", "“曹操”曰：Hello 123…", "  ", "玄德" * 300]
+    out = _tokenize(pa.table({"text": texts}), str(tmp_path), 0.0, 0.0)
+    kept = [t.strip().translate(NORMALIZE) for t in texts if t.strip()]
+    assert out.column("ids").to_pylist() == tok(kept, add_special_tokens=False)["input_ids"]
+
+
 def test_packer_keeps_every_token_and_separates_documents(tmp_path):
     import pyarrow as pa
 
@@ -143,6 +157,24 @@ def test_text_jsonl_parquet_sources(ray_cluster, tmp_path):
         progress=False,
     )
     assert sum(s["documents"] for s in m["splits"].values()) == 40
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 10_000])
+def test_text_ranges_give_every_line_once(tmp_path, size):
+    """A large file is read in byte ranges; every line, multi-byte ones included, exactly once."""
+    import pyarrow as pa
+
+    from enigma.data.sources import read_text_ranges, text_ranges
+
+    lines = [f"第{i}回 " + "宴桃园豪杰三结义" * (i % 5) for i in range(60)]
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join(lines[:30]) + "\n\n  \n" + "\n".join(lines[30:]))
+    ranges = list(text_ranges([str(path)], size=size))
+    got = []
+    for r in ranges:
+        batch = pa.table({k: [v] for k, v in r.items()})
+        got += read_text_ranges(batch).column("text").to_pylist()
+    assert got == [line.strip() for line in lines]
 
 
 def test_interrupted_prepare_leaves_no_manifest(ray_cluster, tmp_path, monkeypatch):

@@ -2,8 +2,10 @@
 
 Writes ``--mb`` megabytes of Chinese text (三国演义 sentences shuffled into ~2,000-character
 documents, one per line), runs ``enigma data prepare`` on it in a child process, and samples the
-RSS of that process and all of its descendants (driver, raylet, Ray workers) every 0.2 s. Shared
-pages (the object store) count once per process that maps them, so the figure errs high.
+memory of that process and all of its descendants (driver, raylet, Ray workers) every 0.25 s: the
+sum of RSS, where shared pages (libraries, the object store) count once per process that maps
+them, so it errs high, and the sum of PSS, which splits each shared page among its mappers and so
+is the tree's real footprint.
 """
 
 from __future__ import annotations
@@ -41,16 +43,18 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     return written
 
 
-def tree_rss_bytes(proc) -> int:
+def tree_memory_bytes(proc) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) over ``proc`` and its descendants."""
     import psutil
 
-    total = 0
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            m = p.memory_full_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        rss, pss = rss + m.rss, pss + m.pss
+    return rss, pss
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -64,10 +68,11 @@ def run(args: argparse.Namespace) -> dict:
     cmd += ["--out", str(work / "shards"), "--seq-len", str(args.seq_len), "--force"]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc, peak = psutil.Process(child.pid), 0
+    proc, peak_rss, peak_pss = psutil.Process(child.pid), 0, 0
     while child.poll() is None:
-        peak = max(peak, tree_rss_bytes(proc))
-        time.sleep(0.2)
+        rss, pss = tree_memory_bytes(proc)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.25)
     seconds = time.perf_counter() - start
     output = child.stdout.read()
     if child.returncode != 0:
@@ -80,13 +85,14 @@ def run(args: argparse.Namespace) -> dict:
         "wall_seconds": round(seconds, 1),
         "mb_per_sec_wall": round(size / 1e6 / seconds, 2),
         "mb_per_sec_pipeline": round(size / 1e6 / manifest["seconds"], 2),
-        "peak_rss_mb": round(peak / 2**20, 1),
+        "peak_rss_mb": round(peak_rss / 2**20, 1),
+        "peak_pss_mb": round(peak_pss / 2**20, 1),
         "blocks": {k: v["blocks"] for k, v in manifest["splits"].items()},
     }
     print(
         f"prepared {result['corpus_mb']} MB in {seconds:.1f} s ({result['mb_per_sec_wall']} MB/s "
-        f"wall, {result['mb_per_sec_pipeline']} MB/s after start-up); peak RSS of the process "
-        f"tree {result['peak_rss_mb']:,.0f} MB"
+        f"wall, {result['mb_per_sec_pipeline']} MB/s after start-up); process tree peak: "
+        f"RSS sum {result['peak_rss_mb']:,.0f} MB, PSS sum {result['peak_pss_mb']:,.0f} MB"
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))

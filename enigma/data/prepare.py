@@ -23,7 +23,9 @@ from .sources import DataError, Source
 from .tokenizer import load_tokenizer, vocab_hash
 
 MIN_SEQ_LEN = 8
-PIPELINE_BUFFER = 256 * 2**20  # bytes of tokenized batches in flight
+PIPELINE_BUFFER = 128 * 2**20  # bytes of tokenized batches in flight
+OBJECT_STORE = 2 * PIPELINE_BUFFER
+TOKENIZE_CHUNK = 128  # documents per tokenizer call
 _TOKENIZERS: dict = {}
 # bert-base-chinese has no curly quotes, dashes or ellipsis: unmapped, 三国演义's dialogue quotes
 # alone make 3.6% of its tokens [UNK]. Their ASCII forms are in the vocabulary.
@@ -42,18 +44,36 @@ def assign_split(text: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def _tokenize(batch: pa.Table, tokenizer_dir: str, val: float, test: float) -> pa.Table:
-    """Ray Data ``map_batches`` body: one tokenizer per worker process, loaded once."""
+    """Ray Data ``map_batches`` body: one tokenizer per worker process, loaded once.
+
+    Workers use the saved tokenizer's Rust backend directly (the same normalizer, pre-tokenizer
+    and vocabulary as ``BertTokenizerFast``, so the same ids) and never import transformers."""
     if tokenizer_dir not in _TOKENIZERS:
-        tok = load_tokenizer(tokenizer_dir, quiet=True)
-        tok.model_max_length = 1 << 62  # documents are packed later, never truncated
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        tok.no_truncation()  # documents are packed later, never truncated
+        tok.no_padding()
         _TOKENIZERS[tokenizer_dir] = tok
     tok = _TOKENIZERS[tokenizer_dir]
     texts = [t.strip().translate(NORMALIZE) for t in batch.column("text").to_pylist()]
     texts = [t for t in texts if t]
-    ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # A few hundred documents per call, each turned into arrow at once: Python id lists cost
+    # ~40 bytes per token, so a whole block at once would need hundreds of MB.
+    chunks = [
+        pa.array(
+            [
+                e.ids
+                for e in tok.encode_batch(texts[i : i + TOKENIZE_CHUNK], add_special_tokens=False)
+            ],
+            type=pa.list_(pa.int32()),
+        )
+        for i in range(0, len(texts), TOKENIZE_CHUNK)
+    ]
+    ids = pa.chunked_array(chunks, type=pa.list_(pa.int32())).combine_chunks()
     return pa.table(
         {
-            "ids": pa.array(ids, type=pa.list_(pa.int32())),
+            "ids": ids,
             "split": pa.array([assign_split(t, val, test) for t in texts], type=pa.string()),
             "bytes": pa.array([len(t.encode("utf-8")) for t in texts], type=pa.int64()),
         }
@@ -157,7 +177,9 @@ def prepare(
             f"seq_len={existing.get('seq_len')}); pass --force to rebuild it"
         )
 
-    init_ray()
+    # A local cluster started for this run gets a small object store: its shared pages are
+    # resident in every process that maps them, and the pipeline never needs more.
+    init_ray(object_store_memory=OBJECT_STORE)
     import ray
 
     options = ray.data.DataContext.get_current().execution_options
@@ -181,7 +203,7 @@ def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress) -> d
     tokenized = source.dataset().map_batches(
         _tokenize,
         batch_format="pyarrow",
-        batch_size=256,
+        batch_size=source.tokenize_batch_size,
         fn_kwargs={
             "tokenizer_dir": str(staging / "tokenizer"),
             "val": val_fraction,
@@ -201,7 +223,9 @@ def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress) -> d
         desc=f"prepare {source.describe()}",
     )
     start, seen = time.perf_counter(), 0
-    for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in tokenized.iter_batches(
+        batch_format="pyarrow", batch_size=None, prefetch_batches=0
+    ):
         for split in SPLITS:
             rows = batch.filter(pc.equal(batch.column("split"), split))
             packers[split].add(rows.column("ids").combine_chunks())

@@ -71,6 +71,14 @@ class Source:
             raise DataError(f"source {kind}: needs a path, e.g. {kind}:corpus/")
         return cls(kind, path or None, text_column, max_docs)
 
+    @property
+    def tokenize_batch_size(self) -> int | None:
+        """Rows per tokenizer call. The sources built here already come in bounded blocks (a
+        document, or one text range): whole blocks, since a row count would make Ray Data bundle
+        hundreds of one-row range blocks into a single task. Reader blocks (jsonl, parquet) can be
+        large: 256 documents at a time."""
+        return None if self.kind in ("sanguo", "wiki-zh", "text") else 256
+
     def describe(self) -> str:
         return self.kind + (f":{self.path}" if self.path else "")
 
@@ -106,7 +114,11 @@ class Source:
         elif self.kind == "wiki-zh":
             ds = ray.data.from_items([{"text": t} for t in _wiki_texts(self.max_docs or 10_000)])
         elif self.kind == "text":
-            ds = ray.data.read_text(self.files(), drop_empty_lines=True)
+            # Line-aligned byte ranges read by separate tasks: a reader holds one range, never a
+            # whole file, so memory does not grow with the size of a single large file.
+            ranges = list(text_ranges(self.files()))
+            ds = ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
+            ds = ds.map_batches(read_text_ranges, batch_format="pyarrow", batch_size=1)
         elif self.kind == "jsonl":
             ds = ray.data.read_json(self.files(), lines=True)
         else:
@@ -119,6 +131,39 @@ class Source:
         if self.max_docs and self.kind not in ("sanguo", "wiki-zh"):
             ds = ds.limit(self.max_docs)
         return ds
+
+
+TEXT_RANGE_BYTES = 4 * 2**20
+
+
+def text_ranges(files: list[str], size: int = TEXT_RANGE_BYTES):
+    """``{path, start, end}`` byte ranges covering each file."""
+    for path in files:
+        total = os.path.getsize(path)
+        for start in range(0, total, size):
+            yield {"path": path, "start": start, "end": min(start + size, total)}
+
+
+def read_text_ranges(batch):
+    """The non-blank lines that *begin* inside each range: a line crossing ``end`` belongs to
+    this range, the partial line at ``start`` to the one before."""
+    import pyarrow as pa
+
+    lines = []
+    columns = (batch.column(c).to_pylist() for c in ("path", "start", "end"))
+    for path, start, end in zip(*columns, strict=True):
+        with open(path, "rb") as f:
+            if start > 0:
+                f.seek(start - 1)
+                f.readline()  # finish the line the previous range owns
+            while f.tell() < end:
+                line = f.readline()
+                if not line:
+                    break
+                text = line.decode("utf-8", errors="replace").strip()
+                if text:
+                    lines.append(text)
+    return pa.table({"text": pa.array(lines, type=pa.string())})
 
 
 def _wiki_texts(max_docs: int) -> list[str]:
