@@ -62,6 +62,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("bench", "train-overhead"),
+        "Ray Train + DeepSpeed (1 worker) vs a plain PyTorch loop, tokens/s",
+        "benchmarks.train_overhead",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("bench", "data-scale"),
         "enigma data prepare on a large generated corpus: MB/s and peak RSS",
         "benchmarks.data_scale",

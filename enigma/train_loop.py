@@ -265,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "tokens_per_sec": tokens_per_step * interval_steps / elapsed,
                 "memory_mb": memory_mb(engine.device),
                 "machine_reconstruction_error": recon,
+                "torch_threads": torch.get_num_threads(),
             }
             if writer:
                 for key in ("loss", "ppl"):

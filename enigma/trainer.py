@@ -101,7 +101,7 @@ class ProgressPrinter(threading.Thread):
     def __init__(self, queue):
         super().__init__(daemon=True)
         self.queue, self.stopped = queue, threading.Event()
-        self.start_time, self.last_train, self.evals = time.perf_counter(), None, []
+        self.start_time, self.trains, self.evals = time.perf_counter(), [], []
 
     def run(self) -> None:
         while not self.stopped.is_set():
@@ -113,7 +113,7 @@ class ProgressPrinter(threading.Thread):
 
     def show(self, item: dict) -> None:
         if item["kind"] == "train":
-            self.last_train = item
+            self.trains.append(item)
             rate = item["tokens_per_sec"]
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / max(item["step"], 1) * (item["total"] - item["step"])
@@ -238,6 +238,7 @@ def summarize(cfg: TrainConfig, out: Path, result, printer: ProgressPrinter) -> 
         "model_dir": str(out / "model"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "tensorboard": str(out / "tensorboard"),
+        "train_log": printer.trains,
     }
     model_dir = out / "model"
     if (model_dir / "config.json").is_file():

@@ -156,3 +156,20 @@ def test_bad_input_fails_in_one_line_before_workers(data, tmp_path, capsys, argv
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "ray").exists(), "no worker started"
+
+
+def test_train_overhead_bench_smoke(data, tmp_path):
+    """`enigma bench train-overhead` in seconds: both loops train, JSON has rates and context."""
+    out = tmp_path / "overhead.json"
+    argv = ["bench", "train-overhead", "--data", str(data), "--seq-len", "64"]
+    argv += ["--micro-batch", "8", "--steps", "4", "--warmup", "2"]
+    argv += ["--output-dir", str(tmp_path / "work"), "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    rates = result["tokens_per_sec"]
+    assert rates["ray+deepspeed"] > 0 and rates["plain"] > 0
+    assert result["ratio"] == pytest.approx(rates["ray+deepspeed"] / rates["plain"], rel=1e-3)
+    assert (
+        math.isfinite(result["final_loss"]) and result["worker_torch_threads"] == result["threads"]
+    )
+    assert result["git_commit"] and result["machine"]["cpu_count"] and result["command"]
