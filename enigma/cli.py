@@ -27,6 +27,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("tune",),
+        "Ray Tune sweep over layers, blocks and rotors (ASHA, results table, best.json)",
+        "sweep",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("data", "prepare"),
         "tokenize, pack and split a corpus into parquet shards (Ray Data)",
         "data.cli",

@@ -212,6 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
             state["bad_evals"] += 1
         metrics = {"step": state["step"], "val_loss": val, "val_ppl": math.exp(min(val, 50))}
         metrics.update(best_val_loss=state["best_val"], epoch=state["epoch"])
+        metrics.update(tokens_per_sec=state.get("tokens_per_sec"), tokens=state["tokens"])
         if writer:
             writer.add_scalar("val/loss", val, state["step"])
             writer.add_scalar("val/ppl", metrics["val_ppl"], state["step"])
@@ -274,6 +275,7 @@ def train_loop_per_worker(config: dict) -> None:
                     writer.add_scalar(key, line[key], state["step"])
                 writer.add_scalar("memory/worker_mb", line["memory_mb"], state["step"])
                 writer.add_scalar("machine/reconstruction_error", recon, state["step"])
+            state["tokens_per_sec"] = line["tokens_per_sec"]
             if queue is not None and rank == 0:
                 queue.put(line)
             interval_loss, interval_start, interval_steps = 0.0, time.perf_counter(), 0

@@ -138,21 +138,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None = None) -> dict:
-    """Run the training job; returns a summary (val perplexities, paths, sample)."""
+def prepare_run(cfg: TrainConfig) -> dict:
+    """Validate the inputs, join or start Ray, and fix what every worker needs: the filled
+    DeepSpeed config, the step plan, GPU or CPU. Raises ValueError before any worker starts."""
     import ray
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
-    from .data.shards import load_split
     from .ray_setup import init_ray
-    from .train_loop import train_loop_per_worker
 
-    out = Path(cfg.output_dir).resolve()
-    if resume and not Path(resume).is_dir():
-        raise ValueError(f"--resume {resume}: no such checkpoint directory")
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
     ds_raw, manifest = check_inputs(cfg, use_gpu=cfg.gpus_per_worker != 0)
@@ -162,45 +154,60 @@ def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None 
     use_gpu = cfg.gpus_per_worker > 0
     dsc.check_device(ds_raw, cfg.ds_config, use_gpu)
     plan = plan_run(cfg, manifest)
-    ds = dsc.fill_auto(ds_raw, cfg, cfg.workers, use_gpu)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = str(Path(cfg.data).resolve())
-    queue = Queue(actor_options={"num_cpus": 0})
-    printer = ProgressPrinter(queue)
-    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.workers * cfg.resolved_seq_len
-    print(
-        f"EnigmaLM {cfg.preset} on {cfg.workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
-        f"DeepSpeed ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} "
-        f"{dsc.precision(ds)}; tokens/step = {cfg.grad_accum} accum x {cfg.workers} workers x "
-        f"{cfg.micro_batch} batch x {cfg.resolved_seq_len} seq = {tokens_per_step:,}; "
-        f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch)",
-        flush=True,
-    )
-    trainer = TorchTrainer(
+    return {
+        "ds_config": dsc.fill_auto(ds_raw, cfg, cfg.workers, use_gpu),
+        "plan": plan,
+        "use_gpu": use_gpu,
+        "data_dir": str(Path(cfg.data).resolve()),
+    }
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    run: dict,
+    out: Path,
+    *,
+    name: str = "train",
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+    progress=None,
+    resume: str | None = None,
+    fail_at_step: int | None = None,
+):
+    """The ``TorchTrainer`` of one training run (``enigma train``, or one sweep trial)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data.shards import load_split
+    from .train_loop import train_loop_per_worker
+
+    use_gpu, data_dir = run["use_gpu"], run["data_dir"]
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.to_dict(),
-            "ds_config": ds,
-            "plan": plan,
+            "ds_config": run["ds_config"],
+            "plan": run["plan"],
             "use_gpu": use_gpu,
             "output_dir": str(out),
             "tokenizer_dir": str(Path(data_dir) / "tokenizer"),
-            "progress": queue,
+            "progress": progress,
             "fail_at_step": fail_at_step,
             "resume_from": os.path.abspath(resume) if resume else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}
-            if use_gpu
-            else {"CPU": cfg.cpus_per_worker},
+            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="train",
-            storage_path=str(out / "ray"),
+            name=name,
+            storage_path=storage_path or str(out / "ray"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets={
             "train": load_split(data_dir, "train", verify=True),
@@ -211,6 +218,30 @@ def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None 
             execution_options=ExecutionOptions(preserve_order=True),  # same order on resume
         ),
     )
+
+
+def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None = None) -> dict:
+    """Run the training job; returns a summary (val perplexities, paths, sample)."""
+    from ray.util.queue import Queue
+
+    out = Path(cfg.output_dir).resolve()
+    if resume and not Path(resume).is_dir():
+        raise ValueError(f"--resume {resume}: no such checkpoint directory")
+    run = prepare_run(cfg)
+    plan, ds = run["plan"], run["ds_config"]
+    out.mkdir(parents=True, exist_ok=True)
+    queue = Queue(actor_options={"num_cpus": 0})
+    printer = ProgressPrinter(queue)
+    tokens_per_step = cfg.micro_batch * cfg.grad_accum * cfg.workers * cfg.resolved_seq_len
+    print(
+        f"EnigmaLM {cfg.preset} on {cfg.workers} worker(s) ({'GPU' if run['use_gpu'] else 'CPU'}), "
+        f"DeepSpeed ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} "
+        f"{dsc.precision(ds)}; tokens/step = {cfg.grad_accum} accum x {cfg.workers} workers x "
+        f"{cfg.micro_batch} batch x {cfg.resolved_seq_len} seq = {tokens_per_step:,}; "
+        f"{plan['total_steps']} steps ({plan['steps_per_epoch']}/epoch)",
+        flush=True,
+    )
+    trainer = build_trainer(cfg, run, out, progress=queue, resume=resume, fail_at_step=fail_at_step)
     printer.start()
     try:
         result = trainer.fit()
