@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -m "not job_submit"
+	$(BIN)/python -m pytest -q
 
 # `ray job submit` end to end against a cluster of its own (not in CI: see README, Results).
 test-job: $(STAMP)

@@ -22,8 +22,10 @@ import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
+from ray.train import UserCallback
 from ray.tune import Callback
 
 from .train_config import MODEL_KEYS, TrainConfig, apply_overrides, build_config
@@ -123,6 +125,46 @@ def count_params(cfg: TrainConfig) -> int:
 # One trial (runs inside a Tune trial actor)
 
 
+REPORTS = "reports.json"
+
+
+class ReportLog(UserCallback):
+    """Every report of a trial's Train run, with the trial's wall time, kept in its directory.
+
+    Tune saves its experiment state every few seconds, so a killed driver can lose a trial's
+    last results or even its completion. This file is rewritten (atomically) at each report and
+    marked complete at the last step; a restored trial replays it instead of training again.
+    The callback runs in the Train controller, not in the trial function, so it keeps no state
+    between reports: the file is the state."""
+
+    def __init__(self, path: Path, max_steps: int):
+        self.path, self.max_steps = path, max_steps
+        self.start, self.offset = time.perf_counter(), None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        state = read_reports(self.path)
+        if self.offset is None:  # wall time carries on across a restore
+            self.offset = state["reports"][-1]["wall_s"] if state["reports"] else 0.0
+        report = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))}
+        report["wall_s"] = self.offset + time.perf_counter() - self.start
+        # A resumed run repeats the steps after its checkpoint: keep the later reports.
+        kept = [r for r in state["reports"] if r.get("step", -1) < report.get("step", 0)]
+        write_reports(self.path, [*kept, report], report.get("step", 0) >= self.max_steps)
+
+
+def read_reports(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"complete": False, "reports": []}
+
+
+def write_reports(path: Path, reports: list[dict], complete: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"complete": complete, "reports": reports}, indent=1))
+    os.replace(tmp, path)
+
+
 def sweep_trial(config: dict) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -133,17 +175,27 @@ def sweep_trial(config: dict) -> None:
     cfg = trial_config(config["base"], {**knobs, "seed": config["seed"], "lr": config["lr"]})
     name = ray.tune.get_context().get_trial_id()  # stable across a restore
     sweep_dir = Path(config["sweep_dir"])
-    cfg.output_dir = str(sweep_dir / "trials" / name)
+    out = sweep_dir / "trials" / name
+    # After a restore, give Tune whatever this trial already reported (Tune may have lost it);
+    # a finished trial stops there, an unfinished one resumes from its last checkpoint.
+    done = read_reports(out / REPORTS)
+    for report in done["reports"]:
+        ray.tune.report({k: v for k, v in report.items() if k != "wall_s"})
+    if done["complete"]:
+        return
+    cfg.output_dir = str(out)
     run = prepare_run(cfg)
     trainer = build_trainer(
         cfg,
         run,
-        Path(cfg.output_dir),
+        out,
         name=name,  # a restored trial finds its Train run by name and resumes it
         storage_path=str(sweep_dir / "train"),
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), ReportLog(out / REPORTS, cfg.max_steps)],
     )
     trainer.fit()
+    # Early stopping ends a run before max_steps: it is complete all the same.
+    write_reports(out / REPORTS, read_reports(out / REPORTS)["reports"], complete=True)
 
 
 class ConsoleLines(Callback):
@@ -155,7 +207,7 @@ class ConsoleLines(Callback):
     def _label(self, trial) -> str:
         c = trial.config
         knobs = " ".join(f"{k}={c[k]}" for k in self.knob_keys)
-        return f"{trial.trial_id} [{knobs} lr={c['lr']:.2g} seed={c['seed']}]"
+        return f"{trial.trial_id} [{knobs} lr={c['lr']:.2g} seed={c['seed']}]"  # id first
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("val_ppl") is not None:
@@ -168,7 +220,7 @@ class ConsoleLines(Callback):
         self.done += 1
         last = trial.last_result or {}
         how = "finished" if last.get("step", 0) >= self.max_steps else "stopped by ASHA"
-        print(f"trial done ({how}): {self._label(trial)} at step {last.get('step')}", flush=True)
+        print(f"trial done: {self._label(trial)} {how} at step {last.get('step')}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"trial FAILED: {self._label(trial)}; see {trial.local_path}", flush=True)
@@ -223,6 +275,13 @@ def run(args: argparse.Namespace) -> dict:
     max_steps = run_info["plan"]["total_steps"]
     cfg.max_steps = max_steps
     spec = sweep_spec(args, cfg, grid)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_trial = cfg.workers * cfg.cpus_per_worker
+    if per_trial > cpus:
+        raise ValueError(
+            f"a trial needs {per_trial} CPUs ({cfg.workers} workers x {cfg.cpus_per_worker}) but "
+            f"the cluster has {cpus}; lower --workers-per-trial"
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     experiment = out / EXPERIMENT
@@ -239,13 +298,6 @@ def run(args: argparse.Namespace) -> dict:
             )
     spec_path.write_text(json.dumps(spec, indent=2))
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    per_trial = cfg.workers * cfg.cpus_per_worker
-    if per_trial > cpus:
-        raise ValueError(
-            f"a trial needs {per_trial} CPUs ({cfg.workers} workers x {cfg.cpus_per_worker}) but "
-            f"the cluster has {cpus}; lower --workers-per-trial"
-        )
     concurrent = args.max_concurrent or max(1, cpus // per_trial)
     concurrent = min(concurrent, max(1, cpus // per_trial))
     knob_keys = list(grid)
@@ -272,7 +324,9 @@ def run(args: argparse.Namespace) -> dict:
         + (" - restoring the interrupted sweep" if restoring else ""),
         flush=True,
     )
-    trainable = tune.with_resources(sweep_trial, {"CPU": 0})
+    # The trial function only drives its Train run: no CPU (its workers hold those), and a
+    # token of memory because Tune needs a non-empty bundle.
+    trainable = tune.with_resources(sweep_trial, {"CPU": 0, "memory": 64 * 2**20})
     lines = ConsoleLines(knob_keys, max_steps)
     if restoring:
         tuner = tune.Tuner.restore(
@@ -297,7 +351,7 @@ def run(args: argparse.Namespace) -> dict:
             ),
         )
     grid_result = tuner.fit()
-    rows = collect(grid_result, knob_keys, cfg)
+    rows = collect(grid_result, knob_keys, cfg, out)
     return write_outputs(out, rows, knob_keys, cfg, max_steps)
 
 
@@ -305,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
 # Results
 
 
-def collect(grid_result, knob_keys: list[str], cfg: TrainConfig) -> list[dict]:
+def collect(grid_result, knob_keys: list[str], cfg: TrainConfig, sweep_dir: Path) -> list[dict]:
     """A row per trial, with its history of evaluations."""
     rows, params_cache = [], {}
     base = cfg.to_dict()
@@ -315,23 +369,18 @@ def collect(grid_result, knob_keys: list[str], cfg: TrainConfig) -> list[dict]:
         key = json.dumps(knobs, sort_keys=True)
         if key not in params_cache:
             params_cache[key] = count_params(trial_config(base, knobs))
-        history = []
-        df = result.metrics_dataframe
-        if df is not None and "val_loss" in df:
-            for _, r in df.dropna(subset=["val_loss"]).iterrows():
-                history.append(
-                    {
-                        "step": int(r["step"]),
-                        "val_loss": float(r["val_loss"]),
-                        "wall_s": float(r.get("time_total_s", math.nan)),
-                        "tokens_per_sec": float(r.get("tokens_per_sec", math.nan)),
-                    }
-                )
+        trial_id = (result.metrics or {}).get("trial_id", "")
+        reports = read_reports(sweep_dir / "trials" / trial_id / REPORTS)["reports"]
+        history = [
+            {k: r.get(k, math.nan) for k in ("step", "val_loss", "wall_s", "tokens_per_sec")}
+            for r in reports
+            if r.get("val_loss") is not None
+        ]
         last = history[-1] if history else {}
         best = min((h["val_loss"] for h in history), default=math.nan)
         rows.append(
             {
-                "trial": (result.metrics or {}).get("trial_id", ""),
+                "trial": trial_id,
                 **knobs,
                 "lr": c["lr"],
                 "seed": c["seed"],

@@ -73,9 +73,14 @@ def test_ray_job_submit_end_to_end(data, tmp_path):
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
+    # Every port of its own: the agents' fixed defaults (52365, ...) collide with any other Ray
+    # instance on the machine, and a job agent that cannot bind never registers.
+    agents = ["dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "runtime-env-agent-port", "metrics-export-port"]  # fmt: skip
     start = [RAY, "start", "--head", f"--port={port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+             f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             *[f"--{name}={_free_port()}" for name in agents]]  # fmt: skip
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
         address = f"--address=http://127.0.0.1:{dash}"

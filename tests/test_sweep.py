@@ -1,0 +1,127 @@
+"""`enigma tune`, scaled down: a 2-trial sweep with its tables, plot, hparams and best.json (which
+`enigma train --config` accepts), and a sweep whose driver is killed and then restored."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from enigma.cli import main
+from enigma.data.prepare import prepare
+from enigma.data.sources import Source
+from enigma.sweep import parse_grid, parse_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ["seq_len=64", "micro_batch=8", "grad_accum=1", "eval_batches=2", "eval_steps=2",
+        "log_steps=2", "activation_checkpointing=false", "lr=2e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "sanguo-64"
+    prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
+    return out
+
+
+def sweep_argv(data, out, *extra):
+    argv = ["tune", "--preset", "tiny", "--data", str(data), "--output-dir", str(out)]
+    argv += ["--grid", "num_rev_blocks=0,2", "--max-steps", "4", *extra]
+    return argv + [x for s in SETS for x in ("--set", s)]
+
+
+def test_two_trial_sweep_outputs_and_best_json(data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_argv(data, out, "--scheduler", "fifo")) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and {r["num_rev_blocks"] for r in rows} == {"0", "2"}
+    for r in rows:
+        assert int(r["steps"]) == 4 and float(r["best_val_ppl"]) < 21128  # learnt something
+        assert float(r["tokens_per_sec"]) > 0 and r["error"] == "False"
+    params = {r["num_rev_blocks"]: int(r["params"]) for r in rows}
+    assert params["2"] > params["0"]  # the machine's blocks add parameters
+    table = (out / "results.md").read_text()
+    assert "At equal steps" in table and "At equal wall time" in table
+    assert "| 0 |" in table and "| 2 |" in table  # the plain Transformer row is there
+    assert (out / "val_ppl_vs_knobs.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [p for p in (out / "tensorboard").iterdir() if p.is_dir()]
+    assert len(runs) == 2
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    assert "hparam/best_val_ppl" in acc.Tags()["scalars"]
+    # Each trial wrote its own training curves.
+    assert all((out / "trials" / r["trial"] / "tensorboard").is_dir() for r in rows)
+
+    best = json.loads((out / "best.json").read_text())
+    winner = min(rows, key=lambda r: float(r["best_val_ppl"]))
+    assert best["model"]["num_rev_blocks"] == int(winner["num_rev_blocks"])
+    capsys.readouterr()
+    argv = ["train", "--config", str(out / "best.json"), "--max-steps", "2"]
+    assert main([*argv, "--output-dir", str(tmp_path / "best")]) == 0
+    assert "=== done ===" in capsys.readouterr().out
+    assert (tmp_path / "best" / "model" / "model.safetensors").is_file()
+
+
+def test_killed_sweep_driver_is_restored_without_redoing_trials(data, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "enigma.cli", *sweep_argv(data, out, "--max-concurrent", "1")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # its own cluster, which dies with its driver
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
+    done_line, deadline = None, time.monotonic() + 300
+    for line in first.stdout:
+        if line.startswith("trial done"):
+            done_line = line
+            break
+        assert time.monotonic() < deadline, "no trial finished in time"
+    assert done_line, "the sweep ended before any trial finished"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the cluster it started
+    first.wait()
+    finished = done_line.split()[2]
+    marker = out / "trials" / finished / "tensorboard"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in marker.iterdir())
+    assert not (out / "results.csv").exists()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "restoring the interrupted sweep" in second.stdout
+    # Not trained again: training opens a new TensorBoard event file at its start.
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in marker.iterdir()) == before
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and {r["trial"] for r in rows} >= {finished}
+    for r in rows:  # ASHA (the default) may stop the second trial at its first rung
+        assert int(r["steps"]) in (2, 4) and r["asha_stopped"] == str(int(r["steps"]) < 4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--grid", "num_rotorz=0,2"], "unknown config key 'num_rotorz'"),
+        (["--grid", "num_rotors"], "expected key=v1,v2"),
+        (["--grid", "num_rotors=zero"], "expected a int"),
+        (["--lr", "loguniform:1e-3:1e-4"], "need 0 < LOW < HIGH"),
+        (["--seeds", "0"], "at least 1"),
+        (["--workers-per-trial", "3"], "lower --workers-per-trial"),
+    ],
+)
+def test_bad_sweep_input_is_one_line(data, tmp_path, capsys, argv, message):
+    base = ["tune", "--preset", "tiny", "--data", str(data), "--output-dir", str(tmp_path)]
+    assert main([*base, "--max-steps", "4", "--set", "seq_len=64", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "tune").exists()
+
+
+def test_grid_and_lr_parsing():
+    assert parse_grid(["num_rotors=0,2", "d=64,128"]) == {"num_rotors": [0, 2], "d": [64, 128]}
+    assert parse_lr("3e-4") == pytest.approx(3e-4)
+    domain = parse_lr("loguniform:1e-4:1e-3")
+    assert 1e-4 <= domain.sample() <= 1e-3
