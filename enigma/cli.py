@@ -34,6 +34,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("report",),
+        "gather benchmark JSON files into docs/results.md with plots",
+        "benchmarks.report",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("data", "prepare"),
         "tokenize, pack and split a corpus into parquet shards (Ray Data)",
         "data.cli",
@@ -76,6 +83,20 @@ COMMANDS = [
         "run",
     ),
     (
+        ("bench", "copy"),
+        "copy-memory task: EnigmaLM vs plain Transformer vs LSTM, recall accuracy",
+        "benchmarks.copy",
+        "add_arguments",
+        "run",
+    ),
+    (
+        ("bench", "enwik8"),
+        "byte-level LM bits/char: EnigmaLM vs plain Transformer vs gzip/bz2/xz",
+        "benchmarks.enwik8",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("bench", "data-scale"),
         "enigma data prepare on a large generated corpus: MB/s and peak RSS",
         "benchmarks.data_scale",
@@ -108,8 +129,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+CURRENT_ARGV: list[str] = []  # the command being run, for benchmark records
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    CURRENT_ARGV[:] = argv
     args = build_parser(argv).parse_args(argv)
     try:
         args.run(args)

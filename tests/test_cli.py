@@ -57,6 +57,38 @@ def test_bench_flow_smoke(tmp_path):
     assert all(row["test_bits_per_dim"] < 10 for row in models.values())
 
 
+def test_bench_copy_enwik8_and_report_smoke(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert (
+        main(["bench", "copy", "--smoke", "--delay", "5", "--json", str(results / "copy.json")])
+        == 0
+    )
+    copy = json.loads((results / "copy.json").read_text())
+    assert [m["model"] for m in copy["models"]] == ["enigma", "transformer", "lstm"]
+    sizes = [m["params"] for m in copy["models"]]
+    assert max(sizes) < 1.5 * min(sizes)  # models of similar size
+    assert all(0 <= m["accuracy"] <= 1 and m["steps"] == 6 for m in copy["models"])
+    assert copy["memoryless_baseline"]["ce_task"] == pytest.approx(10 * 2.0794415 / 25)
+    assert copy["git_commit"] and copy["machine"]["cpu_count"]
+
+    out = results / "enwik8.json"
+    assert main(["bench", "enwik8", "--smoke", "--no-download", "--json", str(out)]) == 0
+    enwik8 = {m["model"]: m for m in json.loads(out.read_text())["models"]}
+    assert set(enwik8) == {"gzip -9", "bz2 -9", "xz -9", "enigma", "transformer"}
+    assert 1 < enwik8["bz2 -9"]["bpc"] < enwik8["gzip -9"]["bpc"] < 4  # compressors are real
+    assert enwik8["enigma"]["bpc"] < 8.5  # untrained: about log2(256)
+    ratio = enwik8["transformer"]["params"] / enwik8["enigma"]["params"]
+    assert 0.9 < ratio < 1.1  # parameter-matched
+
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(tmp_path / "docs" / "results.md")]) == 0
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "Copy memory, T = 5" in report and "memoryless baseline" in report
+    assert "bz2 -9" in report and "enigma bench copy" in report.replace("`", "")
+    assert (tmp_path / "docs" / "results_plots" / "copy_T5.png").is_file()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
 def test_model_info_and_unknown_preset(capsys):
     assert main(["model", "info", "--preset", "tiny"]) == 0
     out = capsys.readouterr().out

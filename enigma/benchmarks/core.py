@@ -8,13 +8,13 @@ start, and the reconstruction errors are measured on the machine so moved.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from torch import nn
 
 from enigma import Enigma
 
+from . import meta
 from .timing import interleaved
 
 
@@ -116,7 +116,5 @@ def run(args: argparse.Namespace) -> dict:
     print(
         "  reconstruction ||x - x'||/||x||: " + ", ".join(f"{k} {v:.1e}" for k, v in recon.items())
     )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    meta.save(result, args.json_out)
     return result

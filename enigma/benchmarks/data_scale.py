@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         f"wall, {result['mb_per_sec_pipeline']} MB/s after start-up); process tree peak: "
         f"RSS sum {result['peak_rss_mb']:,.0f} MB, PSS sum {result['peak_pss_mb']:,.0f} MB"
     )
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    from . import meta
+
+    meta.save(result, args.json_out)
     return result

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 
 import torch
 
 from enigma import Enigma, EnigmaFlow
+
+from . import meta
 
 LEVELS = 17
 SCALE = 4.0 / LEVELS  # x_model = (x_raw - 8.5) * SCALE; its log-det enters bits/dim
@@ -123,7 +124,5 @@ def run(args: argparse.Namespace) -> dict:
             f"{r['best_step']}, {r['train_seconds']} s)"
         )
     result = {"benchmark": "flow", "dataset": "sklearn load_digits", "models": rows}
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    meta.save(result, args.json_out)
     return result

@@ -7,13 +7,13 @@ round by round in one process, so the ratio is free of drift between runs.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from enigma.lm import EnigmaLM
 from enigma.lm_config import PRESET_SEQ_LEN, EnigmaConfig
 
+from . import meta
 from .timing import interleaved
 
 
@@ -64,7 +64,5 @@ def run(args: argparse.Namespace) -> dict:
     for k in models:
         print(f"  {k:<9} {result['params'][k]:>12,} params {tps[k]:>10,.0f} tokens/s")
     print(f"  ratio enigma / baseline: {result['ratio']:.3f}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    meta.save(result, args.json_out)
     return result

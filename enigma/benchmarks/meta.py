@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -49,7 +50,10 @@ def machine() -> dict:
 
 def save(result: dict, path: str | None) -> dict:
     """Add the metadata to ``result`` and write it to ``path`` (when given) as JSON."""
-    result.setdefault("command", "enigma " + " ".join(sys.argv[1:]))
+    from enigma.cli import CURRENT_ARGV
+
+    argv = CURRENT_ARGV or sys.argv[1:]
+    result.setdefault("command", "enigma " + " ".join(shlex.quote(a) for a in argv))
     result.setdefault("git_commit", git_commit())
     result.setdefault("machine", machine())
     result.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -1,0 +1,267 @@
+"""``enigma bench enwik8``: byte-level language modelling in bits per character.
+
+Data: the real enwik8 (``--data PATH``, the file or its zip; or downloaded when the network allows)
+with its standard 90M/5M/5M split; offline, the enwik8-format Wikipedia dump that ``gensim==4.4.0``
+ships (about 6 MB, the same XML and first pages), split 90/5/5 the same way.
+
+EnigmaLM and a parameter-matched plain Transformer (no machine; a wider MLP makes up the machine's
+parameters) train for the same steps on the same random windows. Test bits per character are
+scored with overlapping windows, so every scored byte has at least half a window of context.
+gzip -9, bz2 -9 and xz -9 compress the same test bytes in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import gzip
+import importlib.util
+import lzma
+import math
+import os
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import meta
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_BYTES = 100_000_000
+GENSIM_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+CACHE = Path(os.environ.get("ENIGMA_CACHE", Path.home() / ".cache" / "enigma"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="enwik8 or enwik8.zip (default: download/gensim)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--rev-blocks", type=int, default=2)
+    p.add_argument("--rotors", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the Transformer layers")
+    p.add_argument("--no-download", action="store_true", help="never try the network")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps on a slice, to check it runs")
+    p.add_argument("--json", dest="json_out", default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def _from_zip(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read("enwik8")
+
+
+def _download() -> bytes | None:
+    """The real enwik8, cached; None when the network does not allow it (probed quickly)."""
+    cached = CACHE / "enwik8.zip"
+    if not cached.is_file():
+        try:
+            with urllib.request.urlopen(ENWIK8_URL, timeout=5) as response:
+                payload = response.read()
+        except OSError:
+            return None
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, cached)
+    return _from_zip(cached)
+
+
+def gensim_dump_path() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(roots[0]) / GENSIM_DUMP if roots else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "no enwik8 here and none downloadable; pass --data PATH/enwik8, or install the "
+            "offline dump with `pip install --no-deps gensim==4.4.0`"
+        )
+    return path
+
+
+def load_bytes(path: str | None, allow_download: bool) -> tuple[bytes, str]:
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"--data {path} does not exist")
+        data = _from_zip(p) if zipfile.is_zipfile(p) else p.read_bytes()
+        return data, f"enwik8 ({p})" if len(data) == ENWIK8_BYTES else str(p)
+    if allow_download:
+        data = _download()
+        if data is not None:
+            return data, "enwik8 (downloaded)"
+    dump = gensim_dump_path()
+    return bz2.decompress(dump.read_bytes()), f"gensim enwiki dump ({dump.name})"
+
+
+def split(data: bytes) -> dict[str, bytes]:
+    """90/5/5 in order: exactly enwik8's 90M/5M/5M on the real file."""
+    n = len(data)
+    a, b = n * 90 // 100, n * 95 // 100
+    return {"train": data[:a], "val": data[a:b], "test": data[b:]}
+
+
+def compressor_bpc(test: bytes) -> dict[str, float]:
+    sizes = {
+        "gzip -9": len(gzip.compress(test, compresslevel=9)),
+        "bz2 -9": len(bz2.compress(test, compresslevel=9)),
+        "xz -9": len(lzma.compress(test, preset=9)),
+    }
+    return {name: 8 * size / len(test) for name, size in sizes.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def build_models(args) -> dict[str, nn.Module]:
+    from enigma.lm import EnigmaLM
+    from enigma.lm_config import EnigmaConfig
+
+    shape = dict(
+        vocab_size=256, d=args.d, num_heads=args.heads, num_transformer_layers=args.layers,
+        num_rev_blocks=args.rev_blocks, num_rotors=args.rotors, max_len=args.seq_len,
+        conv1x1_positions=min(16, args.d), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    enigma = EnigmaLM(EnigmaConfig(**shape))
+    target = sum(p.numel() for p in enigma.parameters())
+
+    def baseline(ratio: int) -> nn.Module:
+        torch.manual_seed(args.seed)
+        return EnigmaLM(EnigmaConfig(**shape, core="none", mlp_ratio=ratio))
+
+    ratio = min(
+        range(4, 17), key=lambda r: abs(sum(p.numel() for p in baseline(r).parameters()) - target)
+    )
+    return {"enigma": enigma, "transformer": baseline(ratio)}
+
+
+# --------------------------------------------------------------------------------------------
+# Training and scoring
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    return data[starts[:, None] + torch.arange(length)]
+
+
+@torch.no_grad()
+def bits_per_char(model, data: torch.Tensor, seq_len: int, bf16: bool, limit: int = 0) -> float:
+    """Overlapping windows, stride seq_len/2: the first window scores all its predictions, the
+    others their second half, so each byte is scored once with at least seq_len/2 of context."""
+    model.eval()
+    if limit:
+        data = data[:limit]
+    stride = seq_len // 2
+    starts = torch.arange(0, max(1, len(data) - seq_len + 1), stride)
+    total, count = 0.0, 0
+    for chunk in starts.split(64):
+        ids = windows(data, chunk, seq_len).long()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids).logits.float()
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(ids.shape[0], -1)
+        first = (chunk == 0).nonzero()
+        scored = nll[:, stride - 1 :]
+        total += scored.sum().item()
+        count += scored.numel()
+        if len(first):  # the very first window also scores its first half
+            total += nll[first[0, 0], : stride - 1].sum().item()
+            count += stride - 1
+    model.train()
+    return total / count / math.log(2)
+
+
+def train(model, train_data: torch.Tensor, args) -> dict:
+    gen = torch.Generator().manual_seed(args.seed)  # the same windows for every model
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
+    )
+    high = len(train_data) - args.seq_len
+    losses, start = [], time.perf_counter()
+    for step in range(args.steps):
+        ids = windows(
+            train_data, torch.randint(0, high, (args.batch,), generator=gen), args.seq_len
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(ids.long(), labels=ids.long()).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, args.steps // 10) == 0:
+            recent = sum(losses[-50:]) / len(losses[-50:]) / math.log(2)
+            print(f"    step {step + 1:>5}/{args.steps}: train {recent:.3f} bpc", flush=True)
+    return {
+        "train_seconds": time.perf_counter() - start,
+        "final_train_bpc": losses[-1] / math.log(2),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.smoke:
+        args.steps, args.batch, args.seq_len = 4, 4, 64
+        args.d, args.layers = 32, 1
+    if args.seq_len < 8 or args.seq_len % 2:
+        raise ValueError(f"--seq-len {args.seq_len}: must be even and at least 8")
+    data, source = load_bytes(args.data, allow_download=not args.no_download and not args.smoke)
+    parts = split(data)
+    tensors = {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in parts.items()}
+    limit = 20_000 if args.smoke else 0
+    test_bytes = parts["test"][:limit] if limit else parts["test"]
+    compressors = compressor_bpc(test_bytes)
+    print(
+        f"enwik8-style bits/char on {source}: train {len(parts['train']):,} / val "
+        f"{len(parts['val']):,} / test {len(test_bytes):,} bytes"
+    )
+    for name, bpc in compressors.items():
+        print(f"  {name:<12} {bpc:.3f} bpc")
+    rows = [
+        {"model": n, "bpc": round(b, 4), "params": 0, "steps": 0} for n, b in compressors.items()
+    ]
+    for name, model in build_models(args).items():
+        params = sum(p.numel() for p in model.parameters())
+        print(f"  {name}: {params:,} params, {args.steps} steps of {args.batch} x {args.seq_len}")
+        stats = train(model, tensors["train"], args)
+        test_bpc = bits_per_char(model, tensors["test"], args.seq_len, args.bf16, limit)
+        val_bpc = bits_per_char(model, tensors["val"], args.seq_len, args.bf16, limit)
+        rows.append(
+            {
+                "model": name,
+                "bpc": round(test_bpc, 4),
+                "val_bpc": round(val_bpc, 4),
+                "params": params,
+                "steps": args.steps,
+                "train_seconds": round(stats["train_seconds"], 1),
+            }
+        )
+        print(
+            f"  {name:<12} {test_bpc:.3f} bpc (val {val_bpc:.3f}) after "
+            f"{stats['train_seconds']:.0f} s of training"
+        )
+    result = {
+        "benchmark": "enwik8",
+        "source": source,
+        "bytes": {k: len(v) for k, v in parts.items()},
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "lr": args.lr,
+        "bf16": args.bf16,
+        "models": rows,
+    }
+    return meta.save(result, args.json_out)
