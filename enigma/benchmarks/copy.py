@@ -3,9 +3,10 @@
 A sequence is 10 symbols drawn from 8, then T blanks, then a marker, and the model must then
 recall the 10 symbols in order. As next-token prediction: ``s1..s10, 0 x T, 9, s1..s10`` with the
 loss on the last 10 tokens only. Three models of similar size train for the same steps on the
-same freshly drawn batches: EnigmaLM, the plain Transformer (EnigmaLM without its machine) and a
-2-layer LSTM. Both Transformers use learned positions (copying needs an exact offset, which
-ALiBi's distance penalty cannot express).
+same freshly drawn batches: EnigmaLM, the plain Transformer (EnigmaLM without its machine, its
+MLP widened to the same parameter count) and a 2-layer LSTM of the same size. Both Transformers
+use learned positions (copying needs an exact offset, which ALiBi's distance penalty cannot
+express).
 
 Reported per model: accuracy on the recalled symbols of 2,048 held-out sequences, and
 cross-entropy against the memoryless baseline, which guesses uniformly among the 8 symbols:
@@ -81,6 +82,8 @@ def build_models(names: list[str], d: int, delay: int) -> dict[str, nn.Module]:
     from enigma.lm import EnigmaLM
     from enigma.lm_config import EnigmaConfig
 
+    from .lm import matched_plain_transformer
+
     shape = dict(
         vocab_size=VOCAB, d=d, num_heads=4, num_transformer_layers=2, num_rev_blocks=2,
         num_rotors=2, use_alibi=False, max_len=delay + 2 * RECALL + 1,
@@ -91,8 +94,9 @@ def build_models(names: list[str], d: int, delay: int) -> dict[str, nn.Module]:
         torch.manual_seed(0)
         if name == "enigma":
             models[name] = LMLogits(EnigmaLM(EnigmaConfig(**shape)))
-        elif name == "transformer":
-            models[name] = LMLogits(EnigmaLM(EnigmaConfig(**shape, core="none")))
+        elif name == "transformer":  # a wider MLP makes up the machine's parameters
+            target = params(EnigmaLM(EnigmaConfig(**shape)))
+            models[name] = LMLogits(matched_plain_transformer(shape, target))
         elif name == "lstm":
             target = params(LMLogits(EnigmaLM(EnigmaConfig(**shape))))
             # 2-layer LSTM: about 8h² per layer (+ embedding and head); match the machine LM.

@@ -38,7 +38,7 @@ CACHE = Path(os.environ.get("ENIGMA_CACHE", Path.home() / ".cache" / "enigma"))
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="enwik8 or enwik8.zip (default: download/gensim)")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--d", type=int, default=128)
@@ -46,7 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--rev-blocks", type=int, default=2)
     p.add_argument("--rotors", type=int, default=2)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the Transformer layers")
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="bf16: autocast for the Transformer layers and coupling nets (the machine's rotors "
+        "and reflector stay fp32/fp64); about 1.6x faster on CPUs with AVX512-BF16",
+    )
     p.add_argument("--no-download", action="store_true", help="never try the network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps on a slice, to check it runs")
@@ -129,6 +135,8 @@ def build_models(args) -> dict[str, nn.Module]:
     from enigma.lm import EnigmaLM
     from enigma.lm_config import EnigmaConfig
 
+    from .lm import matched_plain_transformer
+
     shape = dict(
         vocab_size=256, d=args.d, num_heads=args.heads, num_transformer_layers=args.layers,
         num_rev_blocks=args.rev_blocks, num_rotors=args.rotors, max_len=args.seq_len,
@@ -137,15 +145,7 @@ def build_models(args) -> dict[str, nn.Module]:
     torch.manual_seed(args.seed)
     enigma = EnigmaLM(EnigmaConfig(**shape))
     target = sum(p.numel() for p in enigma.parameters())
-
-    def baseline(ratio: int) -> nn.Module:
-        torch.manual_seed(args.seed)
-        return EnigmaLM(EnigmaConfig(**shape, core="none", mlp_ratio=ratio))
-
-    ratio = min(
-        range(4, 17), key=lambda r: abs(sum(p.numel() for p in baseline(r).parameters()) - target)
-    )
-    return {"enigma": enigma, "transformer": baseline(ratio)}
+    return {"enigma": enigma, "transformer": matched_plain_transformer(shape, target, args.seed)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +214,7 @@ def train(model, train_data: torch.Tensor, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    args.bf16 = args.precision == "bf16"
     if args.smoke:
         args.steps, args.batch, args.seq_len = 4, 4, 64
         args.d, args.layers = 32, 1
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
         "seq_len": args.seq_len,
         "batch": args.batch,
         "lr": args.lr,
-        "bf16": args.bf16,
+        "precision": args.precision,
         "models": rows,
     }
     return meta.save(result, args.json_out)

@@ -26,6 +26,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None)
 
 
+def matched_plain_transformer(shape: dict, target: int, seed: int = 0) -> EnigmaLM:
+    """The plain Transformer (no machine) of ``shape`` whose MLP width brings its parameter
+    count closest to ``target``, the EnigmaLM it is compared with."""
+
+    def build(ratio: int) -> EnigmaLM:
+        torch.manual_seed(seed)
+        return EnigmaLM(EnigmaConfig(**shape, core="none", mlp_ratio=ratio))
+
+    def size(ratio: int) -> int:
+        return sum(p.numel() for p in build(ratio).parameters())
+
+    return build(min(range(4, 17), key=lambda r: abs(size(r) - target)))
+
+
 def _train_step(model: EnigmaLM, ids: torch.Tensor):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
