@@ -17,6 +17,16 @@ import torch
 
 
 def peak_rss_mb() -> float:
+    """This address space's RSS high-water mark. Linux's ``ru_maxrss`` is not used: it survives
+    exec, so a child forked from a large parent (a long pytest run) starts at the parent's peak;
+    ``VmHWM`` belongs to the new address space alone."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
