@@ -33,7 +33,7 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# `ray job submit` end to end against a cluster of its own (not in CI: see README, Results).
+# Only the `ray job submit` end-to-end test (`make test` runs it too).
 test-job: $(STAMP)
 	$(BIN)/python -m pytest -q -m job_submit
 
