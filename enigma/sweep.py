@@ -287,8 +287,9 @@ def run(args: argparse.Namespace) -> dict:
     experiment = out / EXPERIMENT
     spec_path = out / SPEC_FILE
     if args.force:
-        for path in (experiment, out / "train", out / "trials", spec_path):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(True)
+        for path in (experiment, out / "train", out / "trials"):
+            shutil.rmtree(path, ignore_errors=True)
+        spec_path.unlink(missing_ok=True)
     restoring = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
     if restoring:
         saved = json.loads(spec_path.read_text()) if spec_path.is_file() else None

@@ -59,6 +59,13 @@ def test_two_trial_sweep_outputs_and_best_json(data, tmp_path, capsys):
     # Each trial wrote its own training curves.
     assert all((out / "trials" / r["trial"] / "tensorboard").is_dir() for r in rows)
 
+    # Another sweep in the same directory must not restore this one.
+    capsys.readouterr()
+    other = sweep_argv(data, out, "--scheduler", "fifo")
+    other[other.index("num_rev_blocks=0,2")] = "num_rotors=0,2"
+    assert main(other) == 2
+    assert "holds a different sweep" in capsys.readouterr().err
+
     best = json.loads((out / "best.json").read_text())
     winner = min(rows, key=lambda r: float(r["best_val_ppl"]))
     assert best["model"]["num_rev_blocks"] == int(winner["num_rev_blocks"])
