@@ -299,8 +299,8 @@ def run(args: argparse.Namespace) -> dict:
             )
     spec_path.write_text(json.dumps(spec, indent=2))
 
-    concurrent = args.max_concurrent or max(1, cpus // per_trial)
-    concurrent = min(concurrent, max(1, cpus // per_trial))
+    fits = max(1, cpus // per_trial)
+    concurrent = min(args.max_concurrent or fits, fits)
     knob_keys = list(grid)
     param_space = {
         "base": cfg.to_dict(),
@@ -494,7 +494,7 @@ def write_outputs(out: Path, rows: list[dict], knob_keys: list[str], cfg, max_st
 
     plot(out / "val_ppl_vs_knobs.png", rows, knob_keys)
     hparams(out / "tensorboard", rows, knob_keys)
-    best = best_config(out, rows, knob_keys, cfg)
+    best = best_config(out, ordered, knob_keys, cfg)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'val_ppl_vs_knobs.png'}")
     print(f"best configuration: {out / 'best.json'} (enigma train --config {out / 'best.json'})")
@@ -546,17 +546,13 @@ def hparams(directory: Path, rows: list[dict], knob_keys: list[str]) -> None:
             )
 
 
-def best_config(out: Path, rows: list[dict], knob_keys: list[str], cfg: TrainConfig) -> dict:
-    """The configuration with the lowest mean best val ppl, as an ``enigma train`` config."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if not math.isnan(r["best_val_ppl"]):
-            groups.setdefault(tuple(r[k] for k in knob_keys), []).append(r)
-    if not groups:
+def best_config(out: Path, ordered: list, knob_keys: list[str], cfg: TrainConfig) -> dict:
+    """The first of the configurations ``write_outputs`` sorted by mean best val ppl, as an
+    ``enigma train`` config, with the lr of its best trial."""
+    knobs, members = ordered[0]
+    members = [m for m in members if not math.isnan(m["best_val_ppl"])]
+    if not members:
         raise RuntimeError(f"no trial of the sweep in {out} reported a val loss")
-    knobs, members = min(
-        groups.items(), key=lambda kv: statistics.fmean(m["best_val_ppl"] for m in kv[1])
-    )
     lead = min(members, key=lambda m: m["best_val_ppl"])
     best = trial_config(
         cfg.to_dict(), {**dict(zip(knob_keys, knobs, strict=True)), "lr": lead["lr"]}
