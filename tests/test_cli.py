@@ -89,6 +89,15 @@ def test_bench_copy_enwik8_and_report_smoke(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.parametrize("n", [64, 100, 1000, 1037])
+def test_enwik8_scores_every_byte_once(n):
+    from enigma.benchmarks.enwik8 import scoring_windows
+
+    starts, scored = scoring_windows(n, 64)
+    targets = starts[:, None] + 1 + torch.arange(63)
+    assert sorted(targets[scored].tolist()) == list(range(1, n))
+
+
 def test_model_info_and_unknown_preset(capsys):
     assert main(["model", "info", "--preset", "tiny"]) == 0
     out = capsys.readouterr().out

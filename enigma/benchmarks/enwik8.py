@@ -156,30 +156,38 @@ def windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tens
     return data[starts[:, None] + torch.arange(length)]
 
 
+def scoring_windows(n: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window starts, and for each window which of its seq_len - 1 targets it scores."""
+    last = max(0, n - seq_len)
+    starts = torch.arange(0, last + 1, seq_len // 2)
+    if starts[-1] != last:
+        starts = torch.cat([starts, torch.tensor([last])])
+    # Target byte s + 1 + j of window s is new when it lies past the previous window's end.
+    new_from = torch.cat([torch.tensor([1]), starts[:-1] + seq_len])
+    targets = starts[:, None] + 1 + torch.arange(seq_len - 1)
+    return starts, targets >= new_from[:, None]
+
+
 @torch.no_grad()
 def bits_per_char(model, data: torch.Tensor, seq_len: int, bf16: bool, limit: int = 0) -> float:
-    """Overlapping windows, stride seq_len/2: the first window scores all its predictions, the
-    others their second half, so each byte is scored once with at least seq_len/2 of context."""
+    """Windows every seq_len/2 bytes (the last one flush with the end); each window scores the
+    bytes the windows before it did not reach, so every byte after the first is scored exactly
+    once, and all but the first half-window with at least seq_len/2 bytes of context."""
     model.eval()
     if limit:
         data = data[:limit]
-    stride = seq_len // 2
-    starts = torch.arange(0, max(1, len(data) - seq_len + 1), stride)
+    starts, scored = scoring_windows(len(data), seq_len)
     total, count = 0.0, 0
-    for chunk in starts.split(64):
-        ids = windows(data, chunk, seq_len).long()
+    for rows in torch.arange(len(starts)).split(64):
+        ids = windows(data, starts[rows], seq_len).long()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(ids).logits.float()
         nll = nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(ids.shape[0], -1)
-        first = (chunk == 0).nonzero()
-        scored = nll[:, stride - 1 :]
-        total += scored.sum().item()
-        count += scored.numel()
-        if len(first):  # the very first window also scores its first half
-            total += nll[first[0, 0], : stride - 1].sum().item()
-            count += stride - 1
+        ).view(len(rows), -1)
+        mask = scored[rows]
+        total += nll[mask].sum().item()
+        count += int(mask.sum())
     model.train()
     return total / count / math.log(2)
 
