@@ -25,6 +25,8 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	# The README's Results and docs/results.md must be what docs/results/*.json give.
+	$(BIN)/enigma report docs/results --check
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -44,7 +46,8 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/enigma train --preset tiny --data $(DEMO_DATA) --workers 2 \
 		--ds-config ds_configs/zero2_bf16.json --output-dir runs/demo --max-steps 300 \
-		--set grad_accum=1 --set lr=2e-3 --set eval_steps=30 --set log_steps=30
+		--set grad_accum=1 --set lr=2e-3 --set eval_steps=30 --set log_steps=30 \
+		--json runs/demo/summary.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,6 +6,7 @@ Only the chosen subcommand's module is imported, so ``enigma data prepare`` runs
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from importlib import import_module
 
@@ -22,14 +23,14 @@ COMMANDS = [
     (
         ("train",),
         "pretrain EnigmaLM with Ray Train + DeepSpeed ZeRO",
-        "trainer",
+        "train.driver",
         "add_arguments",
         "run",
     ),
     (
         ("tune",),
         "Ray Tune sweep over layers, blocks and rotors (ASHA, results table, best.json)",
-        "sweep",
+        "train.sweep",
         "add_arguments",
         "run",
     ),
@@ -58,6 +59,13 @@ COMMANDS = [
         ("bench", "core"),
         "machine fwd+bwd tokens/s vs an MLP stack of equal FLOPs",
         "benchmarks.core",
+        "add_arguments",
+        "run",
+    ),
+    (
+        ("bench", "memory"),
+        "machine peak RSS, memory-efficient vs plain autograd, by RevBlocks (fresh processes)",
+        "benchmarks.memory",
         "add_arguments",
         "run",
     ),
@@ -129,13 +137,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-CURRENT_ARGV: list[str] = []  # the command being run, for benchmark records
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    CURRENT_ARGV[:] = argv
     args = build_parser(argv).parse_args(argv)
+    args.command_line = "enigma " + shlex.join(argv)  # benchmarks record what produced them
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, no traceback

@@ -44,7 +44,7 @@ def build_machine(config: EnigmaConfig) -> Enigma:
         config.d,
         num_rev_blocks=config.num_rev_blocks,
         num_rotors=config.num_rotors,
-        positions=config.conv1x1_positions,
+        rotor_positions=config.rotor_positions,
         coupling=config.coupling,
         memory_efficient=config.machine_memory_efficient,
         dynamic=config.use_dynamic_conv1x1,

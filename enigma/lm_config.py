@@ -22,9 +22,41 @@ def preset_fields(name: str) -> dict:
 
 
 class EnigmaConfig(PretrainedConfig):
-    """EnigmaLM's shape. ``core="none"`` (or 0 blocks and 0 rotors) is the plain Transformer."""
+    """EnigmaLM's shape. ``core="none"`` (or 0 blocks and 0 rotors) is the plain Transformer.
+
+    Args:
+        vocab_size: Token ids the embedding and the tied head cover (21128, BERT-Chinese).
+        d: Width of the embedding, the machine and the Transformer layers; even.
+        num_rev_blocks: Coupling blocks of the machine (``F``'s RevBlocks); 0 leaves them out.
+        num_rotors: Stepping rotors (invertible 1x1 convolutions); 0 leaves them out.
+        num_transformer_layers: Pre-LN Transformer layers after the machine.
+        num_heads: Attention heads; must divide ``d``.
+        max_len: Longest sequence; the size of the learned position table when ``use_alibi`` is
+            off. ALiBi extrapolates past it.
+        use_alibi: ALiBi attention biases (distances) instead of learned absolute positions.
+        use_dynamic_conv1x1: Rotors step with the token position (the machine's odometer);
+            ``False`` keeps them still.
+        rotor_positions: Settings of each rotor: a rotor turns by ``d / rotor_positions``
+            channels per step, so it must divide ``d``; the machine repeats after
+            ``rotor_positions ** num_rotors`` tokens. Saved configs may call it
+            ``conv1x1_positions`` (the original's name), which is read as this.
+        core: ``"enigma"`` (the machine before the layers) or ``"none"`` (the plain Transformer).
+        coupling: ``"additive"`` (volume-preserving) or ``"affine"`` RevBlock coupling.
+        machine_memory_efficient: The machine's backward rebuilds its activations from its output
+            (reversible backprop) instead of storing them.
+        machine_seed: Seed of the plugboard, reflector and coupling starts.
+        mlp_ratio: Hidden width of each Transformer MLP, in multiples of ``d``.
+        dropout: Dropout after attention and MLP.
+        activation_checkpointing: Recompute each Transformer layer in backward (HF gradient
+            checkpointing, or DeepSpeed's under ``enigma train``).
+        initializer_range: Standard deviation of the normal start of linear and embedding weights.
+        pad_token_id, bos_token_id, eos_token_id: Special token ids ([PAD], [CLS], [SEP]).
+        tie_word_embeddings: The head shares the embedding matrix.
+    """
 
     model_type = "enigma"
+    # Old name -> current name; ``__init__`` accepts the old one so saved configs keep loading.
+    renamed_keys = {"conv1x1_positions": "rotor_positions"}
     attribute_map = {
         "hidden_size": "d",
         "num_hidden_layers": "num_transformer_layers",
@@ -43,7 +75,7 @@ class EnigmaConfig(PretrainedConfig):
         max_len: int = 2048,
         use_alibi: bool = True,
         use_dynamic_conv1x1: bool = True,
-        conv1x1_positions: int = 16,
+        rotor_positions: int = 16,
         core: str = "enigma",
         coupling: str = "additive",
         machine_memory_efficient: bool = False,
@@ -58,6 +90,8 @@ class EnigmaConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
+        if "conv1x1_positions" in kwargs:  # a config saved before the rename
+            rotor_positions = kwargs.pop("conv1x1_positions")
         if d % num_heads:
             raise ValueError(
                 f"d={d} is not divisible by num_heads={num_heads}; each head gets d / num_heads "
@@ -72,7 +106,7 @@ class EnigmaConfig(PretrainedConfig):
         self.num_rev_blocks, self.num_rotors = num_rev_blocks, num_rotors
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
         self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
-        self.conv1x1_positions, self.core, self.coupling = conv1x1_positions, core, coupling
+        self.rotor_positions, self.core, self.coupling = rotor_positions, core, coupling
         self.machine_memory_efficient, self.machine_seed = machine_memory_efficient, machine_seed
         self.mlp_ratio, self.dropout = mlp_ratio, dropout
         self.activation_checkpointing = activation_checkpointing

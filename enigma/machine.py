@@ -29,7 +29,7 @@ class Enigma(InvertibleModule):
         d: int,
         num_rev_blocks: int = 4,
         num_rotors: int = 2,
-        positions: int = 16,
+        rotor_positions: int = 16,
         involutive: bool = True,
         coupling: str = "additive",
         memory_efficient: bool = True,
@@ -45,16 +45,16 @@ class Enigma(InvertibleModule):
         for name, value in (("num_rev_blocks", num_rev_blocks), ("num_rotors", num_rotors)):
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0 (0 leaves the part out)")
-        if dynamic and num_rotors and (positions < 1 or d % positions):
+        if dynamic and num_rotors and (rotor_positions < 1 or d % rotor_positions):
             raise ValueError(
-                f"d={d} is not divisible by positions={positions}: each rotor step turns the "
-                f"wiring by d / positions channels; choose positions that divide d"
+                f"d={d} is not divisible by rotor_positions={rotor_positions}: each rotor step "
+                f"turns the wiring by d / rotor_positions channels; choose a divisor of d"
             )
         self.d, self.involutive, self.memory_efficient = d, involutive, memory_efficient
         self.plugboard = Plugboard(d, num_plugs=num_plugs, seed=seed)
         if dynamic:
             self.rotors = DynamicInvertibleConv1x1Stack(
-                d, num_rotors, positions=positions, init=rotor_init, seed=seed
+                d, num_rotors, rotor_positions=rotor_positions, init=rotor_init, seed=seed
             )
         else:
             self.rotors = InvertibleConv1x1Stack(d, num_rotors, init=rotor_init, seed=seed)

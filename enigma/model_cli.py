@@ -9,6 +9,7 @@ import torch
 from transformers import TextStreamer
 
 from .data.tokenizer import join_cjk
+from .errors import InputError
 
 
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def info(args: argparse.Namespace) -> None:
     print(
         f"EnigmaLM d={c.d} layers={c.num_transformer_layers} heads={c.num_heads} "
         f"rev_blocks={c.num_rev_blocks if c.has_machine else 0} "
-        f"rotors={c.num_rotors if c.has_machine else 0} positions={c.conv1x1_positions} "
+        f"rotors={c.num_rotors if c.has_machine else 0} rotor_positions={c.rotor_positions} "
         f"alibi={c.use_alibi}"
     )
     for part, n in model.parameter_counts().items():
@@ -48,7 +49,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _model_dir(path: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path} is not a saved model directory (no config.json in it)")
+        raise InputError(f"{path} is not a saved model directory (no config.json in it)")
     return path
 
 
@@ -59,7 +60,17 @@ def generate(args: argparse.Namespace) -> str:
     model = EnigmaLM.from_pretrained(_model_dir(args.model)).eval()
     saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(args.model if saved else None)
-    text, _ = continue_text(model, tokenizer, args.prompt, args, ChineseStreamer(tokenizer))
+    text, _ = continue_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        streamer=ChineseStreamer(tokenizer),
+    )
     return text
 
 
@@ -70,19 +81,31 @@ class ChineseStreamer(TextStreamer):
         print(join_cjk(text), flush=True, end="" if not stream_end else None)
 
 
-def continue_text(model, tokenizer, prompt: str, args, streamer=None) -> tuple[str, torch.Tensor]:
-    """Sample a continuation of ``prompt``; returns the decoded text and the ids."""
-    torch.manual_seed(args.seed)
+def continue_text(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int = 0,
+    streamer=None,
+) -> tuple[str, torch.Tensor]:
+    """Sample a continuation of ``prompt`` (greedy when ``temperature`` is 0); returns the decoded
+    text and the ids."""
+    torch.manual_seed(seed)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty after tokenisation")
+        raise InputError("the prompt is empty after tokenisation")
     out = model.generate(
         ids,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else None,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=top_k,
+        top_p=top_p,
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -1,9 +1,10 @@
 """Rotors: LU-parametrised invertible 1x1 convolutions (Glow) that step with the token position.
 
 A rotor at offset ``k`` applies ``S^-k W S^k``, where ``S`` cyclically shifts the channels by
-``d / positions``: the wiring turns with the rotor, as in the real machine. Rotor ``i`` sits at
-offset ``floor(t / positions**i) mod positions`` (an odometer), so the stack is periodic in ``t``
-with period ``positions**num_rotors``.
+``d / rotor_positions``: the wiring turns with the rotor, as in the real machine. With ``R``
+settings per rotor (``rotor_positions``), rotor ``i`` sits at offset ``floor(t / R**i) mod R`` at
+token position ``t`` (an odometer), so the stack is periodic in ``t`` with period
+``R**num_rotors``.
 
 All tokens go through each rotor in one GEMM: the per-token shift is a gather over channel blocks,
 and the shifts of consecutive rotors compose, so ``n`` rotors cost ``n`` GEMMs and ``n + 1``
@@ -28,22 +29,22 @@ def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rotor_offsets(positions: Tensor, num_rotors: int, num_positions: int) -> Tensor:
-    """Odometer offsets, shape ``(num_rotors, *positions.shape)``: rotor ``i`` sits at
-    ``floor(t / positions**i) mod positions``."""
-    scale = num_positions ** torch.arange(num_rotors, device=positions.device)
+def rotor_offsets(positions: Tensor, num_rotors: int, rotor_positions: int) -> Tensor:
+    """Odometer offsets, shape ``(num_rotors, *positions.shape)``: at token position ``t`` rotor
+    ``i`` sits at ``floor(t / rotor_positions**i) mod rotor_positions``."""
+    scale = rotor_positions ** torch.arange(num_rotors, device=positions.device)
     scale = scale.view(-1, *([1] * positions.dim()))
-    return torch.div(positions.unsqueeze(0), scale, rounding_mode="floor") % num_positions
+    return torch.div(positions.unsqueeze(0), scale, rounding_mode="floor") % rotor_positions
 
 
-def _turn(z: Tensor, shift: Tensor, num_positions: int) -> Tensor:
-    """Per-row cyclic shift of the channels by ``shift * d / num_positions`` (a block gather)."""
+def _turn(z: Tensor, shift: Tensor, rotor_positions: int) -> Tensor:
+    """Per-row cyclic shift of the channels by ``shift * d / rotor_positions`` (a block gather)."""
     n, d = z.shape
-    block = d // num_positions
-    ring = torch.arange(num_positions, device=z.device)
-    index = (ring - shift[:, None]) % num_positions
-    index = index[:, :, None].expand(n, num_positions, block)
-    return z.view(n, num_positions, block).gather(1, index).view(n, d)
+    block = d // rotor_positions
+    ring = torch.arange(rotor_positions, device=z.device)
+    index = (ring - shift[:, None]) % rotor_positions
+    index = index[:, :, None].expand(n, rotor_positions, block)
+    return z.view(n, rotor_positions, block).gather(1, index).view(n, d)
 
 
 def _lu_identity(n: int, d: int) -> dict[str, Tensor]:
@@ -89,7 +90,7 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         self,
         num_channels: int,
         num_layers: int,
-        positions: int = 16,
+        rotor_positions: int = 16,
         init: str = "identity",
         seed: int = 0,
     ):
@@ -97,15 +98,15 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         d, n = num_channels, num_layers
         if d < 1:
             raise ValueError(f"num_channels={d} must be positive")
-        if positions < 1 or d % positions:
+        if rotor_positions < 1 or d % rotor_positions:
             divisors = [p for p in (1, 2, 4, 8, 16, 32, 64) if d % p == 0]
             raise ValueError(
-                f"positions={positions} must divide num_channels={d}: a rotor turns by "
-                f"num_channels / positions channels per step; pick positions from {divisors}"
+                f"rotor_positions={rotor_positions} must divide num_channels={d}: a rotor turns "
+                f"by num_channels / rotor_positions channels per step; pick one of {divisors}"
             )
         if n < 0:
             raise ValueError(f"num_layers={n} must be >= 0")
-        self.num_channels, self.num_layers, self.positions = d, n, positions
+        self.num_channels, self.num_layers, self.rotor_positions = d, n, rotor_positions
         self.off_scale = 1.0 / math.sqrt(d)
         if init == "identity":
             lu = _lu_identity(n, d)
@@ -122,7 +123,7 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
     @property
     def period(self) -> int:
         """The map repeats after this many token positions."""
-        return self.positions**self.num_layers
+        return self.rotor_positions**self.num_layers
 
     def _deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """``A = W - I`` and the factors ``L``, ``U``; ``A`` never adds ``I`` to small terms."""
@@ -159,10 +160,10 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         dtype = _solve_dtype(x.dtype)
         if self.num_layers == 0:
             return x, x.new_zeros((), dtype=dtype).expand(batch_shape)
-        stepping = self.positions > 1
+        stepping = self.rotor_positions > 1
         if stepping:
             flat = positions.expand(batch_shape).reshape(-1)
-            offsets = rotor_offsets(flat, self.num_layers, self.positions)
+            offsets = rotor_offsets(flat, self.num_layers, self.rotor_positions)
         order = reversed(range(self.num_layers)) if reverse else range(self.num_layers)
         with torch.autocast(x.device.type, enabled=False):
             # Rotors stay near the identity, so apply z + z A^T with A = W - I (or W^-1 - I):
@@ -173,11 +174,11 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
             for i in order:
                 if stepping:
                     shift = offsets[i] if frame is None else offsets[i] - frame
-                    z = _turn(z, shift, self.positions)
+                    z = _turn(z, shift, self.rotor_positions)
                     frame = offsets[i]
                 z = torch.addmm(z, z, mats[i].T)
             if stepping:
-                z = _turn(z, -frame, self.positions)
+                z = _turn(z, -frame, self.rotor_positions)
             log_det = self.log_s.to(dtype).sum()
         log_det = -log_det if reverse else log_det
         return z.to(x.dtype).reshape(x.shape), log_det.expand(batch_shape)
@@ -191,15 +192,15 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
     def extra_repr(self) -> str:
         return (
             f"num_channels={self.num_channels}, num_layers={self.num_layers}, "
-            f"positions={self.positions}"
+            f"rotor_positions={self.rotor_positions}"
         )
 
 
 class InvertibleConv1x1Stack(DynamicInvertibleConv1x1Stack):
-    """``num_layers`` fixed (non-stepping) 1x1 convolutions: the rotors with ``positions=1``."""
+    """``num_layers`` fixed (non-stepping) 1x1 convolutions: rotors with ``rotor_positions=1``."""
 
     def __init__(self, num_channels: int, num_layers: int, init: str = "identity", seed: int = 0):
-        super().__init__(num_channels, num_layers, positions=1, init=init, seed=seed)
+        super().__init__(num_channels, num_layers, rotor_positions=1, init=init, seed=seed)
 
 
 class InvertibleConv1x1(InvertibleConv1x1Stack):

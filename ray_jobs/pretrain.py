@@ -10,7 +10,7 @@ must be absolute (or on shared storage): the job runs in a copy of the working d
 
 import sys
 
-from enigma.trainer import main
+from enigma.train.driver import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

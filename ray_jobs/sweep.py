@@ -11,7 +11,7 @@ Submitting the same command again after the driver died restores the sweep.
 
 import sys
 
-from enigma.sweep import main
+from enigma.train.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

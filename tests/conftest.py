@@ -1,7 +1,40 @@
-"""Shared checks for invertible modules, and one Ray cluster per test module."""
+"""Shared fixtures and helpers: invertible-module checks, one Ray cluster per test module, the
+prepared corpus and the small-run overrides of the end-to-end tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# A training run small enough for a test: every end-to-end test starts from these overrides.
+SMALL_RUN = ["seq_len=64", "micro_batch=8", "grad_accum=1", "eval_batches=2",
+             "activation_checkpointing=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """三国演义 prepared at seq_len 64, once per session, in its own process (so the test process
+    holds no Ray instance of its own until a module asks for one)."""
+    out = tmp_path_factory.mktemp("data") / "sanguo-64"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", "--seq-len", "64", "--out"]
+    subprocess.run([*cmd, str(out)], check=True, env=env, capture_output=True, cwd=ROOT)
+    return out
+
+
+def perturb(module: torch.nn.Module, scale: float, seed: int | None = None) -> torch.nn.Module:
+    """Move every parameter off its (often identity) start by ``scale`` x N(0, 1) noise, drawn
+    from a generator seeded with ``seed``, or from the global RNG when ``seed`` is None."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
 
 
 @pytest.fixture(scope="module")

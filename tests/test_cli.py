@@ -122,3 +122,33 @@ def test_incomplete_commands_exit_with_usage(argv):
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2
+
+
+def test_train_config_round_trips_through_json():
+    from enigma.train.config import TrainConfig, build_config
+
+    cfg = build_config("small", sets=["num_rotors=0", "betas=[0.8, 0.9]", "conv1x1_positions=8"])
+    assert cfg.model == {"num_rotors": 0, "rotor_positions": 8} and cfg.betas == (0.8, 0.9)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.betas, tuple)
+    changed = cfg.replace(workers=3)
+    assert changed.workers == 3 and cfg.workers == 2 and changed.model is not cfg.model
+
+
+def test_report_check_fails_when_a_table_differs_from_its_json(tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree("docs/results", results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:begin (enigma report) -->\n<!-- results:end -->\nend\n")
+    argv = ["report", str(results), "--out", str(tmp_path / "results.md"), "--readme", str(readme)]
+    assert main(argv) == 0
+    assert "Copy memory" in readme.read_text() and readme.read_text().endswith("end\n")
+    assert main([*argv, "--check"]) == 0
+    record = json.loads((results / "train-overhead.json").read_text())
+    record["ratio"] = 0.5  # a figure changes, the committed tables do not
+    (results / "train-overhead.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main([*argv, "--check"]) == 2
+    assert "differ from docs/results" in capsys.readouterr().err

@@ -10,31 +10,21 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ROOT, SMALL_RUN
 
-from enigma.train_config import build_config
+from enigma.train.config import build_config
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 # `ray job status` ends with "Job '...' succeeded" (or failed / stopped); match any case.
 FINAL = r"\b(succeeded|failed|stopped)\b"
-SETS = ["seq_len=64", "micro_batch=8", "grad_accum=1", "eval_batches=2", "eval_steps=4",
-        "log_steps=2", "activation_checkpointing=false"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "sanguo-64"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", "--seq-len", "64", "--out"]
-    subprocess.run([*cmd, str(out)], check=True, env=env, capture_output=True, cwd=ROOT)
-    return out
+SETS = [*SMALL_RUN, "eval_steps=4", "log_steps=2"]
 
 
 def test_two_nodes_one_cpu_each(data, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from enigma.trainer import train
+    from enigma.train.driver import train
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)

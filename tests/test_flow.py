@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturb
 
 from enigma import Enigma, EnigmaFlow
 from enigma.flow import fit
@@ -11,11 +12,8 @@ from enigma.flow import fit
 
 def _flow_2d(involutive: bool) -> EnigmaFlow:
     torch.manual_seed(0)
-    machine = Enigma(2, 3, 1, positions=2, involutive=involutive, coupling="affine").double()
-    with torch.no_grad():
-        for p in machine.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return EnigmaFlow(machine)
+    machine = Enigma(2, 3, 1, rotor_positions=2, involutive=involutive, coupling="affine").double()
+    return EnigmaFlow(perturb(machine, 0.3))
 
 
 @pytest.mark.parametrize("involutive", [False, True])
@@ -48,7 +46,7 @@ def test_maximum_likelihood_training_lowers_the_nll():
         @ torch.tensor([[2.0, 0, 0, 0], [1.5, 0.3, 0, 0], [0, 0, 0.5, 0], [0, 0, 1, 1]])
         + 3.0
     )
-    flow = EnigmaFlow(Enigma(4, 2, 2, positions=2, involutive=False, coupling="affine"))
+    flow = EnigmaFlow(Enigma(4, 2, 2, rotor_positions=2, involutive=False, coupling="affine"))
 
     def batches():
         while True:
@@ -62,4 +60,4 @@ def test_maximum_likelihood_training_lowers_the_nll():
 
 def test_unknown_prior_is_rejected():
     with pytest.raises(ValueError, match="prior"):
-        EnigmaFlow(Enigma(4, 1, 1, positions=2), prior="laplace")
+        EnigmaFlow(Enigma(4, 1, 1, rotor_positions=2), prior="laplace")

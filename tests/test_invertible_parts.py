@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import jacobian_log_det, rel_err
+from conftest import jacobian_log_det, perturb, rel_err
 
 from enigma import (
     DynamicInvertibleConv1x1Stack,
@@ -16,13 +16,8 @@ from enigma import (
 D = 16
 
 
-def _perturbed(module: torch.nn.Module, scale: float = 0.3, seed: int = 1):
-    """Move every parameter away from its (often identity) start."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
+def _perturbed(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    return perturb(module, scale, seed=1)
 
 
 PARTS = {
@@ -30,7 +25,7 @@ PARTS = {
     "conv1x1": lambda: _perturbed(InvertibleConv1x1(D)),
     "conv1x1_orthogonal": lambda: _perturbed(InvertibleConv1x1(D, init="orthogonal")),
     "conv1x1_stack": lambda: _perturbed(InvertibleConv1x1Stack(D, 3)),
-    "rotors": lambda: _perturbed(DynamicInvertibleConv1x1Stack(D, 2, positions=4)),
+    "rotors": lambda: _perturbed(DynamicInvertibleConv1x1Stack(D, 2, rotor_positions=4)),
     "additive": lambda: _perturbed(RevBlock(D, "additive")),
     "affine": lambda: _perturbed(RevBlock(D, "affine")),
     "reflector": lambda: _perturbed(Reflector(D, num_reflections=3)),
@@ -73,8 +68,8 @@ def test_plugboard_is_a_product_of_disjoint_swaps():
 
 
 def test_rotor_is_shift_conjugated_weight():
-    """At offset k a rotor applies S^-k W S^k, S shifting channels by d / positions."""
-    rotors = _perturbed(DynamicInvertibleConv1x1Stack(D, 1, positions=4)).double()
+    """At offset k a rotor applies S^-k W S^k, S shifting channels by d / rotor_positions."""
+    rotors = _perturbed(DynamicInvertibleConv1x1Stack(D, 1, rotor_positions=4)).double()
     w = rotors.weights(torch.float64)[0]
     x = torch.randn(D, dtype=torch.float64)
     block = D // 4
@@ -84,11 +79,11 @@ def test_rotor_is_shift_conjugated_weight():
 
 
 def test_odometer_stepping_and_period():
-    rotors = _perturbed(DynamicInvertibleConv1x1Stack(D, 2, positions=4)).double()
+    rotors = _perturbed(DynamicInvertibleConv1x1Stack(D, 2, rotor_positions=4)).double()
     x = torch.randn(1, D, dtype=torch.float64).expand(40, D)
     y = rotors(x, torch.arange(40))
     assert not torch.allclose(y[0], y[1]), "the fast rotor steps every token"
-    assert not torch.allclose(y[0], y[4]), "the slow rotor steps after `positions` tokens"
+    assert not torch.allclose(y[0], y[4]), "the slow rotor steps after `rotor_positions` tokens"
     assert rotors.period == 16
     torch.testing.assert_close(y[:24], y[16:40], rtol=0, atol=1e-12)
 
@@ -101,7 +96,7 @@ def test_conv1x1_inverse_uses_no_dense_inverse(monkeypatch):
         monkeypatch.setattr(torch.linalg, name, forbidden)
     monkeypatch.setattr(torch, "inverse", forbidden)
     monkeypatch.setattr(torch, "det", forbidden)
-    rotors = _perturbed(DynamicInvertibleConv1x1Stack(D, 2, positions=4))
+    rotors = _perturbed(DynamicInvertibleConv1x1Stack(D, 2, rotor_positions=4))
     x = torch.randn(3, 8, D)
     assert rel_err(rotors.inverse(rotors(x)), x) < 1e-5
 

@@ -1,9 +1,11 @@
 """EnigmaLM: causality, Hugging Face round trip, KV cache, ALiBi, checkpointing, bad input."""
 
+import json
 import os
 
 import pytest
 import torch
+from conftest import perturb
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from enigma import EnigmaConfig, EnigmaLM
@@ -13,12 +15,10 @@ def _small_lm(**overrides) -> EnigmaLM:
     """A tiny LM whose machine has left its identity start, so positions matter."""
     torch.manual_seed(0)
     fields = dict(vocab_size=300, d=32, num_transformer_layers=2, num_heads=4, num_rev_blocks=2)
-    fields.update(num_rotors=2, conv1x1_positions=4, max_len=128)
+    fields.update(num_rotors=2, rotor_positions=4, max_len=128)
     model = EnigmaLM(EnigmaConfig(**{**fields, **overrides})).eval()
     if model.machine is not None:
-        with torch.no_grad():
-            for p in model.machine.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+        perturb(model.machine, 0.1)
     return model
 
 
@@ -54,6 +54,20 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr(), "head tied"
+
+
+def test_configs_saved_before_the_rotor_positions_rename_still_load(tmp_path):
+    model = _small_lm(rotor_positions=8)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["conv1x1_positions"] = config.pop("rotor_positions")  # as older exports wrote it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = EnigmaLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.rotor_positions == 8 and loaded.machine.rotors.rotor_positions == 8
+    assert "conv1x1_positions" not in loaded.config.to_dict()
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 @pytest.mark.parametrize("use_alibi", [True, False])
@@ -139,9 +153,9 @@ def test_original_constructor_signature():
         max_len=64,
         use_alibi=True,
         use_dynamic_conv1x1=False,
-        conv1x1_positions=16,
+        rotor_positions=16,
     )
-    assert model.config.d == 64 and model.machine.rotors.positions == 1
+    assert model.config.d == 64 and model.machine.rotors.rotor_positions == 1
 
 
 def test_bad_input_is_rejected_with_a_clear_message():

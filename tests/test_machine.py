@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import jacobian_log_det, rel_err
+from conftest import jacobian_log_det, perturb, rel_err
 
 from enigma import Enigma
 
@@ -56,19 +56,15 @@ def test_exact_after_training_fp64(trained):
 def _moved(machine: Enigma, seed: int = 1) -> Enigma:
     """Move every parameter off its start by about what training does (0.2 makes the small
     machines explosive, |E(x)|/|x| ~ 1e5, which no training run produces)."""
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in machine.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return machine
+    return perturb(machine, 0.1, seed=seed)
 
 
 @pytest.mark.parametrize("involutive", [True, False])
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
 @pytest.mark.parametrize("position", [0, 3, 4, 13])
 def test_machine_log_det_matches_jacobian(involutive, coupling, position):
-    machine = _moved(Enigma(16, 2, 2, positions=4, involutive=involutive, coupling=coupling))
+    machine = _moved(Enigma(16, 2, 2, rotor_positions=4, involutive=involutive, coupling=coupling))
     machine = machine.double()
     x = torch.randn(16, dtype=torch.float64)
     _, log_det = machine.forward_and_log_det(x[None], torch.tensor(position))
@@ -79,7 +75,7 @@ def test_machine_log_det_matches_jacobian(involutive, coupling, position):
 
 def test_involutive_log_det_is_difference_of_open_maps():
     """log|det J_E(x)| = log|det J_F(x)| - log|det J_F(E(x))|."""
-    machine = _moved(Enigma(16, 2, 2, positions=4, coupling="affine")).double()
+    machine = _moved(Enigma(16, 2, 2, rotor_positions=4, coupling="affine")).double()
     x = torch.randn(5, 16, dtype=torch.float64)
     pos = torch.arange(5) * 3
     y, log_det = machine.forward_and_log_det(x, pos)
@@ -90,24 +86,24 @@ def test_involutive_log_det_is_difference_of_open_maps():
 
 
 def test_stepping_changes_the_map_and_repeats_with_period():
-    machine = _moved(Enigma(32, 2, 2, positions=4)).double()
+    machine = _moved(Enigma(32, 2, 2, rotor_positions=4)).double()
     assert machine.period == 16
     x = torch.randn(1, 32, dtype=torch.float64).expand(40, 32)
     y = machine(x, torch.arange(40))
     assert rel_err(y[0], y[1]) > 1e-3, "positions 0 and 1 differ (fast rotor)"
-    assert rel_err(y[0], y[4]) > 1e-3, "positions 0 and `positions` differ (slow rotor)"
+    assert rel_err(y[0], y[4]) > 1e-3, "positions 0 and `rotor_positions` differ (slow rotor)"
     torch.testing.assert_close(y[:24], y[16:], rtol=0, atol=1e-12)
 
 
 def test_default_positions_follow_the_sequence_axis():
-    machine = _moved(Enigma(32, 1, 2, positions=4))
+    machine = _moved(Enigma(32, 1, 2, rotor_positions=4))
     x = torch.randn(3, 10, 32)
     torch.testing.assert_close(machine(x), machine(x, torch.arange(10)))
     torch.testing.assert_close(machine(x[0]), machine(x[0], torch.zeros(10, dtype=torch.long)))
 
 
 def test_no_hidden_state_and_batch_independence():
-    machine = _moved(Enigma(32, 2, 2, positions=4))
+    machine = _moved(Enigma(32, 2, 2, rotor_positions=4))
     x = torch.randn(4, 12, 32)
     first = machine(x)
     for _ in range(3):
@@ -129,7 +125,7 @@ def test_bf16_autocast_reconstructs(trained):
 
 
 def test_bf16_autocast_backward_runs_rotor_solves_in_fp32():
-    machine = _moved(Enigma(64, 2, 2, positions=8))
+    machine = _moved(Enigma(64, 2, 2, rotor_positions=8))
     x = torch.randn(2, 16, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = machine(x)
@@ -142,7 +138,7 @@ def test_bf16_autocast_backward_runs_rotor_solves_in_fp32():
     ("kwargs", "name"),
     [
         ({"d": 15}, "d=15"),
-        ({"d": 20, "positions": 16}, "positions=16"),
+        ({"d": 20, "rotor_positions": 16}, "rotor_positions=16"),
         ({"d": 16, "num_rotors": -1}, "num_rotors"),
         ({"d": 16, "coupling": "spline"}, "coupling"),
     ],
@@ -153,7 +149,7 @@ def test_bad_construction_names_the_parameter(kwargs, name):
 
 
 def test_bad_positions_shape_is_rejected():
-    machine = Enigma(16, 1, 1, positions=4)
+    machine = Enigma(16, 1, 1, rotor_positions=4)
     with pytest.raises(ValueError, match="positions of shape"):
         machine(torch.randn(2, 5, 16), torch.arange(7))
     with pytest.raises(ValueError, match="integer"):

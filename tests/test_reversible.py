@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import perturb
 
 from enigma import Enigma, RevBlock, ReversibleSequence
 from enigma.benchmarks.memory import measure_in_fresh_process
@@ -19,10 +20,8 @@ def _grads(module, x, weight):
 @pytest.mark.parametrize("involutive", [True, False])
 def test_gradients_equal_plain_autograd_fp64(coupling, involutive):
     torch.manual_seed(0)
-    machine = Enigma(32, 3, 2, positions=4, coupling=coupling, involutive=involutive).double()
-    with torch.no_grad():
-        for p in machine.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    machine = Enigma(32, 3, 2, rotor_positions=4, coupling=coupling, involutive=involutive).double()
+    perturb(machine, 0.1)
     x = torch.randn(3, 9, 32, dtype=torch.float64)
     weight = torch.randn_like(x)
     machine.memory_efficient = True
@@ -45,9 +44,7 @@ def test_parameters_get_gradients_when_input_needs_none():
 
 def test_reversible_sequence_inverts():
     seq = ReversibleSequence(RevBlock(8, "affine"), RevBlock(8), memory_efficient=False)
-    with torch.no_grad():
-        for p in seq.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    perturb(seq, 0.3)
     x = torch.randn(5, 8)
     torch.testing.assert_close(seq.inverse(seq(x)), x)
 

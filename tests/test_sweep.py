@@ -8,25 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, SMALL_RUN
 
 from enigma.cli import main
-from enigma.data.prepare import prepare
-from enigma.data.sources import Source
-from enigma.sweep import parse_grid, parse_lr
+from enigma.train.sweep import parse_grid, parse_lr
 
-ROOT = Path(__file__).resolve().parents[1]
-SETS = ["seq_len=64", "micro_batch=8", "grad_accum=1", "eval_batches=2", "eval_steps=2",
-        "log_steps=2", "activation_checkpointing=false", "lr=2e-3"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def data(ray_cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "sanguo-64"
-    prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
-    return out
+SETS = [*SMALL_RUN, "eval_steps=2", "log_steps=2", "lr=2e-3"]
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def sweep_argv(data, out, *extra):

@@ -6,20 +6,13 @@ import math
 
 import pytest
 import torch
+from conftest import SMALL_RUN
 
 from enigma.cli import main
-from enigma.data.prepare import prepare
-from enigma.data.sources import Source
-from enigma.train_config import build_config
+from enigma.train.config import build_config
 
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def data(ray_cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "sanguo-64"
-    prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
-    return out
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +25,16 @@ def fp32_zero2(tmp_path_factory):
 
 
 def run(data, out, *sets, ds="ds_configs/zero2_bf16.json", workers=2, resume=None, fail_at=None):
-    from enigma.trainer import train
+    from enigma.train.driver import train
 
     cfg = build_config(
         "tiny",
-        sets=[
-            "seq_len=64", "micro_batch=8", "grad_accum=1", "eval_batches=2", "eval_steps=5",
-            "log_steps=1", "lr=2e-3", "activation_checkpointing=false", *sets,
-        ],
+        sets=[*SMALL_RUN, "eval_steps=5", "log_steps=1", "lr=2e-3", *sets],
         data=str(data),
         ds_config=ds,
         workers=workers,
         output_dir=str(out),
-    )  # fmt: skip
+    )
     return train(cfg, resume=resume, fail_at_step=fail_at)
 
 

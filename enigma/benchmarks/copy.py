@@ -87,7 +87,7 @@ def build_models(names: list[str], d: int, delay: int) -> dict[str, nn.Module]:
     shape = dict(
         vocab_size=VOCAB, d=d, num_heads=4, num_transformer_layers=2, num_rev_blocks=2,
         num_rotors=2, use_alibi=False, max_len=delay + 2 * RECALL + 1,
-        conv1x1_positions=min(16, d), bos_token_id=MARKER, eos_token_id=MARKER, pad_token_id=0,
+        rotor_positions=min(16, d), bos_token_id=MARKER, eos_token_id=MARKER, pad_token_id=0,
     )  # fmt: skip
     models: dict[str, nn.Module] = {}
     for name in names:
@@ -192,4 +192,4 @@ def run(args: argparse.Namespace) -> dict:
         "memoryless_baseline": baseline,
         "models": results,
     }
-    return meta.save(result, args.json_out)
+    return meta.save(result, args.json_out, args.command_line)

@@ -83,16 +83,7 @@ def run(args: argparse.Namespace) -> dict:
         rounds=args.rounds,
     )
     tps = {name: tokens / s for name, s in secs.items()}
-    with torch.no_grad():
-        probe = torch.randn(args.batch, args.length, d)
-        y = machine(probe)
-        recon = {
-            "fp32_inverse": ((machine.inverse(y) - probe).norm() / probe.norm()).item(),
-            "fp32_involution": ((machine(y) - probe).norm() / probe.norm()).item(),
-        }
-        wide = machine.double()
-        p64 = probe.double()
-        recon["fp64_involution"] = ((wide(wide(p64)) - p64).norm() / p64.norm()).item()
+    recon = reconstruction(machine, args.batch, args.length)
     result = {
         "benchmark": "core",
         "shape": {"d": d, "batch": args.batch, "length": args.length},
@@ -104,17 +95,38 @@ def run(args: argparse.Namespace) -> dict:
         "ratio_plain_vs_mlp": tps["machine_plain_autograd"] / tps["mlp_equal_flops"],
         "reconstruction": recon,
     }
+    show(result, args.rounds)
+    meta.save(result, args.json_out, args.command_line)
+    return result
+
+
+@torch.no_grad()
+def reconstruction(machine: Enigma, batch: int, length: int) -> dict:
+    """‖x − x'‖/‖x‖ after the benchmark's steps: inverse and involution in fp32, fp64."""
+    probe = torch.randn(batch, length, machine.d)
+    y = machine(probe)
+    recon = {
+        "fp32_inverse": ((machine.inverse(y) - probe).norm() / probe.norm()).item(),
+        "fp32_involution": ((machine(y) - probe).norm() / probe.norm()).item(),
+    }
+    wide = machine.double()
+    p64 = probe.double()
+    recon["fp64_involution"] = ((wide(wide(p64)) - p64).norm() / p64.norm()).item()
+    return recon
+
+
+def show(result: dict, rounds: int) -> None:
+    shape, parts = result["shape"], result["machine"]
     print(
-        f"machine d={d} blocks={args.rev_blocks} rotors={args.rotors}, "
-        f"B={args.batch} L={args.length}"
+        f"machine d={shape['d']} blocks={parts['rev_blocks']} rotors={parts['rotors']}, "
+        f"B={shape['batch']} L={shape['length']}"
     )
-    print(f"  forward+backward tokens/s (median of {args.rounds} interleaved rounds):")
-    for name, value in tps.items():
+    print(f"  forward+backward tokens/s (median of {rounds} interleaved rounds):")
+    for name, value in result["tokens_per_sec"].items():
         print(f"    {name:<26} {value:>10,.0f}")
     print(f"  ratio memory-efficient / MLP: {result['ratio_memory_efficient_vs_mlp']:.2f}")
     print(f"  ratio plain autograd / MLP:   {result['ratio_plain_vs_mlp']:.2f}")
+    recon = result["reconstruction"]
     print(
         "  reconstruction ||x - x'||/||x||: " + ", ".join(f"{k} {v:.1e}" for k, v in recon.items())
     )
-    meta.save(result, args.json_out)
-    return result

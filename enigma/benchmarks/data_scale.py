@@ -96,5 +96,5 @@ def run(args: argparse.Namespace) -> dict:
     )
     from . import meta
 
-    meta.save(result, args.json_out)
+    meta.save(result, args.json_out, args.command_line)
     return result

@@ -140,7 +140,7 @@ def build_models(args) -> dict[str, nn.Module]:
     shape = dict(
         vocab_size=256, d=args.d, num_heads=args.heads, num_transformer_layers=args.layers,
         num_rev_blocks=args.rev_blocks, num_rotors=args.rotors, max_len=args.seq_len,
-        conv1x1_positions=min(16, args.d), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        rotor_positions=min(16, args.d), bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(args.seed)
     enigma = EnigmaLM(EnigmaConfig(**shape))
@@ -273,4 +273,4 @@ def run(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "models": rows,
     }
-    return meta.save(result, args.json_out)
+    return meta.save(result, args.json_out, args.command_line)

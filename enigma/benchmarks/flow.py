@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         dims,
         num_rev_blocks=4,
         num_rotors=2,
-        positions=8,
+        rotor_positions=8,
         involutive=False,
         coupling="affine",
         hidden=128,
@@ -124,5 +124,5 @@ def run(args: argparse.Namespace) -> dict:
             f"{r['best_step']}, {r['train_seconds']} s)"
         )
     result = {"benchmark": "flow", "dataset": "sklearn load_digits", "models": rows}
-    meta.save(result, args.json_out)
+    meta.save(result, args.json_out, args.command_line)
     return result

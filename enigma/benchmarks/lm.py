@@ -78,5 +78,5 @@ def run(args: argparse.Namespace) -> dict:
     for k in models:
         print(f"  {k:<9} {result['params'][k]:>12,} params {tps[k]:>10,.0f} tokens/s")
     print(f"  ratio enigma / baseline: {result['ratio']:.3f}")
-    meta.save(result, args.json_out)
+    meta.save(result, args.json_out, args.command_line)
     return result

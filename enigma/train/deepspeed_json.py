@@ -13,7 +13,8 @@ import difflib
 import json
 from pathlib import Path
 
-from .train_config import TrainConfig
+from ..errors import InputError
+from .config import TrainConfig
 
 # Top-level sections DeepSpeed reads that this project uses or passes through; DeepSpeed itself
 # ignores unknown top-level keys silently, so a typo would otherwise change nothing.
@@ -37,8 +38,8 @@ OPTIMIZER_PARAMS = {
 }
 
 
-class DeepSpeedConfigError(ValueError):
-    pass
+class DeepSpeedConfigError(InputError):
+    """A DeepSpeed JSON that this project cannot run: the message names the key."""
 
 
 def _close(key: str, known) -> str:

@@ -1,0 +1,274 @@
+"""``enigma train`` (and ``ray_jobs/pretrain.py``): the driver of a Ray Train + DeepSpeed run.
+
+Everything that can be wrong with the inputs (preset, config keys, data directory, tokenizer and
+seq_len, DeepSpeed JSON) is checked here, before any worker starts. Then the GPU question is
+settled once, the :class:`~enigma.train.plan.RunSpec` is built, and a ``TorchTrainer`` runs
+:func:`enigma.train.worker.train_loop_per_worker`; rank 0 streams progress lines back through a
+Ray queue, and at the end the best model, exported with ``save_pretrained``, is loaded to print
+the final perplexity and a sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from . import deepspeed_json
+from .config import TrainConfig, build_config
+from .plan import RunPlan, RunSpec
+from .progress import ProgressPrinter
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="tiny, small, base or large")
+    p.add_argument(
+        "--config", default=None, help="a JSON training config (e.g. a sweep's best.json)"
+    )
+    p.add_argument("--data", default=None, help="a directory written by `enigma data prepare`")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero2_bf16)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--gpus-per-worker", type=int, default=None)
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", default=None, help="a checkpoint directory to start from")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the summary here")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = build_config(
+        args.preset,
+        args.config,
+        args.sets,
+        data=args.data,
+        ds_config=args.ds_config,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+    )
+    if args.output_dir is None and args.config is None:
+        cfg = cfg.replace(output_dir=f"runs/{cfg.preset}")
+    return cfg
+
+
+def check_data(cfg: TrainConfig) -> dict:
+    """The data directory, validated against the model; returns its manifest."""
+    from ..data.shards import check_compatible, read_manifest
+    from ..data.tokenizer import reference_vocab_hash
+
+    manifest = read_manifest(cfg.data)
+    model_config = cfg.model_config()
+    check_compatible(manifest, cfg.resolved_seq_len, reference_vocab_hash(), cfg.data)
+    if manifest["tokenizer"]["vocab_size"] > model_config.vocab_size:
+        raise InputError(
+            f"{cfg.data} uses {manifest['tokenizer']['vocab_size']} token ids but the model "
+            f"has vocab_size={model_config.vocab_size}"
+        )
+    return manifest
+
+
+def resolve_gpus(cfg: TrainConfig) -> TrainConfig:
+    """``gpus_per_worker=-1`` becomes 1 when the cluster has GPUs, else 0: decided once, here."""
+    if cfg.gpus_per_worker >= 0:
+        return cfg
+    import ray
+
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.replace(gpus_per_worker=1 if has_gpus else 0)
+
+
+def prepare_run(cfg: TrainConfig, **spec_fields) -> RunSpec:
+    """Validate the inputs, join or start Ray, decide GPU or CPU, and build what every worker
+    gets. Raises :class:`InputError` before any worker starts."""
+    from ..ray_setup import init_ray
+
+    if cfg.gpus_per_worker == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
+    ds_raw = deepspeed_json.load(cfg.ds_config)
+    manifest = check_data(cfg)
+    if cfg.gpus_per_worker == 0:  # known before Ray starts: fail before starting it
+        deepspeed_json.check_device(ds_raw, cfg.ds_config, use_gpu=False)
+    init_ray()
+    cfg = resolve_gpus(cfg)
+    use_gpu = cfg.gpus_per_worker > 0
+    if use_gpu:
+        deepspeed_json.check_device(ds_raw, cfg.ds_config, use_gpu=True)
+    return RunSpec(
+        train=cfg,
+        deepspeed_config=deepspeed_json.fill_auto(ds_raw, cfg, cfg.workers, use_gpu),
+        plan=RunPlan.from_manifest(cfg, manifest),
+        data_dir=str(Path(cfg.data).resolve()),
+        output_dir=str(Path(cfg.output_dir).resolve()),
+        **spec_fields,
+    )
+
+
+def build_trainer(
+    spec: RunSpec,
+    *,
+    name: str = "train",
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+    progress=None,
+):
+    """The ``TorchTrainer`` of one training run (``enigma train``, or one sweep trial)."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..data.shards import load_split
+    from .worker import train_loop_per_worker
+
+    cfg = spec.train
+    resources = {"CPU": cfg.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "progress": progress},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=spec.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path or str(Path(spec.output_dir) / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={
+            "train": load_split(spec.data_dir, "train", verify=True),
+            "val": load_split(spec.data_dir, "val", verify=False),
+        },
+        dataset_config=DataConfig(
+            datasets_to_split=["train", "val"],
+            execution_options=ExecutionOptions(preserve_order=True),  # same order on resume
+        ),
+    )
+
+
+def describe(spec: RunSpec) -> str:
+    """The plan line: hardware, ZeRO stage, precision and the batch arithmetic."""
+    cfg, ds, plan = spec.train, spec.deepspeed_config, spec.plan
+    return (
+        f"EnigmaLM {cfg.preset} on {cfg.workers} worker(s) ({'GPU' if spec.use_gpu else 'CPU'}), "
+        f"DeepSpeed ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} "
+        f"{deepspeed_json.precision(ds)}; tokens/step = {cfg.grad_accum} accum x {cfg.workers} "
+        f"workers x {cfg.micro_batch} batch x {cfg.resolved_seq_len} seq = "
+        f"{spec.tokens_per_step:,}; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
+    )
+
+
+def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None = None) -> dict:
+    """Run the training job; returns a summary (val perplexities, paths, sample)."""
+    from ray.util.queue import Queue
+
+    if resume and not Path(resume).is_dir():
+        raise InputError(f"--resume {resume}: no such checkpoint directory")
+    resume = os.path.abspath(resume) if resume else None
+    spec = prepare_run(cfg, resume_from=resume, fail_at_step=fail_at_step)
+    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    queue = Queue(actor_options={"num_cpus": 0})
+    printer = ProgressPrinter(queue)
+    print(describe(spec), flush=True)
+    trainer = build_trainer(spec, progress=queue)
+    printer.start()
+    try:
+        result = trainer.fit()
+    finally:
+        time.sleep(1.0)  # let the last progress lines arrive
+        printer.stopped.set()
+        printer.join()
+    return summarize(spec, result, printer)
+
+
+def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
+    """A continuation of the configured prompt from the exported best model."""
+    import torch
+
+    from ..data.tokenizer import load_tokenizer
+    from ..lm import EnigmaLM
+    from ..model_cli import continue_text
+
+    if not (model_dir / "config.json").is_file():
+        return None
+    cfg = spec.train
+    model = EnigmaLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(str(model_dir), quiet=True)
+    with torch.no_grad():
+        text, _ = continue_text(
+            model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, seed=cfg.seed
+        )
+    return text
+
+
+def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
+    """Final val perplexity, a sample from the exported best model, where everything is."""
+    out = Path(spec.output_dir)
+    evals = printer.evals
+    summary = {
+        "first_val_ppl": evals[0]["val_ppl"] if evals else None,
+        "last_val_ppl": evals[-1]["val_ppl"] if evals else None,
+        "best_val_ppl": min((e["val_ppl"] for e in evals), default=None),
+        "steps": result.metrics.get("step") if result.metrics else None,
+        "model_dir": str(out / "model"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "tensorboard": str(out / "tensorboard"),
+        "train_log": printer.trains,
+    }
+    sample = sample_text(spec, out / "model")
+    if sample is not None:
+        summary["sample"] = sample
+    print("\n=== done ===")
+    if summary["last_val_ppl"] is not None:
+        print(
+            f"val perplexity: first eval {summary['first_val_ppl']:.2f} -> last eval "
+            f"{summary['last_val_ppl']:.2f} (best {summary['best_val_ppl']:.2f}, "
+            f"val loss {math.log(summary['best_val_ppl']):.4f})"
+        )
+    if sample is not None:
+        print(f"sample: {sample}")
+    print(f"model (save_pretrained + tokenizer): {summary['model_dir']}")
+    print(f"checkpoints: {out / 'ray' / 'train'}")
+    print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
+    return summary
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = config_from_args(args)
+    fail_at = os.environ.get("ENIGMA_FAIL_AT_STEP")
+    start = time.perf_counter()
+    summary = train(cfg, resume=args.resume, fail_at_step=int(fail_at) if fail_at else None)
+    if args.json_out:
+        save_summary(cfg, summary, time.perf_counter() - start, args)
+    return summary
+
+
+def save_summary(cfg: TrainConfig, summary: dict, seconds: float, args) -> None:
+    """The run's figures as a benchmark JSON that ``enigma report`` renders."""
+    from ..benchmarks import meta
+
+    ds = deepspeed_json.load(cfg.ds_config)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    record = {
+        "benchmark": "train",
+        "name": Path(cfg.output_dir).name,
+        "plan": f"{cfg.preset}, {cfg.workers} workers, ZeRO-{stage} "
+        f"{deepspeed_json.precision(ds)}, seq {cfg.resolved_seq_len}",
+        "wall_seconds": round(seconds, 1),
+        "summary": {k: v for k, v in summary.items() if k != "train_log"},
+        "config": cfg.to_dict(),
+    }
+    meta.save(record, args.json_out, args.command_line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point shared by ``enigma train`` and ``ray_jobs/pretrain.py``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["train", *(argv or [])])

@@ -1,0 +1,72 @@
+"""What the driver hands every worker, built once and never changed: the step plan and the run.
+
+Workers change directory and run in other processes, so everything here is plain data: paths are
+absolute, the DeepSpeed config is already filled, and whether the run uses GPUs is decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Steps and evaluation sizes that every rank uses, computed from the manifest's counts."""
+
+    micro_per_epoch: int  # micro-batches per rank and epoch, a multiple of grad_accum
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_batches: int  # per rank and evaluation
+
+    @classmethod
+    def from_manifest(cls, cfg: TrainConfig, manifest: dict) -> RunPlan:
+        blocks = {s: manifest["splits"][s]["blocks"] for s in ("train", "val")}
+        per_rank = blocks["train"] // cfg.workers
+        micro = (per_rank // cfg.micro_batch) // cfg.grad_accum * cfg.grad_accum
+        if micro == 0:
+            raise InputError(
+                f"{cfg.data} has {blocks['train']} train blocks: too few for {cfg.workers} "
+                f"workers x micro_batch {cfg.micro_batch} x grad_accum {cfg.grad_accum}"
+            )
+        eval_batches = min(cfg.eval_batches, blocks["val"] // cfg.workers // cfg.micro_batch)
+        if eval_batches == 0:
+            raise InputError(f"{cfg.data} has {blocks['val']} val blocks: too few to evaluate on")
+        steps_per_epoch = micro // cfg.grad_accum
+        total = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+        return cls(
+            micro_per_epoch=micro,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total,
+            warmup_steps=max(1, int(cfg.warmup_ratio * total)),
+            eval_batches=eval_batches,
+        )
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run as every worker sees it."""
+
+    train: TrainConfig  # gpus_per_worker already resolved (never -1 here)
+    deepspeed_config: dict  # the DeepSpeed JSON with every "auto" filled
+    plan: RunPlan
+    data_dir: str
+    output_dir: str = ""
+    resume_from: str | None = None  # a checkpoint directory a new run starts from
+    fail_at_step: int | None = None  # fault injection for tests: the last rank exits there
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.train.gpus_per_worker > 0
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return f"{self.data_dir}/tokenizer"
+
+    @property
+    def tokens_per_step(self) -> int:
+        cfg = self.train
+        return cfg.micro_batch * cfg.grad_accum * cfg.workers * cfg.resolved_seq_len

@@ -1,0 +1,274 @@
+"""``enigma tune`` (and ``ray_jobs/sweep.py``): Ray Tune sweeps over layers, blocks and rotors.
+
+Each trial is a Tune function trainable that runs one ``TorchTrainer`` of the ordinary training
+loop (Ray Train V2), whose reports reach Tune through ``TuneReportCallback``. The trial function
+itself holds no CPU; its Train workers do, and ``max_concurrent_trials`` is sized so that the
+running trials' workers fit the cluster. ASHA stops trials on ``val_loss`` at the evaluation
+steps. Rerunning the same command on the same output directory restores an interrupted sweep with
+``Tuner.restore``: finished trials are kept, unfinished ones resume from their last checkpoint.
+
+The trial itself is :mod:`enigma.train.sweep_trial`; the tables, plot and ``best.json`` are
+:mod:`enigma.train.sweep_results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ray.tune import Callback
+
+from ..errors import InputError
+from .config import MODEL_KEYS, TrainConfig, apply_overrides, build_config
+from .sweep_results import collect, write_outputs
+from .sweep_trial import sweep_trial, trial_config
+
+SPEC_FILE = "sweep.json"
+EXPERIMENT = "tune"
+DEFAULT_GRID = ["num_transformer_layers=1,2", "num_rev_blocks=0,2", "num_rotors=0,2"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="tiny, small, base or large")
+    p.add_argument("--config", default=None, help="a JSON training config to start from")
+    p.add_argument("--data", default=None, help="a directory written by `enigma data prepare`")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero2_bf16)")
+    p.add_argument("--output-dir", default="runs/sweep")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=None,
+        metavar="KEY=V1,V2",
+        help=f"values to cross (default: {' '.join(DEFAULT_GRID)})",
+    )
+    p.add_argument("--lr", default=None, help="a value, or loguniform:LOW:HIGH")
+    p.add_argument("--num-samples", type=int, default=1, help="draws of --lr per grid point")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: what the CPUs fit")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--force", action="store_true", help="start over instead of restoring")
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["num_rotors=0,2", ...]`` -> ``{"num_rotors": [0, 2]}``, keys and values checked."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not values:
+            raise InputError(f"--grid {item!r}: expected key=v1,v2,...")
+        if key in ("seed", "lr"):
+            raise InputError(f"--grid {key}: use --{'seeds' if key == 'seed' else 'lr'} instead")
+        parsed = []
+        for raw in values.split(","):
+            probe = apply_overrides(TrainConfig(), {key: raw.strip()})  # unknown key: named
+            parsed.append(probe.model[key] if key in MODEL_KEYS else getattr(probe, key))
+        grid[key] = parsed
+    return grid
+
+
+def parse_lr(spec: str | None):
+    """None, a float, or ``loguniform:LOW:HIGH`` -> (tune domain or value, description)."""
+    if spec is None:
+        return None
+    kind, _, rest = spec.partition(":")
+    if kind == "loguniform":
+        try:
+            low, high = (float(x) for x in rest.split(":"))
+        except ValueError:
+            raise InputError(f"--lr {spec!r}: expected loguniform:LOW:HIGH") from None
+        if not 0 < low < high:
+            raise InputError(f"--lr {spec!r}: need 0 < LOW < HIGH")
+        from ray import tune
+
+        return tune.loguniform(low, high)
+    try:
+        value = float(spec)
+    except ValueError:
+        raise InputError(f"--lr {spec!r}: expected a number or loguniform:LOW:HIGH") from None
+    if value <= 0:
+        raise InputError(f"--lr {spec!r} must be positive")
+    return value
+
+
+class ConsoleLines(Callback):
+    """A line per evaluation and per finished trial, instead of Tune's status tables."""
+
+    def __init__(self, knob_keys: list[str], max_steps: int):
+        self.knob_keys, self.max_steps, self.done = knob_keys, max_steps, 0
+
+    def _label(self, trial) -> str:
+        c = trial.config
+        knobs = " ".join(f"{k}={c[k]}" for k in self.knob_keys)
+        return f"{trial.trial_id} [{knobs} lr={c['lr']:.2g} seed={c['seed']}]"  # id first
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("val_ppl") is not None:
+            print(
+                f"  {self._label(trial)} step {result['step']:>5}: val ppl {result['val_ppl']:.2f}",
+                flush=True,
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        last = trial.last_result or {}
+        how = "finished" if last.get("step", 0) >= self.max_steps else "stopped by ASHA"
+        print(f"trial done: {self._label(trial)} {how} at step {last.get('step')}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial FAILED: {self._label(trial)}; see {trial.local_path}", flush=True)
+
+
+SWEEP_DEFAULTS = ["save_steps=1000000000"]  # checkpoints come with the evaluations
+
+
+def sweep_config(args: argparse.Namespace) -> TrainConfig:
+    """The base config of every trial; paths absolute (trials run in other directories)."""
+    if args.seeds < 1 or args.num_samples < 1 or args.workers_per_trial < 1:
+        raise InputError("--seeds, --num-samples and --workers-per-trial must be at least 1")
+    cfg = build_config(
+        args.preset,
+        args.config,
+        [*SWEEP_DEFAULTS, *args.sets],
+        data=args.data,
+        ds_config=args.ds_config,
+        workers=args.workers_per_trial,
+        max_steps=args.max_steps,
+        output_dir=str(Path(args.output_dir).resolve()),
+    )
+    return cfg.replace(
+        data=str(Path(cfg.data).resolve()), ds_config=str(Path(cfg.ds_config).resolve())
+    )
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    combos = [{}]
+    for key, values in grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def trials_at_once(cfg: TrainConfig, max_concurrent: int | None) -> int:
+    """How many trials' workers fit the cluster's CPUs at once (at most ``max_concurrent``)."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_trial = cfg.workers * cfg.cpus_per_worker
+    if per_trial > cpus:
+        raise InputError(
+            f"a trial needs {per_trial} CPUs ({cfg.workers} workers x {cfg.cpus_per_worker}) but "
+            f"the cluster has {cpus}; lower --workers-per-trial"
+        )
+    fits = max(1, cpus // per_trial)
+    return min(max_concurrent or fits, fits)
+
+
+def claim_directory(out: Path, spec: dict, force: bool) -> bool:
+    """Make ``out`` this sweep's directory; True when it holds this sweep, interrupted."""
+    from ray import tune
+
+    out.mkdir(parents=True, exist_ok=True)
+    experiment, spec_path = out / EXPERIMENT, out / SPEC_FILE
+    if force:
+        for path in (experiment, out / "train", out / "trials"):
+            shutil.rmtree(path, ignore_errors=True)
+        spec_path.unlink(missing_ok=True)
+    restoring = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
+    if restoring:
+        saved = json.loads(spec_path.read_text()) if spec_path.is_file() else None
+        if saved != json.loads(json.dumps(spec)):
+            raise InputError(
+                f"{out} holds a different sweep; use another --output-dir, or --force to start over"
+            )
+    spec_path.write_text(json.dumps(spec, indent=2))
+    return restoring
+
+
+def make_scheduler(name: str, max_steps: int, eval_steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if name == "asha":
+        grace = min(eval_steps, max_steps)
+        return ASHAScheduler(
+            time_attr="step", max_t=max_steps, grace_period=grace, reduction_factor=2
+        )
+    return FIFOScheduler()
+
+
+def build_tuner(args, cfg: TrainConfig, grid: dict, lr_space, concurrent: int, restoring: bool):
+    """A new ``Tuner`` over the grid x seeds x lr draws, or the interrupted one restored."""
+    from ray import tune
+
+    out = Path(cfg.output_dir)
+    # The trial function only drives its Train run: no CPU (its workers hold those), and a
+    # token of memory because Tune needs a non-empty bundle.
+    trainable = tune.with_resources(sweep_trial, {"CPU": 0, "memory": 64 * 2**20})
+    if restoring:
+        return tune.Tuner.restore(
+            str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    param_space = {
+        "base": cfg.to_dict(),
+        "knob_keys": list(grid),
+        "sweep_dir": str(out),
+        "seed": tune.grid_search(list(range(cfg.seed, cfg.seed + args.seeds))),
+        "lr": lr_space if lr_space is not None else cfg.lr,
+        **{k: tune.grid_search(v) for k, v in grid.items()},
+    }
+    lines = ConsoleLines(list(grid), cfg.max_steps)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            scheduler=make_scheduler(args.scheduler, cfg.max_steps, cfg.eval_steps),
+            num_samples=args.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[lines]
+        ),
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .driver import prepare_run
+
+    grid = parse_grid(args.grid or DEFAULT_GRID)
+    lr_space = parse_lr(args.lr)
+    cfg = sweep_config(args)
+    combos = grid_points(grid)
+    for combo in combos:  # every model shape is valid before anything starts
+        trial_config(cfg.to_dict(), combo).model_config()
+    spec = prepare_run(cfg)  # data, tokenizer, seq_len and DeepSpeed JSON checked here
+    cfg = spec.train.replace(max_steps=spec.plan.total_steps)
+    concurrent = trials_at_once(cfg, args.max_concurrent)
+    sweep = {"base": cfg.to_dict(), "grid": grid, "lr": args.lr}
+    sweep.update(num_samples=args.num_samples, seeds=args.seeds, scheduler=args.scheduler)
+    restoring = claim_directory(Path(cfg.output_dir), sweep, args.force)
+    trials = len(combos) * args.seeds * args.num_samples
+    print(
+        f"sweep: {trials} trials ({len(combos)} configurations x {args.seeds} seeds x "
+        f"{args.num_samples} samples), {cfg.max_steps} steps each, {args.scheduler.upper()}, "
+        f"{concurrent} at a time ({cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU each)"
+        + (" - restoring the interrupted sweep" if restoring else ""),
+        flush=True,
+    )
+    tuner = build_tuner(args, cfg, grid, lr_space, concurrent, restoring)
+    rows = collect(tuner.fit(), list(grid), cfg, Path(cfg.output_dir))
+    out = Path(cfg.output_dir)
+    return write_outputs(out, rows, list(grid), cfg, cfg.max_steps, args.command_line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point shared by ``enigma tune`` and ``ray_jobs/sweep.py``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])

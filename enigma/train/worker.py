@@ -1,0 +1,268 @@
+"""The per-worker training loop that Ray Train runs: DeepSpeed ZeRO on streamed shards.
+
+Every rank runs the same fixed number of micro-batches per epoch (computed by the driver from the
+manifest, see :class:`~enigma.train.plan.RunPlan`), so no rank waits on a collective that another
+never reaches. Checkpoints and the export live in :mod:`enigma.train.checkpoint`, the learning
+rate in :mod:`enigma.train.schedule`, TensorBoard and the driver's progress lines in
+:mod:`enigma.train.progress`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .checkpoint import TrainState
+from .config import TrainConfig
+from .plan import RunPlan, RunSpec
+from .progress import Reporter
+from .schedule import lr_at
+
+
+def mean_over_workers(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def train_batches(shard, cfg: TrainConfig, plan: RunPlan, state: TrainState):
+    """Micro-batches for ever, ``plan.micro_per_epoch`` per epoch on every rank, resuming at
+    ``state.micro_in_epoch`` of ``state.epoch``."""
+    while True:
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.micro_batch,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + state.epoch if cfg.shuffle_buffer else None,
+        )
+        seen = 0
+        for batch in batches:
+            if seen >= plan.micro_per_epoch:
+                break
+            seen += 1
+            if seen <= state.micro_in_epoch:
+                continue  # consumed before the checkpoint we resumed from
+            state.micro_in_epoch = seen
+            yield batch["input_ids"]
+        if seen < plan.micro_per_epoch:
+            raise RuntimeError(
+                f"worker shard ran out after {seen} of {plan.micro_per_epoch} micro-batches"
+            )
+        state.epoch += 1
+        state.micro_in_epoch = 0
+
+
+@torch.no_grad()
+def evaluate(engine, shard, cfg: TrainConfig, batches: int) -> float:
+    engine.eval()
+    total, seen = 0.0, 0
+    for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True):
+        if seen >= batches:
+            break
+        ids = batch["input_ids"].to(engine.device).long()
+        total += engine(ids, labels=ids).loss.float().item()
+        seen += 1
+    engine.train()
+    return mean_over_workers([total / max(seen, 1)], engine.device)[0]
+
+
+@torch.no_grad()
+def machine_reconstruction(model, ids: torch.Tensor) -> float:
+    """‖x − E⁻¹(E(x))‖/‖x‖ of the machine on this batch's embeddings (every rank calls it:
+    under ZeRO-3 the parameter gathers are collectives)."""
+    if model.machine is None:
+        return 0.0
+    x = model.embed(ids[:2]).float()
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    y = model.machine(x, positions)
+    back = model.machine.inverse(y, positions)
+    return ((back - x).norm() / x.norm()).item()
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def build_engine(spec: RunSpec):
+    """EnigmaLM with identical initial weights on every rank, wrapped by ``deepspeed.initialize``
+    (which adopts the process group Ray Train set up)."""
+    import deepspeed
+
+    from ..lm import EnigmaLM
+
+    cfg, ds_config = spec.train, spec.deepspeed_config
+    deepspeed.init_distributed()
+    torch.manual_seed(cfg.seed)
+    model = EnigmaLM(cfg.model_config())
+    if cfg.activation_checkpointing and "activation_checkpointing" in ds_config:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+        model.use_deepspeed_checkpointing()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config
+    )
+    return engine
+
+
+def restore(engine, spec: RunSpec) -> TrainState:
+    """A restart after a failure resumes from Ray's latest checkpoint; a new run may start from
+    ``spec.resume_from`` (Train V2's replacement for ``resume_from_checkpoint``)."""
+    import ray.train
+
+    found = ray.train.get_checkpoint()
+    if found is None and spec.resume_from:
+        found = ray.train.Checkpoint(spec.resume_from)
+    if found is None:
+        return TrainState()
+    with found.as_directory() as directory:
+        return checkpoint.restore(engine, directory)
+
+
+class Worker:
+    """One rank's run: the engine, its state, its shards and the rank-0 reporter."""
+
+    def __init__(self, spec: RunSpec, queue=None):
+        import ray.train
+
+        self.spec, self.cfg, self.plan = spec, spec.train, spec.plan
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.engine = build_engine(spec)
+        self.stage = spec.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        self.state = restore(self.engine, spec)
+        self.reporter = Reporter(self.rank, spec.output_dir, queue, self.state.step)
+        self.val_shard = ray.train.get_dataset_shard("val")
+        train_shard = ray.train.get_dataset_shard("train")
+        self.batches = train_batches(train_shard, self.cfg, self.plan, self.state)
+        self.interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+
+    def step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step of ``grad_accum`` micro-batches; returns the last ids and the lr."""
+        lr = lr_at(self.state.step, self.cfg, self.plan.total_steps, self.plan.warmup_steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(self.cfg.grad_accum):
+            ids = next(self.batches).to(self.engine.device).long()
+            loss = self.engine(ids, labels=ids).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            self.interval["loss"] += loss.float().item() / self.cfg.grad_accum
+        self.state.step += 1
+        self.state.tokens += self.spec.tokens_per_step
+        self.interval["steps"] += 1
+        return ids, lr
+
+    def log(self, ids: torch.Tensor, lr: float) -> None:
+        """The interval's mean loss over every rank, and what rank 0 reports with it."""
+        steps, elapsed = self.interval["steps"], time.perf_counter() - self.interval["start"]
+        loss, grad_norm = mean_over_workers(
+            [self.interval["loss"] / steps, float(self.engine.get_global_grad_norm() or 0.0)],
+            self.engine.device,
+        )
+        line = {
+            "step": self.state.step,
+            "total": self.plan.total_steps,
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50)),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": self.spec.tokens_per_step * steps / elapsed,
+            "memory_mb": memory_mb(self.engine.device),
+            "machine_reconstruction_error": machine_reconstruction(self.engine.module, ids),
+            "torch_threads": torch.get_num_threads(),
+        }
+        self.state.tokens_per_sec = line["tokens_per_sec"]
+        self.reporter.train(line)
+        self.interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+
+    def report(self, metrics: dict, with_checkpoint: bool) -> None:
+        """Report to Ray Train; with a checkpoint, every rank writes its shard of it."""
+        import ray.train
+
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        local = checkpoint.save(self.engine, self.state, self.rank)
+        try:
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(local),
+                checkpoint_dir_name=f"step-{self.state.step:07d}",
+            )
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    def validate_and_checkpoint(self) -> bool:
+        """Evaluate, export on a new best, report with a checkpoint; True to stop early."""
+        state = self.state
+        val = evaluate(self.engine, self.val_shard, self.cfg, self.plan.eval_batches)
+        state.last_val = val
+        if state.first_val is None:
+            state.first_val = val
+        improved = val < state.best_val
+        if improved:
+            state.best_val, state.best_step, state.bad_evals = val, state.step, 0
+            self.export()
+        else:
+            state.bad_evals += 1
+        metrics = {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        metrics.update(best_val_loss=state.best_val, epoch=state.epoch)
+        metrics.update(tokens_per_sec=state.tokens_per_sec, tokens=state.tokens)
+        self.reporter.eval(metrics, improved)
+        self.report(metrics, with_checkpoint=True)
+        return state.bad_evals > self.cfg.early_stop_patience
+
+    def export(self) -> None:
+        out = Path(self.spec.output_dir) / "model"
+        model_config = self.cfg.model_config()
+        checkpoint.export_model(
+            self.engine, model_config, out, self.spec.tokenizer_dir, self.rank, self.stage
+        )
+
+    def inject_fault(self) -> None:
+        """Tests: the last rank dies once at ``fail_at_step``; Ray restarts the group."""
+        if self.state.step != self.spec.fail_at_step or self.rank != self.world - 1:
+            return
+        marker = Path(self.spec.output_dir) / ".fault-injected"
+        if not marker.exists():
+            marker.write_text(str(self.state.step))
+            os._exit(1)
+
+    def run(self) -> None:
+        cfg, state, total = self.cfg, self.state, self.plan.total_steps
+        self.engine.train()
+        while state.step < total:
+            ids, lr = self.step()
+            self.inject_fault()
+            last = state.step == total
+            if state.step % cfg.log_steps == 0 or last:
+                self.log(ids, lr)
+            stop_here = state.step == cfg.stop_at_step
+            if state.step % cfg.eval_steps == 0 or last:
+                if self.validate_and_checkpoint():
+                    break
+            elif state.step % cfg.save_steps == 0 or stop_here:
+                self.report({"step": state.step, "val_loss": state.last_val}, True)
+            if stop_here:
+                break
+        summary = {"step": state.step, "best_val": state.best_val, "first_val": state.first_val}
+        self.reporter.done(summary)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: ``config`` holds the :class:`RunSpec` and the progress queue."""
+    spec: RunSpec = config["spec"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
+    Worker(spec, config.get("progress")).run()

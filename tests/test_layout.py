@@ -1,0 +1,47 @@
+"""The code's shape: short functions in ``enigma/``, the training system in ``enigma/train/``."""
+
+import ast
+
+from conftest import ROOT
+
+MAX_LINES = 60
+
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    )
+
+
+def function_lengths():
+    """(file, name, lines) of every function in ``enigma/``, its docstring not counted."""
+    for path in sorted((ROOT / "enigma").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if node.body and _is_docstring(node.body[0]):
+                    doc = node.body[0]
+                    lines -= doc.end_lineno - doc.lineno + 1
+                yield path.relative_to(ROOT), node.name, lines
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = [f"{path}:{name} ({n} lines)" for path, name, n in function_lengths() if n > MAX_LINES]
+    assert not long, "split these: " + ", ".join(long)
+
+
+def test_the_check_sees_long_functions(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
+    tree = ast.parse(f'def f():\n    """doc\n    more"""\n{body}\n')
+    node = tree.body[0]
+    assert node.end_lineno - node.lineno + 1 - 2 == MAX_LINES + 1
+
+
+def test_training_modules_live_in_the_train_package():
+    flat = ["trainer", "train_loop", "train_config", "ds_config", "sweep"]
+    assert not [m for m in flat if (ROOT / "enigma" / f"{m}.py").exists()]
+    for module in ["config", "deepspeed_json", "driver", "worker", "checkpoint", "schedule",
+                   "progress", "sweep", "sweep_trial", "sweep_results"]:  # fmt: skip
+        assert (ROOT / "enigma" / "train" / f"{module}.py").is_file(), module
