@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 from importlib import import_module
+
+from .errors import InputError
 
 # (path, help, module, add-arguments function, run function)
 COMMANDS = [
@@ -91,6 +95,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("bench", "faults"),
+        "a training run with seeded worker kills, a driver SIGTERM and a corrupt checkpoint",
+        "benchmarks.faults",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("bench", "copy"),
         "copy-memory task: EnigmaLM vs plain Transformer vs LSTM, recall accuracy",
         "benchmarks.copy",
@@ -137,13 +148,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: locks are released and a Ray instance this process started
+    is shut down on the way out, so the same command can simply be run again."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     args = build_parser(argv).parse_args(argv)
     args.command_line = "enigma " + shlex.join(argv)  # benchmarks record what produced them
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one line, no traceback
+    except InputError as err:  # bad input: one line; any other error keeps its traceback
         print(f"enigma: error: {err}", file=sys.stderr)
         return 2
     return 0

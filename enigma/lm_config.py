@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .errors import InputError
+
 # name -> (model fields, training seq_len). Names are part of the interface.
 PRESETS: dict[str, dict] = {
     "tiny": dict(d=128, num_transformer_layers=2, num_heads=4, num_rev_blocks=2, num_rotors=2),
@@ -17,7 +19,7 @@ CORES = ("enigma", "none")
 
 def preset_fields(name: str) -> dict:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return dict(PRESETS[name])
 
 
@@ -93,15 +95,15 @@ class EnigmaConfig(PretrainedConfig):
         if "conv1x1_positions" in kwargs:  # a config saved before the rename
             rotor_positions = kwargs.pop("conv1x1_positions")
         if d % num_heads:
-            raise ValueError(
+            raise InputError(
                 f"d={d} is not divisible by num_heads={num_heads}; each head gets d / num_heads "
                 f"channels, e.g. num_heads={next(h for h in (8, 4, 2, 1) if d % h == 0)}"
             )
         if core not in CORES:
-            raise ValueError(f"core={core!r} is not one of {CORES}")
+            raise InputError(f"core={core!r} is not one of {CORES}")
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
             if value < 1:
-                raise ValueError(f"{name}={value} must be positive")
+                raise InputError(f"{name}={value} must be positive")
         self.vocab_size, self.d, self.max_len = vocab_size, d, max_len
         self.num_rev_blocks, self.num_rotors = num_rev_blocks, num_rotors
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads

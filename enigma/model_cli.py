@@ -25,7 +25,7 @@ def info(args: argparse.Namespace) -> None:
     if args.preset:
         model = EnigmaLM(EnigmaConfig.from_preset(args.preset))
     else:
-        model = EnigmaLM.from_pretrained(_model_dir(args.model))
+        model = load_model(args.model)
     c = model.config
     print(
         f"EnigmaLM d={c.d} layers={c.num_transformer_layers} heads={c.num_heads} "
@@ -47,17 +47,29 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _model_dir(path: str) -> str:
+def load_model(path: str):
+    """``EnigmaLM.from_pretrained(path)`` in eval mode; a missing or damaged directory is one
+    line naming the file, not a loader traceback."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    from .lm import EnigmaLM
+
+    hf_logging.disable_progress_bar()  # a bar for loading a few tensors is noise
+
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise InputError(f"{path} is not a saved model directory (no config.json in it)")
-    return path
+    try:
+        return EnigmaLM.from_pretrained(path).eval()
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path} holds a damaged model ({first}); export it again") from None
 
 
 def generate(args: argparse.Namespace) -> str:
     from .data.tokenizer import load_tokenizer
-    from .lm import EnigmaLM
 
-    model = EnigmaLM.from_pretrained(_model_dir(args.model)).eval()
+    model = load_model(args.model)
     saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(args.model if saved else None)
     text, _ = continue_text(

@@ -47,14 +47,21 @@ def _free_port() -> int:
 
 
 def _stop_cluster(temp_dir: Path) -> None:
-    """Stop only the processes of the cluster this test started (found by its temp dir)."""
+    """Stop only the processes of the cluster this test started (found by its temp dir): SIGTERM,
+    then SIGKILL for whatever is still there after 10 s; none may outlive the test."""
+    procs = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
                 proc.terminate()
+                procs.append(proc)
         except psutil.Error:
             pass
-    time.sleep(2)
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    assert not alive, f"cluster processes survived SIGKILL: {alive}"
 
 
 @pytest.mark.job_submit

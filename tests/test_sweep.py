@@ -25,11 +25,13 @@ def sweep_argv(data, out, *extra):
     return argv + [x for s in SETS for x in ("--set", s)]
 
 
-def test_two_trial_sweep_outputs_and_best_json(data, tmp_path, capsys):
+def test_three_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys):
+    """6 trials, 2 at a time: three waves, each placed after the one before has ended."""
     out = tmp_path / "sweep"
-    assert main(sweep_argv(data, out, "--scheduler", "fifo")) == 0
+    assert main(sweep_argv(data, out, "--scheduler", "fifo", "--seeds", "3")) == 0
+    assert "2 at a time" in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 and {r["num_rev_blocks"] for r in rows} == {"0", "2"}
+    assert len(rows) == 6 and {r["num_rev_blocks"] for r in rows} == {"0", "2"}
     for r in rows:
         assert int(r["steps"]) == 4 and float(r["best_val_ppl"]) < 21128  # learnt something
         assert float(r["tokens_per_sec"]) > 0 and r["error"] == "False"
@@ -42,7 +44,7 @@ def test_two_trial_sweep_outputs_and_best_json(data, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs = [p for p in (out / "tensorboard").iterdir() if p.is_dir()]
-    assert len(runs) == 2
+    assert len(runs) == 6
     acc = EventAccumulator(str(runs[0]))
     acc.Reload()
     assert "hparam/best_val_ppl" in acc.Tags()["scalars"]
@@ -64,6 +66,30 @@ def test_two_trial_sweep_outputs_and_best_json(data, tmp_path, capsys):
     assert main([*argv, "--output-dir", str(tmp_path / "best")]) == 0
     assert "=== done ===" in capsys.readouterr().out
     assert (tmp_path / "best" / "model" / "model.safetensors").is_file()
+
+
+def test_asha_sweep_of_three_waves_never_stalls(data, tmp_path, capsys):
+    """ASHA stops trials mid-run; their Train workers' placement groups must be freed, or the
+    third wave waits for ever (it did, before ended trials' groups were released)."""
+    import ray
+
+    from enigma.ray_setup import orphaned_placement_groups
+
+    out = tmp_path / "sweep"
+    argv = sweep_argv(data, out, "--seeds", "3", "--max-steps", "6")
+    # A full-length warmup learns far less by the first rung: ASHA stops those trials there.
+    argv[argv.index("num_rev_blocks=0,2")] = "warmup_ratio=0.01,1.0"
+    start = time.monotonic()
+    capsys.readouterr()
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 6 and all(r["error"] == "False" for r in rows)
+    stopped = [r for r in rows if r["asha_stopped"] == "True"]
+    assert stopped, "ASHA stopped the slow-warmup trials at a rung"
+    assert "released" in capsys.readouterr().out
+    assert time.monotonic() - start < 480
+    held = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not held and not orphaned_placement_groups(), "every trial's workers were released"
 
 
 def test_killed_sweep_driver_is_restored_without_redoing_trials(data, tmp_path):
@@ -106,7 +132,7 @@ def test_killed_sweep_driver_is_restored_without_redoing_trials(data, tmp_path):
         (["--grid", "num_rotors=zero"], "expected a int"),
         (["--lr", "loguniform:1e-3:1e-4"], "need 0 < LOW < HIGH"),
         (["--seeds", "0"], "at least 1"),
-        (["--workers-per-trial", "3"], "lower --workers-per-trial"),
+        (["--workers-per-trial", "3"], "use --workers-per-trial 2"),
     ],
 )
 def test_bad_sweep_input_is_one_line(data, tmp_path, capsys, argv, message):

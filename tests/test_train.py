@@ -26,6 +26,7 @@ def fp32_zero2(tmp_path_factory):
 
 def run(data, out, *sets, ds="ds_configs/zero2_bf16.json", workers=2, resume=None, fail_at=None):
     from enigma.train.driver import train
+    from enigma.train.plan import Faults
 
     cfg = build_config(
         "tiny",
@@ -35,7 +36,8 @@ def run(data, out, *sets, ds="ds_configs/zero2_bf16.json", workers=2, resume=Non
         workers=workers,
         output_dir=str(out),
     )
-    return train(cfg, resume=resume, fail_at_step=fail_at)
+    faults = Faults(kill_at_steps=(fail_at,)) if fail_at else None
+    return train(cfg, resume=resume, faults=faults)
 
 
 def scalars(out, tag="train/loss") -> dict[int, float]:
@@ -111,7 +113,7 @@ def test_killed_worker_resumes_from_last_checkpoint(data, tmp_path):
     from enigma import EnigmaLM
 
     summary = run(data, tmp_path, "max_steps=12", "eval_steps=4", fail_at=7)
-    assert (tmp_path / ".fault-injected").read_text() == "7"
+    assert (tmp_path / ".fault-injected-7").read_text() == "7"
     assert summary["steps"] == 12
     logged = sorted(scalars(tmp_path, "val/loss"))
     assert logged == [4, 8, 12], "evaluations after the restart continue from step 4's state"

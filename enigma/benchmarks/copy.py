@@ -22,6 +22,7 @@ import time
 import torch
 from torch import nn
 
+from ..errors import InputError
 from . import meta
 
 SYMBOLS, BLANK, MARKER, VOCAB, RECALL = 8, 0, 9, 10, 10
@@ -105,7 +106,7 @@ def build_models(names: list[str], d: int, delay: int) -> dict[str, nn.Module]:
                 hidden += 1
             models[name] = LSTMModel(hidden)
         else:
-            raise ValueError(f"unknown model {name!r}; choose from enigma, transformer, lstm")
+            raise InputError(f"unknown model {name!r}; choose from enigma, transformer, lstm")
     return models
 
 
@@ -149,7 +150,7 @@ def train(model: nn.Module, args, test: torch.Tensor) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     if args.delay < 1:
-        raise ValueError(f"--delay {args.delay}: must be at least 1")
+        raise InputError(f"--delay {args.delay}: must be at least 1")
     if args.smoke:
         args.steps, args.batch = 6, 8
     names = [n.strip() for n in args.models.split(",") if n.strip()]

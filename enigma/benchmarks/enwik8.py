@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError
 from . import meta
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
@@ -89,7 +90,7 @@ def gensim_dump_path() -> Path:
     roots = list(spec.submodule_search_locations or []) if spec else []
     path = Path(roots[0]) / GENSIM_DUMP if roots else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             "no enwik8 here and none downloadable; pass --data PATH/enwik8, or install the "
             "offline dump with `pip install --no-deps gensim==4.4.0`"
         )
@@ -100,7 +101,7 @@ def load_bytes(path: str | None, allow_download: bool) -> tuple[bytes, str]:
     if path:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"--data {path} does not exist")
+            raise InputError(f"--data {path} does not exist")
         data = _from_zip(p) if zipfile.is_zipfile(p) else p.read_bytes()
         return data, f"enwik8 ({p})" if len(data) == ENWIK8_BYTES else str(p)
     if allow_download:
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
         args.steps, args.batch, args.seq_len = 4, 4, 64
         args.d, args.layers = 32, 1
     if args.seq_len < 8 or args.seq_len % 2:
-        raise ValueError(f"--seq-len {args.seq_len}: must be even and at least 8")
+        raise InputError(f"--seq-len {args.seq_len}: must be even and at least 8")
     data, source = load_bytes(args.data, allow_download=not args.no_download and not args.smoke)
     parts = split(data)
     tensors = {k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in parts.items()}

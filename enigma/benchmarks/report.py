@@ -25,7 +25,11 @@ ORDER += ["enwik8", "sweep"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", default=["docs/results"], help="JSON files or directories")
     p.add_argument("--out", default="docs/results.md")
-    p.add_argument("--readme", default="README.md", help="README whose Results block is rewritten")
+    p.add_argument(
+        "--readme",
+        default=None,
+        help="README whose Results block is rewritten (default: README.md with the default --out)",
+    )
     p.add_argument(
         "--check", action="store_true", help="fail if the committed outputs are out of date"
     )
@@ -319,7 +323,8 @@ def readme_with_results(readme: str, parts) -> str:
 
 def run(args: argparse.Namespace) -> str:
     results = _load(args.inputs)
-    out, readme = Path(args.out), Path(args.readme)
+    out = Path(args.out)
+    readme = Path(args.readme or ("README.md" if args.out == "docs/results.md" else ""))
     parts = sections(results)
     page = results_page(parts)
     new_readme = readme_with_results(readme.read_text(), parts) if readme.is_file() else None
@@ -332,7 +337,7 @@ def run(args: argparse.Namespace) -> str:
                 f"{' and '.join(stale)} differ from docs/results/*.json: run `enigma report "
                 f"{' '.join(args.inputs)}` and commit the result"
             )
-        print(f"{out} and {readme} match {len(results)} benchmark files")
+        print(f"{out}{f' and {readme}' if new_readme else ''} match {len(results)} benchmark files")
         return page
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in results:

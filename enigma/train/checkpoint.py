@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
+CHECKPOINT_TMP = ".checkpoint-tmp"  # under the output directory: where ranks stage checkpoints
 
 
 @dataclass
@@ -36,6 +36,7 @@ class TrainState:
     last_val: float | None = None
     tokens: int = 0
     tokens_per_sec: float | None = None
+    fingerprint: dict | None = None  # what a resume must match (see :func:`fingerprint`)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -46,19 +47,30 @@ class TrainState:
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
-def save(engine, state: TrainState, rank: int) -> str:
-    """Write a checkpoint into a fresh local directory and return it; every rank calls this."""
-    local = tempfile.mkdtemp(prefix="enigma-ckpt-")
-    engine.save_checkpoint(local, tag=DS_TAG)
-    if rank == 0:
-        (Path(local) / STATE_FILE).write_text(state.to_json())
+def save(engine, state: TrainState, rank: int, tmp_root: str | None = None) -> str:
+    """Write a checkpoint into a fresh local directory under ``tmp_root`` and return it; every
+    rank calls this. The directory is removed again if writing fails."""
+    if tmp_root:
+        Path(tmp_root).mkdir(parents=True, exist_ok=True)
+    local = tempfile.mkdtemp(prefix="enigma-ckpt-", dir=tmp_root)
+    try:
+        engine.save_checkpoint(local, tag=DS_TAG)
+        if rank == 0:
+            (Path(local) / STATE_FILE).write_text(state.to_json())
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
     return local
 
 
 def restore(engine, directory: str) -> TrainState:
-    """Load a checkpoint written by :func:`save` into ``engine``; returns its state."""
-    engine.load_checkpoint(directory, tag=DS_TAG, load_lr_scheduler_states=False)
-    return TrainState.from_json((Path(directory) / STATE_FILE).read_text())
+    """Load a checkpoint written by :func:`save` into ``engine``; returns its state. A load that
+    finds nothing is an error, never a fresh start."""
+    state = TrainState.from_json((Path(directory) / STATE_FILE).read_text())
+    loaded, _ = engine.load_checkpoint(directory, tag=DS_TAG, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed loaded nothing from {directory}/{DS_TAG}")
+    return state
 
 
 def export_model(engine, model_config, out: Path, tokenizer_dir: str, rank: int, stage: int):
@@ -77,14 +89,98 @@ def export_model(engine, model_config, out: Path, tokenizer_dir: str, rank: int,
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    if tokenizer_dir and Path(tokenizer_dir).is_dir():
-        for f in Path(tokenizer_dir).iterdir():
-            shutil.copy(f, staging / f.name)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    write_model_dir(model, out, tokenizer_dir)
+
+
+def write_model_dir(model, out: Path, tokenizer_dir: str | None) -> None:
+    """``save_pretrained`` + tokenizer into a unique staging directory, then swapped in whole:
+    a complete ``out`` exists at every instant (:func:`enigma.fsutil.replace_dir`)."""
+    from transformers.utils import logging as hf_logging
+
+    from ..fsutil import remove_leftovers, replace_dir, staging_dir
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for every export
+    remove_leftovers(out)  # of exports killed before their swap
+    staging = staging_dir(out)
+    try:
+        model.save_pretrained(staging)
+        if tokenizer_dir and Path(tokenizer_dir).is_dir():
+            for f in Path(tokenizer_dir).iterdir():
+                shutil.copy(f, staging / f.name)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint a run resumes from, checked before any worker starts
+
+# Knobs of how backward runs: they change no weight and no data position.
+UNCHECKED_MODEL_KEYS = {"activation_checkpointing", "machine_memory_efficient"}
+
+
+def fingerprint(model_config, manifest: dict, world_size: int) -> dict:
+    """What a checkpoint must match to be resumed: the model's shape, the data, the world size.
+    Backprop and memory knobs are left out: they change no weight or data position."""
+    import hashlib
+
+    from .config import MODEL_KEYS
+
+    values = model_config.to_dict()
+    model = {k: values[k] for k in MODEL_KEYS if k in values and k not in UNCHECKED_MODEL_KEYS}
+    data = {k: v for k, v in manifest.items() if k not in ("created", "seconds")}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    # As JSON would give it back, so a saved fingerprint compares equal to a fresh one.
+    return json.loads(json.dumps({"model": model, "data": digest[:16], "world_size": world_size}))
+
+
+def mismatch(saved: dict | None, current: dict) -> str | None:
+    """Why a checkpoint with fingerprint ``saved`` cannot be resumed here, or None."""
+    if not saved:
+        return None  # written before fingerprints existed: nothing to compare
+    model_a, model_b = saved.get("model", {}), current["model"]
+    keys = sorted(k for k in {*model_a, *model_b} if model_a.get(k) != model_b.get(k))
+    if keys:
+        diffs = ", ".join(f"{k} {model_a.get(k)!r} -> {model_b.get(k)!r}" for k in keys[:4])
+        return f"its model differs ({diffs})"
+    if saved.get("data") != current["data"]:
+        return "it was trained on other data (the data manifest differs)"
+    if saved.get("world_size") != current["world_size"]:
+        return (
+            f"it was written by {saved.get('world_size')} workers and this run has "
+            f"{current['world_size']}: each rank's data position is its own; resume with "
+            f"--workers {saved.get('world_size')}"
+        )
+    return None
+
+
+def damage(directory: Path) -> str | None:
+    """What is missing or broken in a checkpoint directory, or None when it looks complete: the
+    state file parses and every DeepSpeed file is a readable archive, one optimizer shard per
+    rank."""
+    import zipfile
+
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{STATE_FILE}: {err}"
+    shards = sorted((directory / DS_TAG).glob("*.pt"))
+    if not shards:
+        return f"no DeepSpeed files in {DS_TAG}/"
+    for f in shards:
+        try:
+            with zipfile.ZipFile(f):
+                pass
+        except (OSError, zipfile.BadZipFile) as err:
+            return f"{f.relative_to(directory)}: {err}"
+    ranks = (state.get("fingerprint") or {}).get("world_size")
+    optim = [f for f in shards if "optim_states" in f.name]
+    if ranks and len(optim) != ranks:
+        return f"{len(optim)} optimizer shards for {ranks} ranks"
+    return None
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """The ``step-*`` checkpoints Ray Train kept for a run, newest first."""
+    return sorted(run_dir.glob("step-*"), reverse=True) if run_dir.is_dir() else []

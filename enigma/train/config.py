@@ -37,10 +37,11 @@ class TrainConfig:
     max_epochs: int = 5
     max_steps: int = 0  # 0: max_epochs worth of steps
     stop_at_step: int = 0  # end early (with a checkpoint); the lr schedule still spans max_steps
-    early_stop_patience: int = 2
+    early_stop_patience: int = 2  # evaluations in a row without a new best; 0: never stop
     eval_steps: int = 2000
     eval_batches: int = 50  # per worker and evaluation
     save_steps: int = 10000
+    checkpoint_tmp_dir: str = ""  # where ranks stage a checkpoint; "": OUTPUT/.checkpoint-tmp
     log_steps: int = 10
     grad_clip: float = 1.0
     shuffle_buffer: int = 256  # blocks, per worker
@@ -49,6 +50,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: int = -1  # -1: 1 when the cluster has GPUs, else 0
     max_failures: int = 2
+    placement_timeout_s: float = 300.0  # workers not placed by then: fail, saying what is held
     seed: int = 0
     sample_prompt: str = "话说天下大势，分久必合，合久必分。"
     sample_tokens: int = 48
@@ -170,5 +172,22 @@ def build_config(
     preset_fields(cfg.preset)  # unknown preset: lists the known ones
     apply_overrides(cfg, {k: v for k, v in explicit.items() if v is not None})
     apply_overrides(cfg, parse_set(sets or []))
-    cfg.model_config()  # validates the model shape before any worker starts
+    check_model(cfg)
     return cfg
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """Build the model on the meta device (no memory, no compute), so a shape the machine or the
+    layers reject is bad input named here, before any worker starts."""
+    import torch
+
+    from ..lm import EnigmaLM
+
+    config = cfg.model_config()
+    try:
+        with torch.device("meta"):
+            EnigmaLM(config)
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(f"model config: {err}") from None

@@ -13,14 +13,27 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..locking import DirectoryLock
 from . import deepspeed_json
+from .checkpoint import (
+    CHECKPOINT_TMP,
+    STATE_FILE,
+    TrainState,
+    checkpoints_of,
+    damage,
+    fingerprint,
+    mismatch,
+)
 from .config import TrainConfig, build_config
-from .plan import RunPlan, RunSpec
-from .progress import ProgressPrinter
+from .plan import Faults, RunPlan, RunSpec
+from .progress import PlacementWatchdog, ProgressPrinter
+
+LOCK_FILE = ".lock"  # in the output directory: one training run writes it at a time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,9 +95,65 @@ def resolve_gpus(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(gpus_per_worker=1 if has_gpus else 0)
 
 
-def prepare_run(cfg: TrainConfig, **spec_fields) -> RunSpec:
-    """Validate the inputs, join or start Ray, decide GPU or CPU, and build what every worker
-    gets. Raises :class:`InputError` before any worker starts."""
+def choose_resume(run_dir: Path, explicit: str | None, current: dict) -> str | None:
+    """The checkpoint this run starts from, said aloud: ``--resume PATH``, or the newest complete
+    one of an earlier run in the same output directory, or none. Damaged checkpoints are passed
+    over (and named); one that does not match this run's model, data or world size is refused."""
+    existing = checkpoints_of(run_dir)
+    if explicit and existing:
+        raise InputError(
+            f"{run_dir.parent.parent} already holds a run (latest {existing[0].name}), which "
+            f"this command resumes; --resume {explicit} would be ignored: drop --resume, or use "
+            "another --output-dir"
+        )
+    candidates = [Path(explicit)] if explicit else existing
+    why = "--resume" if explicit else f"the newest complete checkpoint in {run_dir}"
+    for path in candidates:
+        broken = damage(path)
+        if broken:
+            if explicit:
+                raise InputError(f"--resume {explicit} is damaged: {broken}")
+            print(
+                f"checkpoint {path.name} is damaged ({broken}); trying the one before", flush=True
+            )
+            continue
+        state = TrainState.from_json((path / STATE_FILE).read_text())
+        reason = mismatch(state.fingerprint, current)
+        if reason:
+            raise InputError(
+                f"cannot resume from {path}: {reason}; use another --output-dir for a new run"
+            )
+        print(f"resuming from {path} (step {state.step}): {why}", flush=True)
+        return str(path)
+    if candidates:
+        raise InputError(
+            f"every checkpoint in {run_dir} is damaged; remove {run_dir.parent} to start over"
+        )
+    return None
+
+
+def check_fits(cfg: TrainConfig, workers_flag: str = "--workers") -> None:
+    """The workers' CPUs and GPUs against what the cluster has in all, before anything waits."""
+    import ray
+
+    total = ray.cluster_resources()
+    for kind, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", max(cfg.gpus_per_worker, 0))):
+        need, have = cfg.workers * per_worker, int(total.get(kind, 0))
+        if need > have:
+            raise InputError(
+                f"{cfg.workers} workers x {per_worker} {kind} = {need} {kind}s, but the cluster "
+                f"has {have}: use {workers_flag} {have // per_worker} or fewer {kind}s per worker "
+                f"(or wait until the nodes with more {kind}s have joined)"
+            )
+
+
+def prepare_run(
+    cfg: TrainConfig, resume: str | None = None, workers_flag: str = "--workers", **spec_fields
+) -> RunSpec:
+    """Validate the inputs, join or start Ray, decide GPU or CPU, choose the checkpoint to start
+    from, and build what every worker gets. Raises :class:`InputError` before any worker starts;
+    ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the worker count in
+    messages; ``spec_fields`` go to the :class:`RunSpec` as they are."""
     from ..ray_setup import init_ray
 
     if cfg.gpus_per_worker == 0:
@@ -95,15 +164,20 @@ def prepare_run(cfg: TrainConfig, **spec_fields) -> RunSpec:
         deepspeed_json.check_device(ds_raw, cfg.ds_config, use_gpu=False)
     init_ray()
     cfg = resolve_gpus(cfg)
+    check_fits(cfg, workers_flag)
     use_gpu = cfg.gpus_per_worker > 0
     if use_gpu:
         deepspeed_json.check_device(ds_raw, cfg.ds_config, use_gpu=True)
+    stamp = fingerprint(cfg.model_config(), manifest, cfg.workers)
+    out = Path(cfg.output_dir).resolve()
+    spec_fields.setdefault("resume_from", choose_resume(out / "ray" / "train", resume, stamp))
     return RunSpec(
         train=cfg,
         deepspeed_config=deepspeed_json.fill_auto(ds_raw, cfg, cfg.workers, use_gpu),
         plan=RunPlan.from_manifest(cfg, manifest),
         data_dir=str(Path(cfg.data).resolve()),
-        output_dir=str(Path(cfg.output_dir).resolve()),
+        output_dir=str(out),
+        fingerprint=stamp,
         **spec_fields,
     )
 
@@ -164,22 +238,37 @@ def describe(spec: RunSpec) -> str:
     )
 
 
-def train(cfg: TrainConfig, resume: str | None = None, fail_at_step: int | None = None) -> dict:
-    """Run the training job; returns a summary (val perplexities, paths, sample)."""
-    from ray.util.queue import Queue
-
+def train(cfg: TrainConfig, resume: str | None = None, faults: Faults | None = None) -> dict:
+    """Run the training job; returns a summary (val perplexities, paths, sample). The output
+    directory is locked for the run: a second ``train`` into it is refused."""
     if resume and not Path(resume).is_dir():
         raise InputError(f"--resume {resume}: no such checkpoint directory")
     resume = os.path.abspath(resume) if resume else None
-    spec = prepare_run(cfg, resume_from=resume, fail_at_step=fail_at_step)
-    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output_dir).resolve()
+    with DirectoryLock(out / LOCK_FILE, "enigma train"):
+        return _train_locked(cfg, resume, faults or Faults())
+
+
+def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults) -> dict:
+    from ray.util.queue import Queue
+
+    spec = prepare_run(cfg, resume, faults=faults)
+    # Checkpoints staged by ranks that were killed mid-write (this directory is locked: none of
+    # them belongs to a live run).
+    shutil.rmtree(Path(spec.output_dir) / CHECKPOINT_TMP, ignore_errors=True)
     queue = Queue(actor_options={"num_cpus": 0})
     printer = ProgressPrinter(queue)
     print(describe(spec), flush=True)
     trainer = build_trainer(spec, progress=queue)
     printer.start()
+    watchdog = PlacementWatchdog(cfg.placement_timeout_s)
     try:
-        result = trainer.fit()
+        with watchdog:
+            result = trainer.fit()
+    except Exception:
+        if watchdog.reason:  # the watchdog ended the run: its reason is the error
+            raise InputError(watchdog.reason) from None
+        raise
     finally:
         time.sleep(1.0)  # let the last progress lines arrive
         printer.stopped.set()
@@ -192,13 +281,12 @@ def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
     import torch
 
     from ..data.tokenizer import load_tokenizer
-    from ..lm import EnigmaLM
-    from ..model_cli import continue_text
+    from ..model_cli import continue_text, load_model
 
     if not (model_dir / "config.json").is_file():
         return None
     cfg = spec.train
-    model = EnigmaLM.from_pretrained(model_dir).eval()
+    model = load_model(str(model_dir))
     tokenizer = load_tokenizer(str(model_dir), quiet=True)
     with torch.no_grad():
         text, _ = continue_text(
@@ -241,9 +329,9 @@ def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     cfg = config_from_args(args)
-    fail_at = os.environ.get("ENIGMA_FAIL_AT_STEP")
+    faults = Faults.from_env(os.environ.get("ENIGMA_FAULTS"))
     start = time.perf_counter()
-    summary = train(cfg, resume=args.resume, fail_at_step=int(fail_at) if fail_at else None)
+    summary = train(cfg, resume=args.resume, faults=faults)
     if args.json_out:
         save_summary(cfg, summary, time.perf_counter() - start, args)
     return summary

@@ -6,6 +6,7 @@ absolute, the DeepSpeed config is already filled, and whether the run uses GPUs 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -47,6 +48,25 @@ class RunPlan:
 
 
 @dataclass(frozen=True)
+class Faults:
+    """Failures injected on purpose (tests, ``enigma bench faults``); none by default."""
+
+    kill_at_steps: tuple[int, ...] = ()  # the last rank exits once after each of these steps
+    disk_full_at_step: int = 0  # checkpoints from this step on fail as on a full disk
+
+    @classmethod
+    def from_env(cls, value: str | None) -> Faults:
+        """``ENIGMA_FAULTS='{"kill_at_steps": [7]}'``; unset or empty: none."""
+        if not value:
+            return cls()
+        try:
+            data = json.loads(value)
+            return cls(tuple(data.get("kill_at_steps", ())), int(data.get("disk_full_at_step", 0)))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+            raise InputError(f"ENIGMA_FAULTS={value!r} is not a fault plan: {err}") from None
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One training run as every worker sees it."""
 
@@ -55,8 +75,9 @@ class RunSpec:
     plan: RunPlan
     data_dir: str
     output_dir: str = ""
-    resume_from: str | None = None  # a checkpoint directory a new run starts from
-    fail_at_step: int | None = None  # fault injection for tests: the last rank exits there
+    resume_from: str | None = None  # the checkpoint the driver chose (checked) to start from
+    fingerprint: dict | None = None  # saved with every checkpoint, checked on resume
+    faults: Faults = Faults()
 
     @property
     def use_gpu(self) -> bool:

@@ -42,6 +42,9 @@ class Reporter:
             self.writer.flush()
         self._send({"kind": "eval", **metrics, "improved": improved})
 
+    def note(self, text: str) -> None:
+        self._send({"kind": "note", "text": text})
+
     def done(self, summary: dict) -> None:
         self._send({"kind": "done", **summary})
         if self.writer:
@@ -81,6 +84,8 @@ class ProgressPrinter(threading.Thread):
                 f"lr {item['lr']:.2e} | ETA {duration(eta)}",
                 flush=True,
             )
+        elif item["kind"] == "note":
+            print(f"note: {item['text']}", flush=True)
         elif item["kind"] == "eval":
             self.evals.append(item)
             mark = " (best, exported)" if item["improved"] else ""
@@ -94,3 +99,32 @@ class ProgressPrinter(threading.Thread):
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class PlacementWatchdog(threading.Thread):
+    """Ends a run whose workers cannot be placed: after ``timeout_s`` with a placement group
+    still pending it records why in ``reason`` and kills the run's Train controller, so the
+    ``fit()`` waiting on it returns (a signal would not reach a thread blocked in ``ray.get``,
+    and Ray Train's own abort waits for the stuck controller)."""
+
+    def __init__(self, timeout_s: float, every_s: float = 5.0):
+        super().__init__(daemon=True)
+        self.timeout_s, self.every_s = timeout_s, every_s
+        self.stopped, self.reason = threading.Event(), None
+
+    def __enter__(self) -> PlacementWatchdog:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+
+    def run(self) -> None:
+        from ..ray_setup import PlacementWatch, kill_train_controllers
+
+        watch = PlacementWatch(self.timeout_s)
+        while not self.stopped.wait(self.every_s):
+            self.reason = watch.check()
+            if self.reason:
+                kill_train_controllers()
+                return

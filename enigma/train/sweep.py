@@ -17,12 +17,14 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from ray.tune import Callback
 
 from ..errors import InputError
-from .config import MODEL_KEYS, TrainConfig, apply_overrides, build_config
+from ..locking import DirectoryLock
+from .config import MODEL_KEYS, TrainConfig, apply_overrides, build_config, check_model
 from .sweep_results import collect, write_outputs
 from .sweep_trial import sweep_trial, trial_config
 
@@ -125,6 +127,54 @@ class ConsoleLines(Callback):
         print(f"trial FAILED: {self._label(trial)}; see {trial.local_path}", flush=True)
 
 
+class ReleaseStoppedTrials(Callback):
+    """Frees the placement groups of trials that ended without shutting their Train run down
+    (stopped by ASHA, failed, killed), so the next wave of trials can be placed; and ends the
+    sweep, saying what is held, when some trial's workers cannot be placed for ``timeout_s``."""
+
+    def __init__(self, timeout_s: float, every_s: float = 2.0):
+        from ..ray_setup import PlacementWatch
+
+        self.every_s, self.last, self.watch = every_s, 0.0, PlacementWatch(timeout_s)
+
+    @staticmethod
+    def _release() -> None:
+        from ..ray_setup import remove_orphaned_placement_groups
+
+        freed = remove_orphaned_placement_groups()
+        if freed:
+            print(f"  released {freed} placement group(s) left by ended trials", flush=True)
+
+    def _sweep(self) -> None:
+        self.last = time.monotonic()
+        self._release()
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last >= self.every_s:
+            self._sweep()
+            reason = self.watch.check()
+            if reason:
+                raise InputError(f"sweep stopped: {reason}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._sweep()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._sweep()
+
+
+def release_leftovers(wait_s: float = 15.0) -> None:
+    """After the last trial: no Train controller of this sweep may live on, and no placement
+    group of a dead one may keep its CPUs (the last trials' controllers die after Tune is done)."""
+    from ..ray_setup import actor_placement_groups, kill_train_controllers
+
+    kill_train_controllers()
+    deadline = time.monotonic() + wait_s
+    while actor_placement_groups(dead_creator_only=False) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        ReleaseStoppedTrials._release()
+
+
 SWEEP_DEFAULTS = ["save_steps=1000000000"]  # checkpoints come with the evaluations
 
 
@@ -221,7 +271,10 @@ def build_tuner(args, cfg: TrainConfig, grid: dict, lr_space, concurrent: int, r
         "lr": lr_space if lr_space is not None else cfg.lr,
         **{k: tune.grid_search(v) for k, v in grid.items()},
     }
-    lines = ConsoleLines(list(grid), cfg.max_steps)
+    callbacks = [
+        ConsoleLines(list(grid), cfg.max_steps),
+        ReleaseStoppedTrials(cfg.placement_timeout_s),
+    ]
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -233,21 +286,28 @@ def build_tuner(args, cfg: TrainConfig, grid: dict, lr_space, concurrent: int, r
             max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[lines]
+            name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=callbacks
         ),
     )
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .driver import prepare_run
-
+    """``enigma tune``: one sweep per output directory at a time (it is locked while it runs)."""
     grid = parse_grid(args.grid or DEFAULT_GRID)
     lr_space = parse_lr(args.lr)
     cfg = sweep_config(args)
+    with DirectoryLock(Path(cfg.output_dir) / ".lock", "enigma tune"):
+        return _run_locked(args, cfg, grid, lr_space)
+
+
+def _run_locked(args, cfg: TrainConfig, grid: dict, lr_space) -> dict:
+    from .driver import prepare_run
+
     combos = grid_points(grid)
     for combo in combos:  # every model shape is valid before anything starts
-        trial_config(cfg.to_dict(), combo).model_config()
-    spec = prepare_run(cfg)  # data, tokenizer, seq_len and DeepSpeed JSON checked here
+        check_model(trial_config(cfg.to_dict(), combo))
+    # Data, tokenizer, seq_len, DeepSpeed JSON and the trial's size against the cluster.
+    spec = prepare_run(cfg, workers_flag="--workers-per-trial")
     cfg = spec.train.replace(max_steps=spec.plan.total_steps)
     concurrent = trials_at_once(cfg, args.max_concurrent)
     sweep = {"base": cfg.to_dict(), "grid": grid, "lr": args.lr}
@@ -262,7 +322,9 @@ def run(args: argparse.Namespace) -> dict:
         flush=True,
     )
     tuner = build_tuner(args, cfg, grid, lr_space, concurrent, restoring)
-    rows = collect(tuner.fit(), list(grid), cfg, Path(cfg.output_dir))
+    grid_result = tuner.fit()
+    release_leftovers()
+    rows = collect(grid_result, list(grid), cfg, Path(cfg.output_dir))
     out = Path(cfg.output_dir)
     return write_outputs(out, rows, list(grid), cfg, cfg.max_steps, args.command_line)
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .checkpoint import TrainState
+from .checkpoint import CHECKPOINT_TMP, TrainState
 from .config import TrainConfig
 from .plan import RunPlan, RunSpec
 from .progress import Reporter
@@ -116,18 +116,33 @@ def build_engine(spec: RunSpec):
     return engine
 
 
-def restore(engine, spec: RunSpec) -> TrainState:
-    """A restart after a failure resumes from Ray's latest checkpoint; a new run may start from
-    ``spec.resume_from`` (Train V2's replacement for ``resume_from_checkpoint``)."""
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: every rank calls it)."""
+    return mean_over_workers([1.0 if flag else 0.0], device)[0] > 0
+
+
+def restore(engine, spec: RunSpec, notes: list[str]) -> TrainState:
+    """Ray's latest checkpoint after a restart, else the one the driver chose; a checkpoint that
+    fails to load on any rank is reported in ``notes`` and the next one is tried. When there was
+    a checkpoint and none loads, the run fails: a failed load never becomes a fresh start."""
     import ray.train
 
-    found = ray.train.get_checkpoint()
-    if found is None and spec.resume_from:
-        found = ray.train.Checkpoint(spec.resume_from)
-    if found is None:
-        return TrainState()
-    with found.as_directory() as directory:
-        return checkpoint.restore(engine, directory)
+    candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None]
+    if spec.resume_from and all(Path(c.path) != Path(spec.resume_from) for c in candidates):
+        candidates.append(ray.train.Checkpoint(spec.resume_from))
+    for found in candidates:
+        state, error = None, None
+        try:
+            with found.as_directory() as directory:
+                state = checkpoint.restore(engine, directory)
+        except Exception as err:  # reported below; every rank must agree before going on
+            error = err
+        if not any_rank(error is not None, engine.device):
+            return state
+        notes.append(f"checkpoint {found.path} could not be loaded ({error or 'on another rank'})")
+    if candidates:
+        raise RuntimeError("no checkpoint could be loaded: " + "; ".join(notes))
+    return TrainState()
 
 
 class Worker:
@@ -141,8 +156,12 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.engine = build_engine(spec)
         self.stage = spec.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
-        self.state = restore(self.engine, spec)
+        notes: list[str] = []
+        self.state = restore(self.engine, spec, notes)
+        self.state.fingerprint = spec.fingerprint
         self.reporter = Reporter(self.rank, spec.output_dir, queue, self.state.step)
+        for note in notes:
+            self.reporter.note(note)
         self.val_shard = ray.train.get_dataset_shard("val")
         train_shard = ray.train.get_dataset_shard("train")
         self.batches = train_batches(train_shard, self.cfg, self.plan, self.state)
@@ -194,7 +213,17 @@ class Worker:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
-        local = checkpoint.save(self.engine, self.state, self.rank)
+        tmp_root = self.cfg.checkpoint_tmp_dir or str(Path(self.spec.output_dir) / CHECKPOINT_TMP)
+        self.fill_disk()
+        try:
+            local = checkpoint.save(self.engine, self.state, self.rank, tmp_root)
+        except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as either
+            free = shutil.disk_usage(tmp_root).free / 2**20
+            raise RuntimeError(
+                f"step {self.state.step}: writing the checkpoint under {tmp_root} failed ({err}; "
+                f"{free:,.0f} MB free there); is the disk full? The previous checkpoint is "
+                "intact: free space, then rerun the same command to resume from it"
+            ) from err
         try:
             ray.train.report(
                 metrics,
@@ -222,23 +251,48 @@ class Worker:
         metrics.update(tokens_per_sec=state.tokens_per_sec, tokens=state.tokens)
         self.reporter.eval(metrics, improved)
         self.report(metrics, with_checkpoint=True)
-        return state.bad_evals > self.cfg.early_stop_patience
+        patience = self.cfg.early_stop_patience  # 0: never stop early
+        return patience > 0 and state.bad_evals >= patience
 
     def export(self) -> None:
+        """Export the best model; a failure on any rank ends every rank now, with the cause,
+        instead of leaving the others waiting in the next collective."""
         out = Path(self.spec.output_dir) / "model"
-        model_config = self.cfg.model_config()
-        checkpoint.export_model(
-            self.engine, model_config, out, self.spec.tokenizer_dir, self.rank, self.stage
-        )
+        error = None
+        try:
+            checkpoint.export_model(
+                self.engine, self.cfg.model_config(), out, self.spec.tokenizer_dir, self.rank,
+                self.stage,
+            )  # fmt: skip
+        except Exception as err:  # re-raised below, after every rank knows
+            error = err
+        if any_rank(error is not None, self.engine.device):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"step {self.state.step}: exporting {out} failed on another rank")
 
     def inject_fault(self) -> None:
-        """Tests: the last rank dies once at ``fail_at_step``; Ray restarts the group."""
-        if self.state.step != self.spec.fail_at_step or self.rank != self.world - 1:
+        """Injected kills: the last rank dies once at each listed step; Ray restarts the group
+        from the last checkpoint. A marker file per step makes each kill happen once."""
+        if self.state.step not in self.spec.faults.kill_at_steps or self.rank != self.world - 1:
             return
-        marker = Path(self.spec.output_dir) / ".fault-injected"
+        marker = Path(self.spec.output_dir) / f".fault-injected-{self.state.step}"
         if not marker.exists():
             marker.write_text(str(self.state.step))
             os._exit(1)
+
+    def fill_disk(self) -> None:
+        """Injected full disk: from ``disk_full_at_step`` on, this process may not write more than
+        64 KiB to any file (``RLIMIT_FSIZE``), so a checkpoint write fails as on a full disk."""
+        at = self.spec.faults.disk_full_at_step
+        if at and self.state.step >= at:
+            import resource
+            import signal
+
+            # Blocked, the signal does not kill the process: the write fails with EFBIG instead.
+            # (The loop runs in a worker thread, where signal handlers cannot be installed.)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGXFSZ})
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
 
     def run(self) -> None:
         cfg, state, total = self.cfg, self.state, self.plan.total_steps

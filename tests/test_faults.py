@@ -1,0 +1,243 @@
+"""Nothing lost, nobody waits: locks, atomic exports, checked and fallen-back resumes, a full
+disk, honest errors, early stopping, and the fault-injection benchmark's smoke."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SMALL_RUN
+
+from enigma.cli import main
+from enigma.locking import DirectoryLock
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _holder(lock_path, what="enigma train"):
+    """A live process that holds ``lock_path`` until killed."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from enigma.locking import DirectoryLock
+        with DirectoryLock({str(lock_path)!r}, {what!r}):
+            print("held", flush=True)
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _holder(out / ".lock")
+    try:
+        argv = ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(out)]
+        assert main([*argv, "--set", "seq_len=64"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by enigma train (pid {holder.pid}" in err and len(err.splitlines()) == 1
+        assert not (out / "ray").exists(), "nothing of the second run was written"
+        prepared = tmp_path / "prep"
+        prep_holder = _holder(tmp_path / ".prep.lock", "enigma data prepare")
+        try:
+            assert main(["data", "prepare", "--seq-len", "64", "--out", str(prepared)]) == 2
+            assert "in use by enigma data prepare" in capsys.readouterr().err
+        finally:
+            prep_holder.kill()
+            prep_holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its lock is stale and the next run takes it over.
+    with DirectoryLock(out / ".lock", "enigma train") as lock:
+        assert lock.held and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert "taking over the stale lock" in capsys.readouterr().out
+    assert not (out / ".lock").exists(), "released on exit"
+
+
+EXPORT_CHILD = """
+import os, signal, sys, torch
+from pathlib import Path
+from enigma import EnigmaConfig, EnigmaLM
+from enigma import fsutil
+from enigma.train.checkpoint import write_model_dir
+
+out, when = Path(sys.argv[1]), sys.argv[2]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if when == "before-swap":
+    fsutil.exchange = die
+else:  # after the swap, before the old contents are removed
+    fsutil.shutil.rmtree = die
+torch.manual_seed(2)
+write_model_dir(EnigmaLM(EnigmaConfig.from_preset("tiny", d=32, num_heads=2)), out, None)
+"""
+
+
+def _tiny(seed):
+    from enigma import EnigmaConfig, EnigmaLM
+
+    torch.manual_seed(seed)
+    return EnigmaLM(EnigmaConfig.from_preset("tiny", d=32, num_heads=2)).eval()
+
+
+@pytest.mark.parametrize("when", ["before-swap", "after-swap"])
+def test_export_killed_between_its_steps_leaves_a_complete_model(tmp_path, when):
+    from enigma import EnigmaLM
+    from enigma.train.checkpoint import write_model_dir
+
+    out = tmp_path / "model"
+    write_model_dir(_tiny(1), out, None)
+    ids = torch.randint(0, 100, (1, 9))
+    child = subprocess.run([sys.executable, "-c", EXPORT_CHILD, str(out), when], cwd=ROOT)
+    assert child.returncode == -signal.SIGKILL
+    survivor = EnigmaLM.from_pretrained(out).eval()  # complete at this instant, either way
+    expected = _tiny(1 if when == "before-swap" else 2)
+    with torch.no_grad():
+        assert torch.equal(survivor(ids).logits, expected(ids).logits)
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".model.staging-")]
+    write_model_dir(_tiny(3), out, None)  # the next export clears what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with torch.no_grad():
+        assert torch.equal(EnigmaLM.from_pretrained(out)(ids).logits, _tiny(3)(ids).logits)
+
+
+def test_damaged_model_file_is_one_line(tmp_path, capsys):
+    from enigma.data import load_tokenizer
+
+    _tiny(0).save_pretrained(tmp_path)
+    load_tokenizer(quiet=True).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "曹操"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path) in err and "damaged" in err and len(err.splitlines()) == 1
+
+
+def test_an_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch):
+    import torch.nn.functional as F
+
+    from enigma.lm import EnigmaLM
+
+    def broken_forward(self, *args, **kwargs):  # a shape error deep in PyTorch (a ValueError)
+        return F.cross_entropy(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
+
+    monkeypatch.setattr(EnigmaLM, "forward", broken_forward)
+    with pytest.raises(ValueError, match="batch_size"):
+        main(["bench", "lm", "--preset", "tiny", "--rounds", "1", "--batch", "1"])
+
+
+def _train(data, out, *sets, faults=None, resume=None, workers=2, ds="ds_configs/zero2_bf16.json"):
+    from enigma.train.config import build_config
+    from enigma.train.driver import train
+
+    cfg = build_config("tiny", sets=[*SMALL_RUN, "log_steps=1", "lr=2e-3", *sets], data=str(data),
+                       ds_config=ds, workers=workers, output_dir=str(out))  # fmt: skip
+    return train(cfg, resume=resume, faults=faults)
+
+
+def _losses(out, tag="train/loss") -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_resume_is_checked_and_falls_back_past_a_truncated_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(data, out, "max_steps=8", "eval_steps=4")
+    steps = out / "ray" / "train"
+    assert sorted(p.name for p in steps.glob("step-*")) == ["step-0000004", "step-0000008"]
+    state = json.loads((steps / "step-0000008" / "trainer_state.json").read_text())
+    assert state["fingerprint"]["world_size"] == 2 and state["fingerprint"]["model"]["d"] == 128
+
+    # Another model, other data or another world size: refused, naming what differs.
+    argv = ["train", "--preset", "small", "--data", str(data), "--output-dir", str(out)]
+    assert main([*argv, "--set", "seq_len=64", "--max-steps", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "d 128 -> 256" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="written by 2 workers and this run has 1"):
+        _train(data, out, "max_steps=12", "eval_steps=4", workers=1)
+    with pytest.raises(ValueError, match="--resume .* would be ignored"):
+        _train(data, out, "max_steps=12", resume=str(steps / "step-0000004"))
+
+    # A truncated latest checkpoint: named, passed over, the one before is resumed.
+    shard = sorted((steps / "step-0000008" / "ds").glob("*optim_states.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    capsys.readouterr()
+    summary = _train(data, out, "max_steps=12", "eval_steps=4")
+    printed = capsys.readouterr().out
+    assert "step-0000008 is damaged" in printed and "resuming from" in printed
+    assert "step-0000004" in printed.split("resuming from")[1].splitlines()[0]
+    assert summary["steps"] == 12
+    assert sorted(_losses(out)) == list(range(1, 13)), "each step logged once"
+
+
+def test_full_disk_during_a_checkpoint_is_clear_and_the_previous_one_resumes(data, tmp_path):
+    from enigma.train.plan import Faults
+
+    out = tmp_path / "run"
+    with pytest.raises(Exception, match="writing the checkpoint .* failed .* disk full"):
+        _train(data, out, "max_steps=8", "eval_steps=4", "max_failures=0",
+               faults=Faults(disk_full_at_step=8))  # fmt: skip
+    kept = sorted(p.name for p in (out / "ray" / "train").glob("step-*"))
+    assert kept == ["step-0000004"]
+    assert not list((out / ".checkpoint-tmp").iterdir()), "no staged checkpoint left behind"
+    summary = _train(data, out, "max_steps=8", "eval_steps=4")
+    assert summary["steps"] == 8 and sorted(_losses(out, "val/loss")) == [4, 8]
+
+
+def test_early_stopping_after_exactly_patience_bad_evaluations(data, tmp_path):
+    # lr 0: the first evaluation is the best and every later one equals it, so none improves.
+    summary = _train(data, tmp_path, "max_steps=20", "eval_steps=2", "lr=0",
+                     "early_stop_patience=2")  # fmt: skip
+    assert sorted(_losses(tmp_path, "val/loss")) == [2, 4, 6]
+    assert summary["steps"] == 6
+
+
+def test_bench_faults_smoke_one_fault_of_each_kind(data, tmp_path):
+    """A worker kill, a driver SIGTERM and a truncated checkpoint: all survived, the curve equal
+    to the undisturbed run's step for step (fp32)."""
+    out = tmp_path / "faults.json"
+    argv = ["bench", "faults", "--data", str(data), "--steps", "12", "--save-every", "4"]
+    assert (
+        main([*argv, "--kills", "1", "--output-dir", str(tmp_path / "work"), "--json", str(out)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["faults_injected"] == result["faults_survived"] == 3
+    assert result["first_exit_code"] != 0 and result["second_exit_code"] == 0
+    assert result["fell_back"] and len(result["kills_done"]) == 1
+    assert result["steps_lost"] == [] and result["steps_logged_twice"] == []
+    assert result["max_loss_diff"] < 1e-4
+
+
+def test_workers_that_cannot_be_placed_fail_with_what_is_held(data, tmp_path, capsys):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    argv = ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(tmp_path)]
+    argv += ["--gpus-per-worker", "0", "--set", "seq_len=64"]
+    # More than the cluster has at all: refused at once, naming both numbers.
+    assert main([*argv, "--workers", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "3 workers x 1 CPU = 3 CPUs, but the cluster has 2" in err
+    # Enough in all, but another holder keeps a CPU: the run fails after its timeout, saying so.
+    holder = placement_group([{"CPU": 1}])
+    ray.get(holder.ready())
+    try:
+        start = time.monotonic()
+        assert main([*argv, "--workers", "2", "--set", "placement_timeout_s=10"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "could not be placed for 10 s" in err and "2 x {CPU 1}" in err
+        assert "held by 1 placement group(s) 1 x {CPU 1}" in err and len(err.splitlines()) == 1
+        assert time.monotonic() - start < 90
+    finally:
+        remove_placement_group(holder)
