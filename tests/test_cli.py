@@ -22,6 +22,8 @@ def test_bench_core_smoke(tmp_path, capsys):
     }
     assert result["reconstruction"]["fp64_involution"] < 1e-12
     assert "ratio memory-efficient / MLP" in capsys.readouterr().out
+    # The record's machine is the computer that measured it, not the Enigma machine's parts.
+    assert result["machine"]["cpu_count"] and result["parts"] == {"rev_blocks": 2, "rotors": 2}
 
 
 def test_bench_lm_smoke(tmp_path):

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "benchmark": "core",
         "shape": {"d": d, "batch": args.batch, "length": args.length},
-        "machine": {"rev_blocks": args.rev_blocks, "rotors": args.rotors},
+        "parts": {"rev_blocks": args.rev_blocks, "rotors": args.rotors},
         "mlp_layers": mlp_layers,
         "macs_per_token": machine_macs_per_token(machine),
         "tokens_per_sec": {k: round(v, 1) for k, v in tps.items()},
@@ -116,7 +116,7 @@ def reconstruction(machine: Enigma, batch: int, length: int) -> dict:
 
 
 def show(result: dict, rounds: int) -> None:
-    shape, parts = result["shape"], result["machine"]
+    shape, parts = result["shape"], result["parts"]
     print(
         f"machine d={shape['d']} blocks={parts['rev_blocks']} rotors={parts['rotors']}, "
         f"B={shape['batch']} L={shape['length']}"

@@ -89,7 +89,7 @@ def _rate(x: float) -> str:
 
 
 def section_core(r: dict) -> tuple[str, list[str]]:
-    s, m, tps = r["shape"], r["machine"], r["tokens_per_sec"]
+    s, m, tps = r["shape"], r["parts"], r["tokens_per_sec"]
     title = (
         f"The machine (`enigma bench core`: d={s['d']}, B={s['batch']}, L={s['length']}, "
         f"{m['rev_blocks']} RevBlocks, {m['rotors']} rotors)"
