@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 
 
@@ -27,7 +29,47 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
             **local,
             **kwargs,
         )
+        keep_python_sigterm()
+    quiet_worker_start_warnings()
     quiet_ray_data()
+
+
+def keep_python_sigterm() -> None:
+    """Ray's core worker installs a C-level SIGTERM handler that aborts the process; hand SIGTERM
+    back to the Python handler the CLI installed (it unwinds: locks released, Ray shut down)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
+
+
+WORKER_START_WARNING = "worker processes have been started on node"
+
+
+def quiet_worker_start_warnings() -> None:
+    """Drop the raylet's "N worker processes have been started" warnings on this driver.
+
+    The raylet sends one each time it has started another multiple of the node's CPU count in
+    worker processes. A sweep on a small machine starts many short-lived actors (trials, Train
+    controllers, workers) by design, so on 2 CPUs the warning repeats with every wave and says
+    nothing. Ray has no setting for it; its driver prints raylet messages through
+    ``print_to_stdstream``, which is wrapped here to leave those lines out. Every other raylet
+    message (a worker that died, out of memory) still reaches the console.
+    """
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "enigma_quiet", False):
+        return
+
+    def without_start_warnings(data, ignore_prefix):
+        lines = [x for x in data.get("lines", []) if WORKER_START_WARNING not in x]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    without_start_warnings.enigma_quiet = True
+    ray_worker.print_to_stdstream = without_start_warnings
 
 
 def quiet_ray_data() -> None:

@@ -250,13 +250,25 @@ def section_enwik8(r: dict) -> tuple[str, list[str]]:
     return f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']})", lines
 
 
+def _pm(mean: float | None, std: float | None, n: int | None = None) -> str:
+    if n == 0 or mean is None or mean != mean:  # no trial reached this point
+        return "–"
+    return f"{mean:.1f} ± {std:.1f}" + (f" ({n})" if n is not None else "")
+
+
 def section_sweep(r: dict) -> tuple[str, list[str]]:
-    knobs = r["knobs"]
+    knobs, configs = r["knobs"], r["configurations"]
     head = [*knobs, "params", f"val ppl at step {r['at_step']} (mean ± std, n)"]
-    rows = [
-        [*[c[k] for k in knobs], f"{c['params']:,}", f"{c['mean']:.1f} ± {c['std']:.1f} ({c['n']})"]
-        for c in sorted(r["configurations"], key=lambda c: c["mean"])
-    ]
+    with_best = all("best_mean" in c for c in configs)
+    if with_best:
+        head += ["best val ppl (mean ± std)", "stopped by ASHA"]
+    rows = []
+    order = "best_mean" if with_best else "mean"
+    for c in sorted(configs, key=lambda c: (c[order] is None, c[order] or 0.0)):
+        row = [*[c[k] for k in knobs], f"{c['params']:,}", _pm(c["mean"], c["std"], c["n"])]
+        if with_best:
+            row += [_pm(c["best_mean"], c["best_std"]), f"{c['stopped']}/{c['trials']}"]
+        rows.append(row)
     return f"Sweep `{r['name']}` (`enigma tune`)", table(head, rows)
 
 

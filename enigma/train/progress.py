@@ -25,8 +25,9 @@ class Reporter:
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            # After a restart, drop the events logged past the checkpoint: those steps run again.
-            purge = resumed_step + 1 if resumed_step else None
+            # After a restart, drop the events logged past the checkpoint: those steps run again
+            # (all of them when the restart begins from no checkpoint at all).
+            purge = resumed_step + 1
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def train(self, line: dict) -> None:

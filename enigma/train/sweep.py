@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -322,6 +323,9 @@ def _run_locked(args, cfg: TrainConfig, grid: dict, lr_space) -> dict:
         flush=True,
     )
     tuner = build_tuner(args, cfg, grid, lr_space, concurrent, restoring)
+    # Tune's console output engine prints its configuration box and paths even at verbose=0;
+    # ConsoleLines prints what a user needs. The classic engine is silent at verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid_result = tuner.fit()
     release_leftovers()
     rows = collect(grid_result, list(grid), cfg, Path(cfg.output_dir))

@@ -195,8 +195,12 @@ def sweep_record(ordered: list, knob_keys: list[str], cfg, max_steps: int, out: 
     for knobs, members in ordered:
         mean, std = _mean_std([ppl_at_step(m, max_steps) for m in members])
         n = sum(not math.isnan(ppl_at_step(m, max_steps)) for m in members)
+        best_mean, best_std = _mean_std([m["best_val_ppl"] for m in members])
         entry = {**dict(zip(knob_keys, knobs, strict=True)), "params": members[0]["params"]}
-        configurations.append({**entry, "mean": mean, "std": std, "n": n})
+        entry.update(mean=mean, std=std, n=n, best_mean=best_mean, best_std=best_std)
+        entry.update(trials=len(members), stopped=sum(m["asha_stopped"] for m in members))
+        # JSON has no NaN: a figure no trial reached is null.
+        configurations.append({k: None if v != v else v for k, v in entry.items()})
     return {
         "benchmark": "sweep",
         "name": out.name,
