@@ -29,7 +29,11 @@ def test_three_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys):
     """6 trials, 2 at a time: three waves, each placed after the one before has ended."""
     out = tmp_path / "sweep"
     assert main(sweep_argv(data, out, "--scheduler", "fifo", "--seeds", "3")) == 0
-    assert "2 at a time" in capsys.readouterr().out
+    console = capsys.readouterr()
+    assert "2 at a time" in console.out
+    # Quiet: no Tune configuration box or paths, no raylet worker-start warnings.
+    for noise in ("Configuration for experiment", "View detailed results", "have been started"):
+        assert noise not in console.out + console.err, noise
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 6 and {r["num_rev_blocks"] for r in rows} == {"0", "2"}
     for r in rows:

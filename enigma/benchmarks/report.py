@@ -19,7 +19,7 @@ DOCS = "@docs@/"  # the docs/ folder, as each output's links reach it
 BEGIN, END = "<!-- results:begin (enigma report) -->", "<!-- results:end -->"
 # The order sections appear in; unknown benchmarks follow, listed key by key.
 ORDER = ["core", "memory", "lm", "flow", "train", "data-scale", "train-overhead", "copy"]
-ORDER += ["enwik8", "sweep"]
+ORDER += ["enwik8", "sweep", "faults"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,6 +272,26 @@ def section_sweep(r: dict) -> tuple[str, list[str]]:
     return f"Sweep `{r['name']}` (`enigma tune`)", table(head, rows)
 
 
+def section_faults(r: dict) -> tuple[str, list[str]]:
+    plan = r["faults_planned"]
+    title = (
+        f"Faults survived (`enigma bench faults`: tiny, {r['workers']} workers, {r['steps']} "
+        f"steps, {r['precision']}, a checkpoint every {r['save_every']} steps)"
+    )
+    rows = [
+        ["worker kills at steps", ", ".join(map(str, plan["kill_at_steps"]))],
+        ["driver SIGTERM at step, then the same command again", plan["sigterm_at_step"]],
+        ["newest checkpoint truncated before the rerun", r["corrupted_checkpoint"]],
+        ["faults injected / survived", f"{r['faults_injected']} / {r['faults_survived']}"],
+        ["steps missing from the final curve", len(r["steps_lost"])],
+        ["steps logged twice in the final curve", len(r["steps_logged_twice"])],
+        ["steps trained again after restarts", r["steps_trained_again"]],
+        ["largest per-step loss difference vs the undisturbed run", r["max_loss_diff"]],
+        ["wall s (both runs)", r["wall_seconds"]],
+    ]
+    return title, table(["", ""], rows)
+
+
 def section_generic(r: dict) -> tuple[str, list[str]]:
     skip = {"benchmark", "command", "git_commit", "machine", "date", "_file", "notes"}
     rows = [[k, json.dumps(v, ensure_ascii=False)] for k, v in r.items() if k not in skip]
@@ -288,6 +308,7 @@ SECTIONS = {
     "copy": section_copy,
     "enwik8": section_enwik8,
     "sweep": section_sweep,
+    "faults": section_faults,
 }
 
 
