@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,9 @@ def faulty_run(args, cmd: list[str], out: Path, faults: dict) -> dict:
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-faults-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    for old in ("reference", "faulty", "reference.log", "faulty.log"):  # an earlier run's
+        target = work / old
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     data, ds_config = _data(args, work), _fp32_zero2(work)
     faults = plan_faults(args)
     print(
