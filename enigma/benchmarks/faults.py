@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from . import meta
+from .train_overhead import fp32_ds_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,17 +128,6 @@ def compare(reference: dict, faulty: dict, steps: int) -> dict:
             "max_loss_diff": max(diffs) if diffs else None}  # fmt: skip
 
 
-def _fp32_zero2(work: Path) -> str:
-    from ..train import deepspeed_json
-
-    root = Path(__file__).resolve().parents[2]
-    config = deepspeed_json.load(str(root / "ds_configs" / "zero2_bf16.json"))
-    config.pop("bf16", None)
-    path = work / "zero2_fp32.json"
-    path.write_text(json.dumps(config, indent=2))
-    return str(path)
-
-
 def _data(args, work: Path) -> str:
     if args.data:
         return str(Path(args.data).resolve())
@@ -172,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     for old in ("reference", "faulty", "reference.log", "faulty.log"):  # an earlier run's
         target = work / old
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    data, ds_config = _data(args, work), _fp32_zero2(work)
+    data, ds_config = _data(args, work), fp32_ds_config(work)
     faults = plan_faults(args)
     print(
         f"faults: kills at {faults['kill_at_steps']}, driver SIGTERM at step "

@@ -50,7 +50,8 @@ def _data_dir(args, work: Path) -> str:
     return str(out)
 
 
-def _fp32_ds_config(work: Path) -> str:
+def fp32_ds_config(work: Path) -> str:
+    """``zero2_bf16.json`` without bf16, written into ``work``: fp32 runs compare exactly."""
     from enigma.train import deepspeed_json
 
     root = Path(__file__).resolve().parents[2]
@@ -112,7 +113,7 @@ def overhead_config(args: argparse.Namespace, work: Path, data: str, threads: in
             "sample_tokens=8",
         ],
         data=data,
-        ds_config=_fp32_ds_config(work),
+        ds_config=fp32_ds_config(work),
         workers=1,
         gpus_per_worker=0,
         output_dir=str(work / "run"),
