@@ -206,17 +206,12 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def trials_at_once(cfg: TrainConfig, max_concurrent: int | None) -> int:
-    """How many trials' workers fit the cluster's CPUs at once (at most ``max_concurrent``)."""
+    """How many trials' workers fit the cluster's CPUs at once (at most ``max_concurrent``).
+    A trial larger than the cluster was already refused by ``prepare_run``'s ``check_fits``."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    per_trial = cfg.workers * cfg.cpus_per_worker
-    if per_trial > cpus:
-        raise InputError(
-            f"a trial needs {per_trial} CPUs ({cfg.workers} workers x {cfg.cpus_per_worker}) but "
-            f"the cluster has {cpus}; lower --workers-per-trial"
-        )
-    fits = max(1, cpus // per_trial)
+    fits = max(1, cpus // (cfg.workers * cfg.cpus_per_worker))
     return min(max_concurrent or fits, fits)
 
 

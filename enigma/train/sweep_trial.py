@@ -12,15 +12,13 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-from .config import TrainConfig
+from .config import TrainConfig, apply_overrides
 
 REPORTS = "reports.json"
 
 
 def trial_config(base: dict, params: dict) -> TrainConfig:
     """The sweep's base config (``TrainConfig.to_dict``) with one trial's knobs set."""
-    from .config import apply_overrides
-
     return apply_overrides(TrainConfig.from_dict(base), params)
 
 
