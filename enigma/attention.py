@@ -9,19 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
+def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> Tensor:
     """Press et al. (2022): a geometric sequence starting at ``2^(-8/n)``; for a head count that is
-    not a power of two, the slopes of the next power of two are interleaved."""
-
-    def power_of_two(n: int) -> list[float]:
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-
+    not a power of two, the odd-numbered slopes of the next power of two follow. Made on
+    ``device`` by ``arange`` (no host-to-device copy on each forward)."""
     closest = 2 ** math.floor(math.log2(num_heads))
-    slopes = power_of_two(closest)
-    if closest < num_heads:
-        slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
-    return torch.tensor(slopes)
+    exponents = torch.arange(1, closest + 1, device=device, dtype=torch.float32) * (-8.0 / closest)
+    extra = num_heads - closest  # slopes 1, 3, 5, ... of 2 * closest heads
+    odd = torch.arange(extra, device=device, dtype=torch.float32) * 2 + 1
+    return torch.exp2(torch.cat([exponents, odd * (-4.0 / closest)]))
 
 
 def attention_bias(
@@ -48,7 +44,7 @@ def attention_bias(
     distance = queries[:, None] - keys[None, :]  # (Lq, Lk); negative = future
     future = (distance < 0)[None]
     if use_alibi:
-        slopes = alibi_slopes(num_heads).to(device)
+        slopes = alibi_slopes(num_heads, device)
         bias = -slopes[:, None, None] * distance.clamp(min=0)[None].float()
     else:
         bias = torch.zeros(future.shape, device=device)

@@ -141,7 +141,9 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """All rotor matrices ``W``, shape ``(num_layers, d, d)``."""
-        return self._deviation(dtype)[0] + torch.eye(self.num_channels, dtype=dtype)
+        return self._deviation(dtype)[0] + torch.eye(
+            self.num_channels, dtype=dtype, device=self.lower.device
+        )
 
     def _inverse_deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``A = W - I`` and ``B = W^-1 - I = -U^-1 L^-1 P^T A`` by triangular solves."""
@@ -153,7 +155,9 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def inverse_weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """All ``W^-1`` (no ``torch.inverse``)."""
-        return self._inverse_deviation(dtype)[1] + torch.eye(self.num_channels, dtype=dtype)
+        return self._inverse_deviation(dtype)[1] + torch.eye(
+            self.num_channels, dtype=dtype, device=self.lower.device
+        )
 
     def _rotate(self, x: Tensor, positions: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
         batch_shape = x.shape[:-1]

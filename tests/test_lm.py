@@ -168,3 +168,31 @@ def test_bad_input_is_rejected_with_a_clear_message():
         EnigmaConfig(d=64, num_heads=5)
     with pytest.raises(ValueError, match="tiny, small, base, large"):
         EnigmaConfig.from_preset("huge")
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_no_tensor_is_made_behind_the_inputs_back(memory_efficient):
+    """Model and inputs live on the CPU while factories default to the meta device: a tensor made
+    without ``device=`` becomes meta and the computation fails (as it would on CUDA, where such a
+    tensor lands on the CPU)."""
+    model = _small_lm(machine_memory_efficient=memory_efficient).train()
+    ids = torch.randint(0, 300, (2, 12))
+    positions = torch.arange(12)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: the padding-mask path runs too
+    with torch.device("meta"):
+        out = model(ids, labels=ids, attention_mask=mask)
+        out.loss.backward()
+        y = model.machine(x, positions)
+        back = model.machine.inverse(y, positions)
+        y.sum().backward()
+        rotors = model.machine.rotors
+        weights = [rotors.weights(), rotors.inverse_weights()]
+        model.eval()
+        with torch.no_grad():
+            generated = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    tensors = [out.loss, back, x.grad, generated, *weights]
+    assert all(t.device.type == "cpu" for t in tensors)
+    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None and p.grad.device.type == "cpu" for p in model.parameters())
