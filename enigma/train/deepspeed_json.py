@@ -2,8 +2,8 @@
 
 ``"auto"`` follows the Hugging Face convention: batch sizes, accumulation, clipping and the
 optimizer's lr, betas and weight decay come from :class:`TrainConfig`, so one JSON file serves
-every preset. ``torch_adam: "auto"`` is ``true`` on CPU workers (DeepSpeed's fused Adam is a CUDA
-kernel; on CPU it would JIT-build a C++ op) and ``false`` on GPUs.
+every preset. ``torch_adam`` is left to each worker, which knows whether DeepSpeed's compiled Adam
+loads on its machine (:mod:`enigma.train.optimizer`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,6 @@ def fill_auto(config: dict, cfg: TrainConfig, world_size: int, use_gpu: bool) ->
         "lr": cfg.lr,
         "betas": list(cfg.betas),
         "weight_decay": cfg.weight_decay,
-        "torch_adam": not use_gpu,
     }
     for key, value in auto_params.items():
         if params.get(key, "auto") == "auto":

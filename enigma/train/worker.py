@@ -96,24 +96,53 @@ def memory_mb(device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def assign_accelerator(use_gpu: bool) -> None:
+    """DeepSpeed's accelerator follows this worker's device, whatever the process inherited
+    (a driver that ran on CPU earlier exports ``DS_ACCELERATOR=cpu`` to a local cluster)."""
+    name = "cuda" if use_gpu else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    from deepspeed.accelerator import real_accelerator
+
+    current = real_accelerator.ds_accelerator
+    if current is not None and current._name != name:
+        real_accelerator.ds_accelerator = None  # detected again, from the variable above
+
+
+def make_engine(model, ds_config: dict, device: torch.device, agree=None):
+    """``deepspeed.initialize`` with the optimizer :func:`enigma.train.optimizer.choose` picks on
+    this machine; returns the engine and the line saying which optimizer and why."""
+    import deepspeed
+
+    from .optimizer import choose
+
+    choice = choose(ds_config, device, agree)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        optimizer=choice.client_optimizer,
+        config=choice.config,
+    )
+    return engine, choice.line
+
+
 def build_engine(spec: RunSpec):
     """EnigmaLM with identical initial weights on every rank, wrapped by ``deepspeed.initialize``
-    (which adopts the process group Ray Train set up)."""
+    (which adopts the process group Ray Train set up); returns the engine and the optimizer
+    line."""
+    assign_accelerator(spec.use_gpu)
     import deepspeed
 
     from ..lm import EnigmaLM
 
     cfg, ds_config = spec.train, spec.deepspeed_config
     deepspeed.init_distributed()
+    device = torch.device(deepspeed.get_accelerator().current_device_name())
     torch.manual_seed(cfg.seed)
     model = EnigmaLM(cfg.model_config())
     if cfg.activation_checkpointing and "activation_checkpointing" in ds_config:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
         model.use_deepspeed_checkpointing()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config
-    )
-    return engine
+    return make_engine(model, ds_config, device, agree=lambda ok: not any_rank(not ok, device))
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -154,13 +183,13 @@ class Worker:
         self.spec, self.cfg, self.plan = spec, spec.train, spec.plan
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.engine = build_engine(spec)
+        self.engine, optimizer_line = build_engine(spec)
         self.stage = spec.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
         notes: list[str] = []
         self.state = restore(self.engine, spec, notes)
         self.state.fingerprint = spec.fingerprint
         self.reporter = Reporter(self.rank, spec.output_dir, queue, self.state.step)
-        for note in notes:
+        for note in [optimizer_line, *notes]:
             self.reporter.note(note)
         self.val_shard = ray.train.get_dataset_shard("val")
         train_shard = ray.train.get_dataset_shard("train")
@@ -318,5 +347,4 @@ class Worker:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: ``config`` holds the :class:`RunSpec` and the progress queue."""
     spec: RunSpec = config["spec"]
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
     Worker(spec, config.get("progress")).run()
