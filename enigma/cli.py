@@ -122,6 +122,13 @@ COMMANDS = [
         "add_arguments",
         "run",
     ),
+    (
+        ("bench", "gpu"),
+        "one CUDA GPU without Ray: EnigmaLM vs plain tokens/s and MFU, DeepSpeed ZeRO checks",
+        "benchmarks.gpu",
+        "add_arguments",
+        "run",
+    ),
 ]
 GROUPS = {"model": "inspect models", "data": "tokenized shards", "bench": "benchmarks"}
 
@@ -161,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     args.command_line = "enigma " + shlex.join(argv)  # benchmarks record what produced them
     try:
-        args.run(args)
+        status = args.run(args)
     except InputError as err:  # bad input: one line; any other error keeps its traceback
         print(f"enigma: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0  # a check that failed may return 1
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with ``changes``; the model overrides are copied, never shared."""
-        return dataclasses.replace(self, model=dict(self.model), **changes)
+        changes["model"] = dict(changes.get("model", self.model))
+        return dataclasses.replace(self, **changes)
 
 
 TRAIN_KEYS = {f.name: f for f in dataclasses.fields(TrainConfig)}

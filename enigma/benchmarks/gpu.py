@@ -1,0 +1,336 @@
+"""``enigma bench gpu``: the training path on one CUDA GPU, measured and checked in one command.
+
+It needs torch, transformers and DeepSpeed, not Ray, and no network, so it runs on a bare GPU
+box (see the README for the wheels to carry). In order:
+
+1. **Throughput**: EnigmaLM (``--preset``, default ``base``) against the plain Transformer of the
+   same shape (``core="none"``), bf16 autocast with fp32 weights and torch's fused AdamW:
+   training tokens/s, peak GPU memory, and MFU = model FLOPs/s over the GPU's peak dense bf16
+   FLOP/s (:data:`PEAK_BF16_TFLOPS`, or ``--peak-tflops``). Model FLOPs per token are
+   ``6 N + 12 L d T`` (weights forward and backward, plus attention scores; PaLM's appendix B).
+2. **DeepSpeed**, one process, world size 1, activation checkpointing on through DeepSpeed's API:
+   ZeRO-2 bf16 with the optimizer that :mod:`enigma.train.optimizer` chooses, ``--steps`` steps
+   with the loss falling; ``zero2_fp16.json`` with dynamic loss scaling; ZeRO-3 bf16, exported
+   with ``save_pretrained`` and reloaded, with the same logits as the engine.
+3. **Exactness** of the machine trained in 2, on the GPU, in fp32 and under bf16 autocast.
+
+Without CUDA it exits 2 with one line. Each check records its figures and ``ok``; the command
+exits 1 when any check fails, after writing the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from . import meta
+
+# Dense bf16 tensor throughput with fp32 accumulation, TFLOP/s, from the vendors' data sheets;
+# the longest name contained in ``torch.cuda.get_device_name()`` wins.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,  # SXM
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+}
+CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+BOUNDS = {"fp32": 1e-5, "bf16_autocast": 1e-2}  # relative reconstruction error of the machine
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="base")
+    p.add_argument("--batch", type=int, default=32, help="sequences per step (throughput)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    p.add_argument("--rounds", type=int, default=20, help="timed steps per model and pass")
+    p.add_argument("--steps", type=int, default=30, help="DeepSpeed ZeRO-2 steps")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
+    p.add_argument("--json", dest="json_out", default=None)
+
+
+def peak_tflops(name: str, given: float | None) -> float | None:
+    if given:
+        return given
+    known = [k for k in PEAK_BF16_TFLOPS if k in name]
+    return PEAK_BF16_TFLOPS[max(known, key=len)] if known else None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """``6 N + 12 L d T``; N leaves out the learned position table (a lookup, no FLOPs)."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    if model.pos_embed is not None:
+        n -= model.pos_embed.weight.numel()
+    return 6 * n + 12 * c.num_transformer_layers * c.d * seq_len
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def timed_pass(model, ids: torch.Tensor, rounds: int, device: torch.device) -> dict:
+    """Warm up, then ``rounds`` training steps; seconds per step and the peak memory."""
+    model.to(device).train()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / rounds
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    model.to("cpu")
+    return {"seconds": seconds, "peak_mb": peak}
+
+
+def throughput(args: argparse.Namespace, device: torch.device) -> dict:
+    """EnigmaLM and the plain Transformer, in alternating passes (E, P, E, P): each pass holds
+    one model on the GPU, so its peak memory is its own; the faster pass of each counts."""
+    from ..lm import EnigmaLM
+    from ..lm_config import PRESET_SEQ_LEN, EnigmaConfig
+
+    seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
+    shape = dict(max_len=max(2048, seq_len))
+    torch.manual_seed(0)
+    models = {
+        "enigma": EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape)),
+        "plain": EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape, core="none")),
+    }
+    ids = torch.randint(0, models["enigma"].config.vocab_size, (args.batch, seq_len))
+    ids = ids.to(device)
+    passes = {name: [] for name in models}
+    for _ in range(2):
+        for name, model in models.items():
+            passes[name].append(timed_pass(model, ids, args.rounds, device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the pass's optimizer state is gone: free its memory
+    peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", None)
+    peak = args.peak_tflops or peak
+    out = {"preset": args.preset, "batch": args.batch, "seq_len": seq_len, "peak_tflops": peak}
+    for name, model in models.items():
+        best = min(p["seconds"] for p in passes[name])
+        tokens_per_sec = args.batch * seq_len / best
+        model_flops = flops_per_token(model, seq_len) * tokens_per_sec
+        out[name] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "tokens_per_sec": round(tokens_per_sec, 1),
+            "peak_memory_mb": max((p["peak_mb"] or 0) for p in passes[name]) or None,
+            "model_tflops": round(model_flops / 1e12, 2),
+            "mfu": round(model_flops / (peak * 1e12), 4) if peak else None,
+        }
+    out["ratio"] = out["enigma"]["tokens_per_sec"] / out["plain"]["tokens_per_sec"]
+    out["ok"] = out["ratio"] >= 0.85
+    return out
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device):
+    """A one-rank process group (NCCL on CUDA, gloo on CPU) for DeepSpeed engines."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from ..train.worker import assign_accelerator
+
+    assign_accelerator(device.type == "cuda")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def engine_for(config_name: str, preset: str, batch: int, device: torch.device, **model_fields):
+    """An EnigmaLM DeepSpeed engine from a shipped JSON, activation checkpointing through
+    DeepSpeed; returns the engine, the model config and the optimizer line."""
+    import deepspeed
+
+    from ..lm import EnigmaLM
+    from ..train import deepspeed_json
+    from ..train.config import TrainConfig
+    from ..train.worker import make_engine
+
+    cfg = TrainConfig(preset=preset, micro_batch=batch, grad_accum=1, lr=1e-3, warmup_ratio=0)
+    cfg = cfg.replace(model=model_fields, activation_checkpointing=True)
+    raw = deepspeed_json.load(str(CONFIGS / config_name))
+    ds = deepspeed_json.fill_auto(raw, cfg, 1, device.type == "cuda")
+    torch.manual_seed(0)
+    model_config = cfg.model_config()
+    model = EnigmaLM(model_config)
+    deepspeed.checkpointing.configure(None, deepspeed_config=ds)
+    model.use_deepspeed_checkpointing()
+    engine, line = make_engine(model, ds, device)
+    return engine, model_config, line.removeprefix("optimizer: ")
+
+
+def train_steps(engine, ids: torch.Tensor, steps: int) -> list[float]:
+    """``steps`` optimizer steps on one fixed batch (so the loss must fall: it is memorised)."""
+    losses = []
+    for _ in range(steps):
+        loss = engine(ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.float().item())
+    return losses
+
+
+def zero2(args, device: torch.device, ids: torch.Tensor, config_name: str, steps: int) -> dict:
+    engine, model_config, line = engine_for(config_name, args.preset, ids.shape[0], device)
+    start = time.perf_counter()
+    losses = train_steps(engine, ids, steps)
+    out = {"config": config_name, "optimizer": line, "steps": steps}
+    out.update(first_loss=losses[0], last_loss=losses[-1])
+    out["seconds_per_step"] = (time.perf_counter() - start) / steps
+    out["ok"] = all(map(_finite, losses)) and losses[-1] < 0.9 * losses[0]
+    if "fp16" in config_name:
+        out["loss_scale"] = float(engine.optimizer.loss_scale)
+        out["ok"] = out["ok"] and out["loss_scale"] > 1
+    out["state_dict"] = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    out["model_config"] = model_config
+    return out
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def zero3_export(args, device: torch.device, ids: torch.Tensor) -> dict:
+    """ZeRO-3 bf16: a few steps, export (parameters gathered), reload, compare logits."""
+    from ..lm import EnigmaLM
+    from ..train.checkpoint import export_model
+
+    engine, model_config, line = engine_for("zero3_bf16.json", args.preset, ids.shape[0], device)
+    losses = train_steps(engine, ids, 5)
+    with torch.no_grad():
+        engine.eval()
+        logits = engine(ids[:2]).logits.float()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(engine, model_config, Path(tmp) / "model", "", rank=0, stage=3)
+        reloaded = EnigmaLM.from_pretrained(Path(tmp) / "model").to(device, torch.bfloat16)
+    with torch.no_grad():
+        again = reloaded.eval()(ids[:2]).logits.float()
+    diff = ((again - logits).abs().max() / logits.abs().max()).item()
+    return {"optimizer": line, "last_loss": losses[-1], "logits_max_rel_diff": diff,
+            "ok": diff <= 1e-3}  # fmt: skip
+
+
+def exactness(trained: dict, device: torch.device, ids: torch.Tensor) -> dict:
+    """‖E⁻¹(E(x)) − x‖/‖x‖ of the machine trained by DeepSpeed, in fp32 and bf16 autocast."""
+    from ..lm import EnigmaLM
+
+    model = EnigmaLM(trained["model_config"])
+    model.load_state_dict(trained["state_dict"], strict=False)
+    model.to(device).eval()
+    positions = torch.arange(ids.shape[1], device=device)
+    out = {}
+    with torch.no_grad():
+        x = model.embed(ids).float()
+        for mode, ctx in (("fp32", contextlib.nullcontext()), ("bf16_autocast", autocast(device))):
+            with ctx:
+                back = model.machine.inverse(model.machine(x, positions), positions)
+            out[mode] = ((back.float() - x).norm() / x.norm()).item()
+    out["bounds"] = BOUNDS
+    out["ok"] = all(out[k] <= b for k, b in BOUNDS.items())
+    return out
+
+
+def check(name: str, results: dict, fn, *args) -> None:
+    """Run one check; a failure is recorded (with its traceback's last lines), not fatal."""
+    start = time.perf_counter()
+    try:
+        results[name] = fn(*args)
+    except Exception as err:  # recorded in the JSON; the other checks still run
+        tail = traceback.format_exc().strip().splitlines()[-6:]
+        results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": tail}
+    results[name]["seconds"] = round(time.perf_counter() - start, 1)
+    show(name, results[name])
+
+
+def show(name: str, r: dict) -> None:
+    mark = "ok" if r.get("ok") else "FAILED"
+    skip = {"ok", "state_dict", "model_config", "traceback", "bounds"}
+    figures = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in skip)
+    print(f"[{mark}] {name}: {figures}", flush=True)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def run_checks(args: argparse.Namespace, device: torch.device) -> dict:
+    """Every check on ``device`` (the CPU runs all but fp16 and the throughput bound: a test
+    runs them so)."""
+    results: dict = {}
+    check("throughput", results, throughput, args, device)
+    torch.manual_seed(1)
+    seq_len = results["throughput"].get("seq_len") or args.seq_len or 256
+    ids = torch.randint(0, 21128, (8, seq_len), device=device)
+    with process_group(device):
+        check("zero2_bf16", results, zero2, args, device, ids, "zero2_bf16.json", args.steps)
+        if device.type == "cuda":
+            check("zero2_fp16", results, zero2, args, device, ids, "zero2_fp16.json", 10)
+        check("zero3_export", results, zero3_export, args, device, ids)
+    trained = results["zero2_bf16"]
+    if "state_dict" in trained:
+        check("exactness", results, exactness, trained, device, ids)
+    for r in results.values():
+        r.pop("state_dict", None)
+        r.pop("model_config", None)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"enigma bench gpu needs a CUDA GPU; torch {torch.__version__} sees none here"
+        )
+    device = torch.device("cuda", torch.cuda.current_device())
+    name = torch.cuda.get_device_name(device)
+    print(f"enigma bench gpu on {name} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+    start = time.perf_counter()
+    results = run_checks(args, device)
+    record = {"benchmark": "gpu", "gpu": name, "checks": results}
+    record["wall_seconds"] = round(time.perf_counter() - start, 1)
+    record["ok"] = all(r.get("ok") for r in results.values())
+    meta.save(record, args.json_out, args.command_line)
+    print(f"{'all checks passed' if record['ok'] else 'some checks FAILED'} in "
+          f"{record['wall_seconds']} s")  # fmt: skip
+    return 0 if record["ok"] else 1

@@ -1,0 +1,59 @@
+"""``enigma bench gpu``: one line and exit 2 without CUDA; every check it runs on a GPU, run here
+on the CPU at the tiny preset (all but fp16, which DeepSpeed refuses on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from enigma.benchmarks.gpu import flops_per_token, peak_tflops
+from enigma.cli import main
+
+
+def test_without_cuda_it_exits_2_with_one_line(capsys):
+    assert main(["bench", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a CUDA GPU" in err
+
+
+def test_peak_table_and_model_flops():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", None) == 756.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090", None) == 165.2
+    assert peak_tflops("Some Future GPU", None) is None
+    assert peak_tflops("Some Future GPU", 123.0) == 123.0
+    from enigma import EnigmaConfig, EnigmaLM
+
+    model = EnigmaLM(EnigmaConfig.from_preset("tiny", core="none", max_len=256))
+    n = sum(p.numel() for p in model.parameters())
+    c = model.config
+    assert flops_per_token(model, 128) == 6 * n + 12 * c.num_transformer_layers * c.d * 128
+
+
+SCRIPT = """
+import argparse, json, sys, torch
+from enigma.benchmarks.gpu import run_checks
+args = argparse.Namespace(preset="tiny", batch=4, seq_len=64, rounds=2, steps=12,
+                          peak_tflops=1.0, json_out=None)
+print("RESULT " + json.dumps(run_checks(args, torch.device("cpu"))))
+"""
+
+
+def test_every_check_runs_on_the_cpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": "29547"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)  # fmt: skip
+    lines = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULT ") :])
+    assert set(results) == {"throughput", "zero2_bf16", "zero3_export", "exactness"}
+    t = results["throughput"]
+    assert t["enigma"]["tokens_per_sec"] > 0 and t["plain"]["tokens_per_sec"] > 0
+    assert abs(t["plain"]["mfu"] - t["plain"]["model_tflops"] / 1.0) < 0.01  # --peak-tflops 1
+    for name in ("zero2_bf16", "zero3_export", "exactness"):
+        assert results[name]["ok"], (name, results[name])
+    assert results["zero2_bf16"]["optimizer"].startswith("torch AdamW")
+    assert results["zero3_export"]["logits_max_rel_diff"] <= 1e-3
+    assert results["exactness"]["fp32"] <= 1e-5
