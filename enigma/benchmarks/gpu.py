@@ -4,7 +4,8 @@ It needs torch, transformers and DeepSpeed, not Ray, and no network, so it runs 
 box (see the README for the wheels to carry). In order:
 
 1. **Throughput**: EnigmaLM (``--preset``, default ``base``) against the plain Transformer of the
-   same shape (``core="none"``), bf16 autocast with fp32 weights and torch's fused AdamW:
+   same shape (``core="none"``), bf16 autocast with fp32 weights and torch's fused AdamW, with
+   the machine eager and compiled (as training runs it on GPUs):
    training tokens/s, peak GPU memory, and MFU = model FLOPs/s over the GPU's peak dense bf16
    FLOP/s (:data:`PEAK_BF16_TFLOPS`, or ``--peak-tflops``). Model FLOPs per token are
    ``6 N + 12 L d T`` (weights forward and backward, plus attention scores; PaLM's appendix B).
@@ -58,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20, help="timed steps per model and pass")
     p.add_argument("--steps", type=int, default=30, help="DeepSpeed ZeRO-2 steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the compiled machine"
+    )
+    p.add_argument("--only", choices=["throughput"], default=None, help="run this check alone")
     p.add_argument("--json", dest="json_out", default=None)
 
 
@@ -115,41 +120,46 @@ def timed_pass(model, ids: torch.Tensor, rounds: int, device: torch.device) -> d
 
 
 def throughput(args: argparse.Namespace, device: torch.device) -> dict:
-    """EnigmaLM and the plain Transformer, in alternating passes (E, P, E, P): each pass holds
-    one model on the GPU, so its peak memory is its own; the faster pass of each counts."""
+    """EnigmaLM and the plain Transformer in alternating passes (E, P, E, P; each pass holds one
+    model on the GPU, so its peak memory is its own), then EnigmaLM with its machine compiled, as
+    training compiles it on GPUs (``compile_machine``); the fastest pass of each counts."""
     from ..lm import EnigmaLM
     from ..lm_config import PRESET_SEQ_LEN, EnigmaConfig
 
     seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
     shape = dict(max_len=max(2048, seq_len))
     torch.manual_seed(0)
-    models = {
-        "enigma": EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape)),
-        "plain": EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape, core="none")),
-    }
-    ids = torch.randint(0, models["enigma"].config.vocab_size, (args.batch, seq_len))
-    ids = ids.to(device)
-    passes = {name: [] for name in models}
-    for _ in range(2):
-        for name, model in models.items():
-            passes[name].append(timed_pass(model, ids, args.rounds, device))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the pass's optimizer state is gone: free its memory
+    enigma = EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape))
+    plain = EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape, core="none"))
+    ids = torch.randint(0, enigma.config.vocab_size, (args.batch, seq_len)).to(device)
+    order = [("enigma_eager", enigma), ("plain", plain)] * 2
+    if args.compile:
+        order += [("enigma_compiled", enigma)] * 2
+    passes: dict[str, list[dict]] = {}
+    for name, model in order:
+        if name == "enigma_compiled" and name not in passes:
+            enigma.machine.compile()
+        passes.setdefault(name, []).append(timed_pass(model, ids, args.rounds, device))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the pass's optimizer state is gone: free its memory
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", None)
     peak = args.peak_tflops or peak
     out = {"preset": args.preset, "batch": args.batch, "seq_len": seq_len, "peak_tflops": peak}
-    for name, model in models.items():
-        best = min(p["seconds"] for p in passes[name])
-        tokens_per_sec = args.batch * seq_len / best
+    for name, runs in passes.items():
+        model = plain if name == "plain" else enigma
+        tokens_per_sec = args.batch * seq_len / min(p["seconds"] for p in runs)
         model_flops = flops_per_token(model, seq_len) * tokens_per_sec
         out[name] = {
             "params": sum(p.numel() for p in model.parameters()),
             "tokens_per_sec": round(tokens_per_sec, 1),
-            "peak_memory_mb": max((p["peak_mb"] or 0) for p in passes[name]) or None,
+            "peak_memory_mb": max((p["peak_mb"] or 0) for p in runs) or None,
             "model_tflops": round(model_flops / 1e12, 2),
             "mfu": round(model_flops / (peak * 1e12), 4) if peak else None,
         }
-    out["ratio"] = out["enigma"]["tokens_per_sec"] / out["plain"]["tokens_per_sec"]
+    rate = {name: out[name]["tokens_per_sec"] for name in passes}
+    out["ratio_eager"] = rate["enigma_eager"] / rate["plain"]
+    best = "enigma_compiled" if args.compile else "enigma_eager"
+    out["ratio"] = rate[best] / rate["plain"]
     out["ok"] = out["ratio"] >= 0.85
     return out
 
@@ -181,7 +191,7 @@ def engine_for(config_name: str, preset: str, batch: int, device: torch.device, 
 
     from ..lm import EnigmaLM
     from ..train import deepspeed_json
-    from ..train.config import TrainConfig
+    from ..train.config import TrainConfig, compiles_machine
     from ..train.worker import make_engine
 
     cfg = TrainConfig(preset=preset, micro_batch=batch, grad_accum=1, lr=1e-3, warmup_ratio=0)
@@ -193,6 +203,9 @@ def engine_for(config_name: str, preset: str, batch: int, device: torch.device, 
     model = EnigmaLM(model_config)
     deepspeed.checkpointing.configure(None, deepspeed_config=ds)
     model.use_deepspeed_checkpointing()
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if compiles_machine(cfg, device.type == "cuda", stage):  # as the training workers do
+        model.machine.compile()
     engine, line = make_engine(model, ds, device)
     return engine, model_config, line.removeprefix("optimizer: ")
 
@@ -300,6 +313,8 @@ def run_checks(args: argparse.Namespace, device: torch.device) -> dict:
     runs them so)."""
     results: dict = {}
     check("throughput", results, throughput, args, device)
+    if getattr(args, "only", None) == "throughput":
+        return results
     torch.manual_seed(1)
     seq_len = results["throughput"].get("seq_len") or args.seq_len or 256
     ids = torch.randint(0, 21128, (8, seq_len), device=device)

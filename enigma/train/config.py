@@ -46,6 +46,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     shuffle_buffer: int = 256  # blocks, per worker
     activation_checkpointing: bool = True
+    # torch.compile the machine (its many small ops are launch-bound on a GPU): "auto" compiles
+    # on CUDA workers below ZeRO-3 (whose parameter hooks a compiled graph would break), "on",
+    # "off".
+    compile_machine: str = "auto"
     workers: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: int = -1  # -1: 1 when the cluster has GPUs, else 0
@@ -173,8 +177,17 @@ def build_config(
     preset_fields(cfg.preset)  # unknown preset: lists the known ones
     apply_overrides(cfg, {k: v for k, v in explicit.items() if v is not None})
     apply_overrides(cfg, parse_set(sets or []))
+    if cfg.compile_machine not in ("auto", "on", "off"):
+        raise InputError(f"compile_machine={cfg.compile_machine!r}: expected auto, on or off")
     check_model(cfg)
     return cfg
+
+
+def compiles_machine(cfg: TrainConfig, on_cuda: bool, zero_stage: int) -> bool:
+    """Whether a worker compiles the machine (see ``TrainConfig.compile_machine``)."""
+    if cfg.compile_machine == "auto":
+        return on_cuda and zero_stage < 3
+    return cfg.compile_machine == "on"
 
 
 def check_model(cfg: TrainConfig) -> None:

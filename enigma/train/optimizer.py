@@ -14,7 +14,10 @@ AdamW directly: DeepSpeed's fused Adam is a CUDA kernel.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -59,11 +62,28 @@ def load_kernel(builder_name: str) -> tuple[bool, str]:
         return False, f"{builder.name} is not compatible here ({why})"
     start = time.perf_counter()
     try:
-        builder.load(verbose=False)
+        with numeric_arch_list():
+            builder.load(verbose=False)
     except Exception as err:  # any build failure means: use the optimizer that needs no build
         lines = [s for s in str(err).strip().splitlines() if s.strip()]
         return False, f"{builder.name} could not be built ({lines[-1] if lines else type(err)})"
     return True, f"{builder.name} loaded in {time.perf_counter() - start:.1f} s"
+
+
+@contextlib.contextmanager
+def numeric_arch_list():
+    """DeepSpeed's JIT builder reads ``TORCH_CUDA_ARCH_LIST`` as numbers and fails on an
+    arch-specific entry such as Hopper's ``9.0a`` (which CUDA images set); Adam needs no
+    arch-specific instruction, so it is built for the plain ``9.0``."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    plain = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value) if value else value
+    if plain != value:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain
+    try:
+        yield
+    finally:
+        if plain != value:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = value
 
 
 def torch_adamw(config: dict, params: dict, device: torch.device, offload: bool):

@@ -133,6 +133,7 @@ def build_engine(spec: RunSpec):
     import deepspeed
 
     from ..lm import EnigmaLM
+    from .config import compiles_machine
 
     cfg, ds_config = spec.train, spec.deepspeed_config
     deepspeed.init_distributed()
@@ -142,6 +143,9 @@ def build_engine(spec: RunSpec):
     if cfg.activation_checkpointing and "activation_checkpointing" in ds_config:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
         model.use_deepspeed_checkpointing()
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if model.machine is not None and compiles_machine(cfg, device.type == "cuda", stage):
+        model.machine.compile()  # in place: parameter names and checkpoints stay the same
     return make_engine(model, ds_config, device, agree=lambda ok: not any_rank(not ok, device))
 
 
@@ -206,7 +210,8 @@ class Worker:
             loss = self.engine(ids, labels=ids).loss
             self.engine.backward(loss)
             self.engine.step()
-            self.interval["loss"] += loss.float().item() / self.cfg.grad_accum
+            # Summed on the device: a .item() here would sync the host every micro-batch.
+            self.interval["loss"] += loss.detach().float() / self.cfg.grad_accum
         self.state.step += 1
         self.state.tokens += self.spec.tokens_per_step
         self.interval["steps"] += 1
@@ -216,7 +221,10 @@ class Worker:
         """The interval's mean loss over every rank, and what rank 0 reports with it."""
         steps, elapsed = self.interval["steps"], time.perf_counter() - self.interval["start"]
         loss, grad_norm = mean_over_workers(
-            [self.interval["loss"] / steps, float(self.engine.get_global_grad_norm() or 0.0)],
+            [
+                float(self.interval["loss"]) / steps,
+                float(self.engine.get_global_grad_norm() or 0.0),
+            ],
             self.engine.device,
         )
         line = {
