@@ -19,7 +19,7 @@ DOCS = "@docs@/"  # the docs/ folder, as each output's links reach it
 BEGIN, END = "<!-- results:begin (enigma report) -->", "<!-- results:end -->"
 # The order sections appear in; unknown benchmarks follow, listed key by key.
 ORDER = ["core", "memory", "lm", "flow", "train", "data-scale", "train-overhead", "copy"]
-ORDER += ["enwik8", "sweep", "faults"]
+ORDER += ["enwik8", "sweep", "faults", "gpu"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -292,6 +292,40 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
     return title, table(["", ""], rows)
 
 
+def section_gpu(r: dict) -> tuple[str, list[str]]:
+    checks = r["checks"]
+    t = checks["throughput"]
+    title = (
+        f"One GPU (`enigma bench gpu`: {r['gpu']}, {t['preset']}, B={t['batch']}, "
+        f"L={t['seq_len']}, bf16 autocast)"
+    )
+    names = {"plain": "plain Transformer", "enigma_eager": "EnigmaLM, machine eager"}
+    names["enigma_compiled"] = "EnigmaLM, machine compiled"
+    rows = []
+    for key, label in names.items():
+        if key in t:
+            m = t[key]
+            ratio = m["tokens_per_sec"] / t["plain"]["tokens_per_sec"]
+            mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+            memory = f"{m['peak_memory_mb']:,.0f}" if m.get("peak_memory_mb") else "n/a"
+            rows.append([label, _rate(m["tokens_per_sec"]), f"{ratio:.2f}", mfu, memory])
+    lines = table(["model", "tokens/s", "vs plain", "MFU", "peak MB"], rows)
+    if len(checks) > 1:
+        lines += table(
+            ["check", "result"], [[k, _check(c)] for k, c in checks.items() if k != "throughput"]
+        )
+    return title, lines
+
+
+def _check(c: dict) -> str:
+    mark = "ok" if c.get("ok") else "FAILED"
+    keys = ("optimizer", "first_loss", "last_loss", "loss_scale", "logits_max_rel_diff", "fp32",
+            "bf16_autocast", "error")  # fmt: skip
+    shown = [f"{k} {c[k]:.4g}" if isinstance(c[k], float) else f"{k}: {c[k]}" for k in keys
+             if k in c]  # fmt: skip
+    return f"{mark}: " + "; ".join(shown)
+
+
 def section_generic(r: dict) -> tuple[str, list[str]]:
     skip = {"benchmark", "command", "git_commit", "machine", "date", "_file", "notes"}
     rows = [[k, json.dumps(v, ensure_ascii=False)] for k, v in r.items() if k not in skip]
@@ -309,6 +343,7 @@ SECTIONS = {
     "enwik8": section_enwik8,
     "sweep": section_sweep,
     "faults": section_faults,
+    "gpu": section_gpu,
 }
 
 
