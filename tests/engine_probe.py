@@ -29,7 +29,7 @@ def main() -> int:
         os.environ["CXX"] = "/nonexistent/c++"
         os.environ["TORCH_EXTENSIONS_DIR"] = args.no_compiler
     cfg = TrainConfig(lr=1e-2)
-    ds = deepspeed_json.fill_auto(deepspeed_json.load(args.ds_config), cfg, 1, False)
+    ds = deepspeed_json.fill_auto(deepspeed_json.load(args.ds_config), cfg, 1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
     try:

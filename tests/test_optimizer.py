@@ -68,3 +68,26 @@ def test_torch_adam_true_never_builds(tmp_path):
     rc, out = probe(tmp_path, config, "--no-compiler", str(empty))
     assert rc == 0 and out["optimizer"] == "AdamW"
     assert "torch_adam is true" in out["line"] and not any(empty.iterdir())
+
+
+def test_every_auto_is_filled_from_the_training_config(tmp_path):
+    from enigma.train import deepspeed_json
+    from enigma.train.config import TrainConfig
+
+    config = shipped("zero3_bf16")
+    config["bf16"]["enabled"] = "auto"
+    zero = config["zero_optimization"]
+    for key in deepspeed_json.ZERO_AUTO:
+        zero[key] = "auto"
+    cfg = TrainConfig(preset="tiny", adam_eps=1e-6, precision="bf16")
+    filled = deepspeed_json.fill_auto(config, cfg, 1)
+    d = cfg.model_config().d
+    assert filled["bf16"]["enabled"] is True and filled["optimizer"]["params"]["eps"] == 1e-6
+    assert filled["zero_optimization"]["reduce_bucket_size"] == d * d
+    assert filled["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * d
+    assert deepspeed_json.auto_paths(filled) == [("optimizer", "params", "torch_adam")]
+    assert deepspeed_json.fill_auto(config, cfg.replace(precision="fp32"), 1)["bf16"] == {
+        "enabled": False
+    }
+    rc, out = probe(tmp_path, config)  # DeepSpeed itself takes the filled config
+    assert rc == 0 and out["losses"][-1] < 0.7 * out["losses"][0]

@@ -132,14 +132,27 @@ def test_killed_worker_resumes_from_last_checkpoint(data, tmp_path):
         (["--ds-config", "BAD_KEY"], "unknown key 'zero_optimisation'"),
         (["--ds-config", "BAD_JSON"], "not valid JSON"),
         (["--set", "learning_rate=1"], "unknown config key 'learning_rate'"),
+        (["--ds-config", "SCHEDULER"], "a scheduler section would be overwritten at every step"),
+        (["--ds-config", "AC_TYPO"], "unknown activation_checkpointing key 'partition_activation'"),
+        (["--ds-config", "AC_TYPE"], "activation_checkpointing.number_checkpoints='4': expected"),
+        (["--ds-config", "AUTO_LEFT"], 'zero_optimization.sub_group_size is "auto"'),
+        (["--set", "precision=fp8"], "precision='fp8': expected bf16, fp16 or fp32"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_workers(data, tmp_path, capsys, argv, message):
-    bad_key = tmp_path / "bad_key.json"
-    bad_key.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text("{not json")
-    argv = [{"BAD_KEY": str(bad_key), "BAD_JSON": str(bad_json)}.get(a, a) for a in argv]
+    shipped = json.loads(open("ds_configs/zero2_bf16.json").read())
+    files = {
+        "BAD_KEY": {"zero_optimisation": {"stage": 2}},
+        "BAD_JSON": "{not json",
+        "SCHEDULER": {**shipped, "scheduler": {"type": "WarmupLR", "params": {}}},
+        "AC_TYPO": {**shipped, "activation_checkpointing": {"partition_activation": True}},
+        "AC_TYPE": {**shipped, "activation_checkpointing": {"number_checkpoints": "4"}},
+        "AUTO_LEFT": {**shipped, "zero_optimization": {"stage": 2, "sub_group_size": "auto"}},
+    }
+    for name, content in files.items():
+        text = content if isinstance(content, str) else json.dumps(content)
+        (tmp_path / f"{name}.json").write_text(text)
+    argv = [str(tmp_path / f"{a}.json") if a in files else a for a in argv]
     base = ["train", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--set",
             "seq_len=64"]  # fmt: skip
     if "--preset" not in argv:

@@ -197,7 +197,7 @@ def engine_for(config_name: str, preset: str, batch: int, device: torch.device, 
     cfg = TrainConfig(preset=preset, micro_batch=batch, grad_accum=1, lr=1e-3, warmup_ratio=0)
     cfg = cfg.replace(model=model_fields, activation_checkpointing=True)
     raw = deepspeed_json.load(str(CONFIGS / config_name))
-    ds = deepspeed_json.fill_auto(raw, cfg, 1, device.type == "cuda")
+    ds = deepspeed_json.fill_auto(raw, cfg, 1)
     torch.manual_seed(0)
     model_config = cfg.model_config()
     model = EnigmaLM(model_config)

@@ -33,6 +33,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 1e-3
     betas: tuple = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    precision: str = "bf16"  # what bf16/fp16 "enabled": "auto" in the DeepSpeed JSON become
     warmup_ratio: float = 0.1
     max_epochs: int = 5
     max_steps: int = 0  # 0: max_epochs worth of steps
@@ -177,6 +179,8 @@ def build_config(
     preset_fields(cfg.preset)  # unknown preset: lists the known ones
     apply_overrides(cfg, {k: v for k, v in explicit.items() if v is not None})
     apply_overrides(cfg, parse_set(sets or []))
+    if cfg.precision not in ("bf16", "fp16", "fp32"):
+        raise InputError(f"precision={cfg.precision!r}: expected bf16, fp16 or fp32")
     if cfg.compile_machine not in ("auto", "on", "off"):
         raise InputError(f"compile_machine={cfg.compile_machine!r}: expected auto, on or off")
     check_model(cfg)

@@ -1,9 +1,14 @@
 """DeepSpeed JSON: load, reject unknown keys by name, fill ``"auto"`` from the training config.
 
-``"auto"`` follows the Hugging Face convention: batch sizes, accumulation, clipping and the
-optimizer's lr, betas and weight decay come from :class:`TrainConfig`, so one JSON file serves
-every preset. ``torch_adam`` is left to each worker, which knows whether DeepSpeed's compiled Adam
-loads on its machine (:mod:`enigma.train.optimizer`).
+``"auto"`` follows the Hugging Face convention: batch sizes, accumulation, clipping, bf16/fp16
+``enabled`` (from ``precision``), the optimizer's lr, betas, eps and weight decay come from
+:class:`TrainConfig`, and the ZeRO bucket sizes and thresholds from the model width ``d``
+(``d²`` for the buckets, ``0.9 d²`` for the ZeRO-3 prefetch, ``10 d`` for its persistence
+threshold), so one JSON file serves every preset. An ``"auto"`` left anywhere else is an error
+naming the key, before any worker starts. A ``scheduler`` section is refused: the learning rate
+follows the training config (:mod:`enigma.train.schedule`), set at every step. ``torch_adam`` is
+left to each worker, which knows whether DeepSpeed's compiled Adam loads on its machine
+(:mod:`enigma.train.optimizer`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,21 @@ OPTIMIZER_PARAMS = {
 }
 
 
+ACTIVATION_CHECKPOINTING = {
+    "partition_activations": bool, "contiguous_memory_optimization": bool,
+    "cpu_checkpointing": bool, "number_checkpoints": (int, type(None)),
+    "synchronize_checkpoint_boundary": bool, "profile": bool,
+}  # fmt: skip
+# Filled from the model width when "auto" (the Hugging Face integration's rules).
+ZERO_AUTO = {
+    "reduce_bucket_size": lambda d: d * d,
+    "allgather_bucket_size": lambda d: d * d,
+    "stage3_prefetch_bucket_size": lambda d: int(0.9 * d * d),
+    "stage3_param_persistence_threshold": lambda d: 10 * d,
+}
+WORKER_AUTO = {("optimizer", "params", "torch_adam")}  # resolved by each worker (optimizer.py)
+
+
 class DeepSpeedConfigError(InputError):
     """A DeepSpeed JSON that this project cannot run: the message names the key."""
 
@@ -70,6 +90,12 @@ def validate(config: dict, where: str = "DeepSpeed config") -> None:
     for key in config:
         if key not in TOP_LEVEL:
             raise DeepSpeedConfigError(f"{where}: unknown key {key!r}{_close(key, TOP_LEVEL)}")
+    if "scheduler" in config:
+        raise DeepSpeedConfigError(
+            f"{where}: a scheduler section would be overwritten at every step: the learning rate "
+            "follows the training config (--set lr=, warmup_ratio=, min_lr_ratio=); remove it"
+        )
+    check_activation_checkpointing(config.get("activation_checkpointing", {}), where)
     optimizer = config.get("optimizer", {})
     for key in optimizer.get("params", {}):
         if key not in OPTIMIZER_PARAMS:
@@ -90,6 +116,21 @@ def validate(config: dict, where: str = "DeepSpeed config") -> None:
                 raise DeepSpeedConfigError(f"{where}: {section}.{name}: {first['msg']}") from None
 
 
+def check_activation_checkpointing(section: dict, where: str) -> None:
+    for key, value in section.items():
+        if key not in ACTIVATION_CHECKPOINTING:
+            known = ACTIVATION_CHECKPOINTING
+            raise DeepSpeedConfigError(
+                f"{where}: unknown activation_checkpointing key {key!r}{_close(key, known)}"
+            )
+        kind = ACTIVATION_CHECKPOINTING[key]
+        if not isinstance(value, kind) or (kind is bool) != isinstance(value, bool):
+            raise DeepSpeedConfigError(
+                f"{where}: activation_checkpointing.{key}={value!r}: expected "
+                f"{'true or false' if kind is bool else 'an integer or null'}"
+            )
+
+
 def precision(config: dict) -> str:
     if config.get("bf16", {}).get("enabled"):
         return "bf16"
@@ -106,8 +147,9 @@ def check_device(config: dict, path: str, use_gpu: bool) -> None:
         )
 
 
-def fill_auto(config: dict, cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict:
-    """A copy of ``config`` with every ``"auto"`` replaced."""
+def fill_auto(config: dict, cfg: TrainConfig, world_size: int) -> dict:
+    """A copy of ``config`` with every ``"auto"`` replaced (the optimizer's ``torch_adam`` is
+    left to the workers); an ``"auto"`` this project cannot fill is an error naming it."""
     out = copy.deepcopy(config)
     values = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
@@ -122,10 +164,32 @@ def fill_auto(config: dict, cfg: TrainConfig, world_size: int, use_gpu: bool) ->
     auto_params = {
         "lr": cfg.lr,
         "betas": list(cfg.betas),
+        "eps": cfg.adam_eps,
         "weight_decay": cfg.weight_decay,
     }
     for key, value in auto_params.items():
         if params.get(key, "auto") == "auto":
             params[key] = value
+    for section in ("bf16", "fp16"):
+        if out.get(section, {}).get("enabled") == "auto":
+            out[section]["enabled"] = cfg.precision == section
+    zero, d = out.get("zero_optimization", {}), cfg.model_config().d
+    for key, rule in ZERO_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = rule(d)
     out.setdefault("steps_per_print", 10**9)  # our own progress line replaces DeepSpeed's
+    left = [".".join(path) for path in auto_paths(out) if path not in WORKER_AUTO]
+    if left:
+        raise DeepSpeedConfigError(
+            f'{cfg.ds_config}: {left[0]} is "auto", which this project cannot fill; give it a '
+            f"value (filled from the training config: batch sizes, clipping, bf16/fp16 enabled, "
+            f"optimizer lr/betas/eps/weight_decay, ZeRO {', '.join(ZERO_AUTO)})"
+        )
     return out
+
+
+def auto_paths(node, path: tuple = ()) -> list[tuple]:
+    """The key paths whose value is ``"auto"``."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in auto_paths(v, (*path, str(k)))]
+    return [path] if node == "auto" else []

@@ -158,22 +158,22 @@ def prepare_run(
 
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
-    ds_raw = deepspeed_json.load(cfg.ds_config)
+    ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
     manifest = check_data(cfg)
     if cfg.gpus_per_worker == 0:  # known before Ray starts: fail before starting it
-        deepspeed_json.check_device(ds_raw, cfg.ds_config, use_gpu=False)
+        deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=False)
     init_ray()
     cfg = resolve_gpus(cfg)
     check_fits(cfg, workers_flag)
     use_gpu = cfg.gpus_per_worker > 0
     if use_gpu:
-        deepspeed_json.check_device(ds_raw, cfg.ds_config, use_gpu=True)
+        deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=True)
     stamp = fingerprint(cfg.model_config(), manifest, cfg.workers)
     out = Path(cfg.output_dir).resolve()
     spec_fields.setdefault("resume_from", choose_resume(out / "ray" / "train", resume, stamp))
     return RunSpec(
         train=cfg,
-        deepspeed_config=deepspeed_json.fill_auto(ds_raw, cfg, cfg.workers, use_gpu),
+        deepspeed_config=ds,
         plan=RunPlan.from_manifest(cfg, manifest),
         data_dir=str(Path(cfg.data).resolve()),
         output_dir=str(out),
@@ -341,7 +341,7 @@ def save_summary(cfg: TrainConfig, summary: dict, seconds: float, args) -> None:
     """The run's figures as a benchmark JSON that ``enigma report`` renders."""
     from ..benchmarks import meta
 
-    ds = deepspeed_json.load(cfg.ds_config)
+    ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     record = {
         "benchmark": "train",
