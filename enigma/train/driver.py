@@ -86,13 +86,20 @@ def check_data(cfg: TrainConfig) -> dict:
 
 
 def resolve_gpus(cfg: TrainConfig) -> TrainConfig:
-    """``gpus_per_worker=-1`` becomes 1 when the cluster has GPUs, else 0: decided once, here."""
+    """``gpus_per_worker=-1`` becomes 1 when the cluster has GPUs, else 0 (said aloud): decided
+    once, here. A cluster with GPUs is never used on CPU unless ``--gpus-per-worker 0`` asks."""
     if cfg.gpus_per_worker >= 0:
         return cfg
     import ray
 
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    return cfg.replace(gpus_per_worker=1 if has_gpus else 0)
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return cfg.replace(gpus_per_worker=1)
+    print(
+        "the cluster has no GPUs: training on CPU (if GPU nodes are still joining, run again "
+        "with --gpus-per-worker 1 once they have; --gpus-per-worker 0 says CPU on purpose)",
+        flush=True,
+    )
+    return cfg.replace(gpus_per_worker=0)
 
 
 def choose_resume(run_dir: Path, explicit: str | None, current: dict) -> str | None:

@@ -206,12 +206,16 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
 
 
 def trials_at_once(cfg: TrainConfig, max_concurrent: int | None) -> int:
-    """How many trials' workers fit the cluster's CPUs at once (at most ``max_concurrent``).
-    A trial larger than the cluster was already refused by ``prepare_run``'s ``check_fits``."""
+    """How many trials' workers fit the cluster's CPUs and GPUs at once (at most
+    ``max_concurrent``). A trial larger than the cluster was already refused by ``prepare_run``'s
+    ``check_fits``; ``cfg.gpus_per_worker`` is resolved (never -1) here."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    fits = max(1, cpus // (cfg.workers * cfg.cpus_per_worker))
+    total = ray.cluster_resources()
+    fits = int(total.get("CPU", 1)) // (cfg.workers * cfg.cpus_per_worker)
+    if cfg.gpus_per_worker > 0:
+        fits = min(fits, int(total.get("GPU", 0)) // (cfg.workers * cfg.gpus_per_worker))
+    fits = max(1, fits)
     return min(max_concurrent or fits, fits)
 
 
