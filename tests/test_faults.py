@@ -241,3 +241,22 @@ def test_workers_that_cannot_be_placed_fail_with_what_is_held(data, tmp_path, ca
         assert time.monotonic() - start < 90
     finally:
         remove_placement_group(holder)
+
+
+def test_a_failing_worker_reaches_the_driver_at_every_attempt(data, tmp_path, capsys):
+    """A worker that cannot import a module: its traceback's last lines are printed on the
+    driver as each attempt fails, and the run ends with the error instead of waiting."""
+    from enigma.train.config import build_config
+    from enigma.train.driver import train
+    from enigma.train.plan import Faults
+
+    cfg = build_config("tiny", sets=[*SMALL_RUN, "max_failures=1"], data=str(data), workers=2,
+                       output_dir=str(tmp_path))  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(Exception, match="No module named 'enigma_no_such_module'"):
+        train(cfg, faults=Faults(import_on_start="enigma_no_such_module"))
+    out = capsys.readouterr().out
+    reports = out.count("ModuleNotFoundError: No module named 'enigma_no_such_module'")
+    assert reports == 4, out  # 2 ranks x (the first attempt + 1 restart)
+    assert "worker rank 0 failed:" in out and "worker rank 1 failed:" in out
+    assert time.monotonic() - start < 180

@@ -53,6 +53,7 @@ class Faults:
 
     kill_at_steps: tuple[int, ...] = ()  # the last rank exits once after each of these steps
     disk_full_at_step: int = 0  # checkpoints from this step on fail as on a full disk
+    import_on_start: str = ""  # every worker imports this module first (a missing one fails)
 
     @classmethod
     def from_env(cls, value: str | None) -> Faults:
@@ -61,7 +62,11 @@ class Faults:
             return cls()
         try:
             data = json.loads(value)
-            return cls(tuple(data.get("kill_at_steps", ())), int(data.get("disk_full_at_step", 0)))
+            return cls(
+                tuple(data.get("kill_at_steps", ())),
+                int(data.get("disk_full_at_step", 0)),
+                str(data.get("import_on_start", "")),
+            )
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
             raise InputError(f"ENIGMA_FAULTS={value!r} is not a fault plan: {err}") from None
 

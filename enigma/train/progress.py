@@ -1,8 +1,8 @@
 """Progress of a run: rank 0's :class:`Reporter` writes TensorBoard and sends lines to the driver,
 whose :class:`ProgressPrinter` prints them (step, loss, ppl, tokens/s, ETA).
 
-The two meet in a Ray queue; each message is a dict with a ``kind`` of ``train``, ``eval`` or
-``done``.
+The two meet in a Ray queue; each message is a dict with a ``kind`` of ``train``, ``eval``,
+``note``, ``error`` (any rank's failure, sent as it happens) or ``done``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class ProgressPrinter(threading.Thread):
         super().__init__(daemon=True)
         self.queue, self.stopped = queue, threading.Event()
         self.start_time, self.trains, self.evals = time.perf_counter(), [], []
+        self.errors: list[dict] = []
 
     def run(self) -> None:
         from ray.util.queue import Empty
@@ -87,6 +88,10 @@ class ProgressPrinter(threading.Thread):
             )
         elif item["kind"] == "note":
             print(f"note: {item['text']}", flush=True)
+        elif item["kind"] == "error":
+            self.errors.append(item)
+            lines = "\n".join(f"  | {line}" for line in item["lines"])
+            print(f"worker rank {item['rank']} failed:\n{lines}", flush=True)
         elif item["kind"] == "eval":
             self.evals.append(item)
             mark = " (best, exported)" if item["improved"] else ""

@@ -353,6 +353,31 @@ class Worker:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: ``config`` holds the :class:`RunSpec` and the progress queue."""
+    """Ray Train entry point: ``config`` holds the :class:`RunSpec` and the progress queue. A
+    failure on any rank sends its traceback's last lines to the driver at once (workers' own
+    output does not reach it), then ends this attempt as usual."""
     spec: RunSpec = config["spec"]
-    Worker(spec, config.get("progress")).run()
+    try:
+        if spec.faults.import_on_start:
+            import importlib
+
+            importlib.import_module(spec.faults.import_on_start)
+        Worker(spec, config.get("progress")).run()
+    except Exception:
+        report_failure(config.get("progress"))
+        raise
+
+
+def report_failure(queue, lines: int = 8) -> None:
+    if queue is None:
+        return
+    import traceback
+
+    import ray.train
+
+    tail = traceback.format_exc().rstrip().splitlines()[-lines:]
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        queue.put({"kind": "error", "rank": rank, "lines": tail}, timeout=5)
+    except Exception:  # the driver is gone or the queue full: the error is raised regardless
+        pass
