@@ -155,32 +155,40 @@ def mismatch(saved: dict | None, current: dict) -> str | None:
     return None
 
 
-def damage(directory: Path) -> str | None:
-    """What is missing or broken in a checkpoint directory, or None when it looks complete: the
-    state file parses and every DeepSpeed file is a readable archive, one optimizer shard per
-    rank."""
+def damage(directory: str, fs=None) -> str | None:
+    """What is missing or broken in a checkpoint directory (local, or on ``fs``: a pyarrow file
+    system), or None when it looks complete: the state file parses and every DeepSpeed file is
+    a readable archive, one optimizer shard per rank."""
     import zipfile
 
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
     try:
-        state = json.loads((directory / STATE_FILE).read_text())
+        with fs.open_input_stream(f"{directory}/{STATE_FILE}") as f:
+            state = json.loads(f.read())
     except (OSError, json.JSONDecodeError) as err:
         return f"{STATE_FILE}: {err}"
-    shards = sorted((directory / DS_TAG).glob("*.pt"))
+    listing = fs.get_file_info(pafs.FileSelector(f"{directory}/{DS_TAG}", allow_not_found=True))
+    shards = sorted(i.path for i in listing if i.path.endswith(".pt"))
     if not shards:
         return f"no DeepSpeed files in {DS_TAG}/"
-    for f in shards:
-        try:
-            with zipfile.ZipFile(f):
+    for path in shards:
+        try:  # the archive's directory sits at its end: a random-access read, not a download
+            with fs.open_input_file(path) as f, zipfile.ZipFile(f):
                 pass
         except (OSError, zipfile.BadZipFile) as err:
-            return f"{f.relative_to(directory)}: {err}"
+            return f"{path[len(directory) + 1 :]}: {err}"
     ranks = (state.get("fingerprint") or {}).get("world_size")
-    optim = [f for f in shards if "optim_states" in f.name]
+    optim = [p for p in shards if "optim_states" in p.rsplit("/", 1)[-1]]
     if ranks and len(optim) != ranks:
         return f"{len(optim)} optimizer shards for {ranks} ranks"
     return None
 
 
-def checkpoints_of(run_dir: Path) -> list[Path]:
-    """The ``step-*`` checkpoints Ray Train kept for a run, newest first."""
-    return sorted(run_dir.glob("step-*"), reverse=True) if run_dir.is_dir() else []
+def read_state(directory: str, fs=None) -> TrainState:
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    with fs.open_input_stream(f"{directory}/{STATE_FILE}") as f:
+        return TrainState.from_json(f.read().decode())

@@ -25,6 +25,8 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # EnigmaConfig overrides on top of the preset
     data: str = "data/sanguo-128"
     output_dir: str = "runs/tiny"
+    # Checkpoints, TensorBoard and the model: a local/NFS path or s3:// / gs:// URI; "": output_dir
+    storage_path: str = ""
     ds_config: str = "ds_configs/zero2_bf16.json"
     seq_len: int = 0  # 0: the preset's
     micro_batch: int = 16

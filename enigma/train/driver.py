@@ -20,18 +20,11 @@ from pathlib import Path
 from ..errors import InputError
 from ..locking import DirectoryLock
 from . import deepspeed_json
-from .checkpoint import (
-    CHECKPOINT_TMP,
-    STATE_FILE,
-    TrainState,
-    checkpoints_of,
-    damage,
-    fingerprint,
-    mismatch,
-)
+from .checkpoint import CHECKPOINT_TMP, damage, fingerprint, mismatch, read_state
 from .config import TrainConfig, build_config
 from .plan import Faults, RunPlan, RunSpec
 from .progress import PlacementWatchdog, ProgressPrinter
+from .storage import CHECKPOINT_PARTS, Storage
 
 LOCK_FILE = ".lock"  # in the output directory: one training run writes it at a time
 
@@ -45,7 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero2_bf16)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--gpus-per-worker", type=int, default=None)
-    p.add_argument("--output-dir", default=None)
+    p.add_argument("--output-dir", default=None, help="local: lock, staging (default runs/PRESET)")
+    p.add_argument(
+        "--storage-path",
+        default=None,
+        help="checkpoints, TensorBoard and the model on shared storage: a local/NFS path, "
+        "s3://bucket/prefix or gs://bucket/prefix (default: the output directory)",
+    )
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", default=None, help="a checkpoint directory to start from")
@@ -62,10 +61,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
         output_dir=args.output_dir,
+        storage_path=args.storage_path,
         max_steps=args.max_steps,
     )
     if args.output_dir is None and args.config is None:
-        cfg = cfg.replace(output_dir=f"runs/{cfg.preset}")
+        root = os.environ.get("ENIGMA_RUNS_DIR", "runs")  # ray_jobs/ point it out of the job dir
+        cfg = cfg.replace(output_dir=f"{root}/{cfg.preset}")
     return cfg
 
 
@@ -102,40 +103,41 @@ def resolve_gpus(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(gpus_per_worker=0)
 
 
-def choose_resume(run_dir: Path, explicit: str | None, current: dict) -> str | None:
+def choose_resume(storage: Storage, explicit: str | None, current: dict) -> str | None:
     """The checkpoint this run starts from, said aloud: ``--resume PATH``, or the newest complete
-    one of an earlier run in the same output directory, or none. Damaged checkpoints are passed
-    over (and named); one that does not match this run's model, data or world size is refused."""
-    existing = checkpoints_of(run_dir)
+    one of an earlier run in the same storage (the output directory, or ``--storage-path``), or
+    none. Damaged checkpoints are passed over (and named); one that does not match this run's
+    model, data or world size is refused."""
+    run = storage.uri(*CHECKPOINT_PARTS)
+    names = [n for n in storage.list_dirs(*CHECKPOINT_PARTS) if n.startswith("step-")]
+    existing = [storage.uri(*CHECKPOINT_PARTS, name) for name in reversed(names)]
     if explicit and existing:
         raise InputError(
-            f"{run_dir.parent.parent} already holds a run (latest {existing[0].name}), which "
+            f"{storage.root} already holds a run (latest {existing[0].rsplit('/', 1)[-1]}), which "
             f"this command resumes; --resume {explicit} would be ignored: drop --resume, or use "
             "another --output-dir"
         )
-    candidates = [Path(explicit)] if explicit else existing
-    why = "--resume" if explicit else f"the newest complete checkpoint in {run_dir}"
+    candidates = [explicit] if explicit else existing
+    why = "--resume" if explicit else f"the newest complete checkpoint in {run}"
     for path in candidates:
-        broken = damage(path)
+        fs, fs_path = Storage(path).filesystem()
+        broken = damage(fs_path, fs)
         if broken:
             if explicit:
                 raise InputError(f"--resume {explicit} is damaged: {broken}")
-            print(
-                f"checkpoint {path.name} is damaged ({broken}); trying the one before", flush=True
-            )
+            name = path.rsplit("/", 1)[-1]
+            print(f"checkpoint {name} is damaged ({broken}); trying the one before", flush=True)
             continue
-        state = TrainState.from_json((path / STATE_FILE).read_text())
+        state = read_state(fs_path, fs)
         reason = mismatch(state.fingerprint, current)
         if reason:
             raise InputError(
                 f"cannot resume from {path}: {reason}; use another --output-dir for a new run"
             )
         print(f"resuming from {path} (step {state.step}): {why}", flush=True)
-        return str(path)
+        return path
     if candidates:
-        raise InputError(
-            f"every checkpoint in {run_dir} is damaged; remove {run_dir.parent} to start over"
-        )
+        raise InputError(f"every checkpoint in {run} is damaged; remove {run} to start over")
     return None
 
 
@@ -177,13 +179,17 @@ def prepare_run(
         deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=True)
     stamp = fingerprint(cfg.model_config(), manifest, cfg.workers)
     out = Path(cfg.output_dir).resolve()
-    spec_fields.setdefault("resume_from", choose_resume(out / "ray" / "train", resume, stamp))
+    storage = Storage.of(cfg.storage_path, str(out))
+    if cfg.storage_path:
+        storage.check()
+    spec_fields.setdefault("resume_from", choose_resume(storage, resume, stamp))
     return RunSpec(
         train=cfg,
         deepspeed_config=ds,
         plan=RunPlan.from_manifest(cfg, manifest),
         data_dir=str(Path(cfg.data).resolve()),
         output_dir=str(out),
+        storage_path=storage.root if cfg.storage_path else "",
         fingerprint=stamp,
         **spec_fields,
     )
@@ -216,8 +222,8 @@ def build_trainer(
             num_workers=cfg.workers, use_gpu=spec.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage_path or str(Path(spec.output_dir) / "ray"),
+            name=name if storage_path else CHECKPOINT_PARTS[1],
+            storage_path=storage_path or spec.storage.uri(CHECKPOINT_PARTS[0]),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -302,21 +308,32 @@ def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
     return text
 
 
+def exported_sample(spec: RunSpec) -> str | None:
+    """The sample, from the model in the run's storage (read back from a bucket if need be)."""
+    storage = spec.storage
+    if not storage.remote:
+        return sample_text(spec, Path(storage.root) / "model")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="enigma-model-") as tmp:
+        return sample_text(spec, Path(tmp)) if storage.download(Path(tmp), "model") else None
+
+
 def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
     """Final val perplexity, a sample from the exported best model, where everything is."""
-    out = Path(spec.output_dir)
+    storage = spec.storage
     evals = printer.evals
     summary = {
         "first_val_ppl": evals[0]["val_ppl"] if evals else None,
         "last_val_ppl": evals[-1]["val_ppl"] if evals else None,
         "best_val_ppl": min((e["val_ppl"] for e in evals), default=None),
         "steps": result.metrics.get("step") if result.metrics else None,
-        "model_dir": str(out / "model"),
+        "model_dir": storage.uri("model"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "tensorboard": str(out / "tensorboard"),
+        "tensorboard": storage.uri("tensorboard"),
         "train_log": printer.trains,
     }
-    sample = sample_text(spec, out / "model")
+    sample = exported_sample(spec)
     if sample is not None:
         summary["sample"] = sample
     print("\n=== done ===")
@@ -329,7 +346,7 @@ def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
     if sample is not None:
         print(f"sample: {sample}")
     print(f"model (save_pretrained + tokenizer): {summary['model_dir']}")
-    print(f"checkpoints: {out / 'ray' / 'train'}")
+    print(f"checkpoints: {storage.uri(*CHECKPOINT_PARTS)}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     return summary
 

@@ -79,10 +79,23 @@ class RunSpec:
     deepspeed_config: dict  # the DeepSpeed JSON with every "auto" filled
     plan: RunPlan
     data_dir: str
-    output_dir: str = ""
+    output_dir: str = ""  # local scratch on every node: lock, staging, rank 0's first copies
+    storage_path: str = ""  # absolute path or URI of the lasting state; "": output_dir
     resume_from: str | None = None  # the checkpoint the driver chose (checked) to start from
     fingerprint: dict | None = None  # saved with every checkpoint, checked on resume
     faults: Faults = Faults()
+
+    @property
+    def storage(self):
+        from .storage import Storage
+
+        return Storage(self.storage_path or self.output_dir)
+
+    def local_dir(self, name: str) -> str:
+        """Where rank 0 writes ``name`` (tensorboard, model) on its node: in a local storage
+        directly, else in the output directory, from which it is copied up."""
+        storage = self.storage
+        return f"{self.output_dir if storage.remote else storage.root}/{name}"
 
     @property
     def use_gpu(self) -> bool:

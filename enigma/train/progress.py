@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 TRAIN_SCALARS = {"loss": "train/loss", "ppl": "train/ppl", "lr": "lr", "grad_norm": "grad_norm"}
 TRAIN_SCALARS |= {"tokens_per_sec": "tokens_per_sec", "memory_mb": "memory/worker_mb"}
@@ -20,15 +19,18 @@ class Reporter:
     """Owns the TensorBoard writer and the progress queue; on ranks other than 0 it does nothing,
     so the loop calls it unconditionally."""
 
-    def __init__(self, rank: int, output_dir: str, queue=None, resumed_step: int = 0):
+    def __init__(self, rank: int, log_dir: str, queue=None, resumed_step: int = 0, upload=None):
+        """``log_dir``: where the events are written; ``upload()``, when given, copies them to the
+        run's storage (after each evaluation and at the end)."""
         self.writer, self.queue = None, queue if rank == 0 else None
+        self.upload = upload if rank == 0 else None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             # After a restart, drop the events logged past the checkpoint: those steps run again
             # (all of them when the restart begins from no checkpoint at all).
             purge = resumed_step + 1
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+            self.writer = SummaryWriter(log_dir, purge_step=purge)
 
     def train(self, line: dict) -> None:
         if self.writer:
@@ -41,15 +43,19 @@ class Reporter:
             self.writer.add_scalar("val/loss", metrics["val_loss"], metrics["step"])
             self.writer.add_scalar("val/ppl", metrics["val_ppl"], metrics["step"])
             self.writer.flush()
+            if self.upload:
+                self.upload()
         self._send({"kind": "eval", **metrics, "improved": improved})
 
     def note(self, text: str) -> None:
         self._send({"kind": "note", "text": text})
 
     def done(self, summary: dict) -> None:
-        self._send({"kind": "done", **summary})
         if self.writer:
             self.writer.close()
+            if self.upload:
+                self.upload()
+        self._send({"kind": "done", **summary})
 
     def _send(self, item: dict) -> None:
         if self.queue is not None:

@@ -192,7 +192,11 @@ class Worker:
         notes: list[str] = []
         self.state = restore(self.engine, spec, notes)
         self.state.fingerprint = spec.fingerprint
-        self.reporter = Reporter(self.rank, spec.output_dir, queue, self.state.step)
+        tensorboard = spec.local_dir("tensorboard")
+        upload = None
+        if spec.storage.remote:
+            upload = lambda: spec.storage.upload(Path(tensorboard), "tensorboard")
+        self.reporter = Reporter(self.rank, tensorboard, queue, self.state.step, upload)
         for note in [optimizer_line, *notes]:
             self.reporter.note(note)
         self.val_shard = ray.train.get_dataset_shard("val")
@@ -294,13 +298,15 @@ class Worker:
     def export(self) -> None:
         """Export the best model; a failure on any rank ends every rank now, with the cause,
         instead of leaving the others waiting in the next collective."""
-        out = Path(self.spec.output_dir) / "model"
+        out = Path(self.spec.local_dir("model"))
         error = None
         try:
             checkpoint.export_model(
                 self.engine, self.cfg.model_config(), out, self.spec.tokenizer_dir, self.rank,
                 self.stage,
             )  # fmt: skip
+            if self.rank == 0 and self.spec.storage.remote:
+                self.spec.storage.replace_model(out, "model")
         except Exception as err:  # re-raised below, after every rank knows
             error = err
         if any_rank(error is not None, self.engine.device):
