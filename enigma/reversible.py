@@ -6,9 +6,12 @@ end: it rebuilds each step's input from its output with the inverse, runs that o
 autograd, and backpropagates through it alone. Peak memory is one step's activations, whatever the
 depth. Gradient checkpointing cannot do this: it must keep every segment's input.
 
-The recomputation is reentrant (``torch.autograd.backward`` inside ``backward``), like
-``torch.utils.checkpoint(use_reentrant=True)``, so parameter gradients arrive through the ordinary
-accumulation hooks that DeepSpeed ZeRO relies on.
+Each step's gradients come from ``torch.autograd.grad`` inside ``backward``; the chain's
+parameters are inputs of the autograd function, whose backward returns their gradients summed over
+every step that uses them. Autograd then accumulates each parameter's gradient once per backward,
+through the ordinary accumulation hooks that DeepSpeed ZeRO-1/2 reduce from (the involutive machine
+runs each block twice; a hook firing twice is an error there). ZeRO-3, which partitions the
+parameters themselves, is not supported yet: the training driver refuses the combination.
 """
 
 from __future__ import annotations
@@ -52,9 +55,14 @@ class _AutocastState:
 
 
 class _ReversibleFunction(torch.autograd.Function):
+    """The chain's parameters are inputs of this function, and its backward returns their
+    gradients, summed over every step that uses them (the involutive machine runs each block
+    twice, in F and F⁻¹). So autograd accumulates each parameter's gradient once per backward,
+    as DeepSpeed ZeRO's reduction hooks require."""
+
     @staticmethod
-    def forward(ctx, x, positions, steps, anchor):
-        ctx.steps = steps
+    def forward(ctx, x, positions, steps, *params):
+        ctx.steps, ctx.params = steps, params
         ctx.autocast = _AutocastState(x.device.type)
         ctx.set_materialize_grads(False)
         with torch.no_grad():
@@ -67,19 +75,26 @@ class _ReversibleFunction(torch.autograd.Function):
         y, positions = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(y)
+        slot = {id(p): i for i, p in enumerate(ctx.params)}
+        totals: list[Tensor | None] = [None] * len(ctx.params)
         for module, reverse in reversed(ctx.steps):
             with torch.no_grad(), ctx.autocast():
                 x = module(y, positions, reverse=not reverse)
             with torch.enable_grad(), ctx.autocast():
                 x = x.detach().requires_grad_(True)
                 out, log_det = module(x, positions, reverse=reverse, with_log_det=True)
-            outputs, grads = [out], [grad_y]
-            if grad_log_det is not None and log_det.requires_grad:
-                outputs.append(log_det)
-                grads.append(grad_log_det)
-            torch.autograd.backward(outputs, grads)
-            grad_y, y = x.grad, x.detach()
-        return grad_y, None, None, None
+                outputs, grads = [out], [grad_y]
+                if grad_log_det is not None and log_det.requires_grad:
+                    outputs.append(log_det)
+                    grads.append(grad_log_det)
+                own = [p for p in module.parameters() if id(p) in slot]
+                found = torch.autograd.grad(outputs, [x, *own], grads, allow_unused=True)
+            for p, g in zip(own, found[1:], strict=True):
+                if g is not None:
+                    i = slot[id(p)]
+                    totals[i] = g if totals[i] is None else totals[i] + g
+            grad_y, y = found[0], x.detach()
+        return (grad_y, None, None, *totals)
 
 
 def apply_chain(
@@ -87,10 +102,8 @@ def apply_chain(
 ) -> tuple[Tensor, Tensor]:
     """Run a chain, storing no per-step activations when ``memory_efficient`` and grad is on."""
     if memory_efficient and torch.is_grad_enabled() and steps:
-        # The anchor makes autograd call our backward even when x needs no gradient, so the
-        # parameters inside the chain still receive theirs.
-        anchor = torch.empty(0, device=x.device, requires_grad=True)
-        return _ReversibleFunction.apply(x, positions, list(steps), anchor)
+        params = {id(p): p for m, _ in steps for p in m.parameters() if p.requires_grad}
+        return _ReversibleFunction.apply(x, positions, list(steps), *params.values())
     return run_chain(steps, x, positions)
 
 

@@ -57,3 +57,20 @@ def test_peak_memory_is_flat_in_depth():
     assert eff[16] <= 2 * eff[2]
     assert plain[16] > 2 * plain[2], "without reversible backprop memory grows with depth"
     assert plain[16] - plain[2] > 4 * (eff[16] - eff[2])
+
+
+def test_each_parameter_gradient_is_accumulated_once_per_backward():
+    """The involutive machine runs every block twice (F and F⁻¹); DeepSpeed ZeRO reduces a
+    gradient when its accumulation hook fires and refuses a second one, so the memory-efficient
+    backward must deliver one summed gradient per parameter."""
+    torch.manual_seed(0)
+    machine = perturb(Enigma(32, 2, 2, rotor_positions=4, memory_efficient=True), 0.1)
+    fired: dict[str, int] = {}
+    for name, p in machine.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda _, n=name: fired.__setitem__(n, fired.get(n, 0) + 1)
+        )
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    machine(x).square().sum().backward()
+    assert fired and set(fired.values()) == {1}, fired
+    assert set(fired) == {n for n, p in machine.named_parameters() if p.requires_grad}
