@@ -3,8 +3,11 @@
 A chain is a list of ``(module, reverse)`` steps. In memory-efficient mode the forward pass runs
 under ``no_grad`` and keeps only the chain's output. The backward pass walks the chain from the
 end: it rebuilds each step's input from its output with the inverse, runs that one step again with
-autograd, and backpropagates through it alone. Peak memory is one step's activations, whatever the
-depth. Gradient checkpointing cannot do this: it must keep every segment's input.
+autograd, and backpropagates through it alone. An additive coupling block does better (RevNet's
+algorithm): the vector-Jacobian products of its two nets are taken while they run for the
+rebuild, so each net runs once in backward (:meth:`RevBlock.rebuild_and_backprop`). Peak memory
+is one step's activations, whatever the depth. Gradient checkpointing cannot do this: it must
+keep every segment's input.
 
 Each step's gradients come from ``torch.autograd.grad`` inside ``backward``; the chain's
 parameters are inputs of the autograd function, whose backward returns their gradients summed over
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .invertible import InvertibleModule
+from .rev_block import RevBlock
 
 Step = tuple[InvertibleModule, bool]
 
@@ -78,6 +82,12 @@ class _ReversibleFunction(torch.autograd.Function):
         slot = {id(p): i for i, p in enumerate(ctx.params)}
         totals: list[Tensor | None] = [None] * len(ctx.params)
         for module, reverse in reversed(ctx.steps):
+            if isinstance(module, RevBlock) and module.coupling == "additive":
+                own = [p for p in module.parameters() if id(p) in slot]
+                with ctx.autocast():
+                    y, grad_y, found = module.rebuild_and_backprop(y, grad_y, reverse, own)
+                _accumulate(totals, slot, own, found)
+                continue
             with torch.no_grad(), ctx.autocast():
                 x = module(y, positions, reverse=not reverse)
             with torch.enable_grad(), ctx.autocast():
@@ -89,12 +99,16 @@ class _ReversibleFunction(torch.autograd.Function):
                     grads.append(grad_log_det)
                 own = [p for p in module.parameters() if id(p) in slot]
                 found = torch.autograd.grad(outputs, [x, *own], grads, allow_unused=True)
-            for p, g in zip(own, found[1:], strict=True):
-                if g is not None:
-                    i = slot[id(p)]
-                    totals[i] = g if totals[i] is None else totals[i] + g
+            _accumulate(totals, slot, own, found[1:])
             grad_y, y = found[0], x.detach()
         return (grad_y, None, None, *totals)
+
+
+def _accumulate(totals: list, slot: dict, params: list, grads) -> None:
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            i = slot[id(p)]
+            totals[i] = g if totals[i] is None else totals[i] + g
 
 
 def apply_chain(
