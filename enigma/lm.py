@@ -145,7 +145,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         if self.machine is not None:
             # The machine's coupling stream runs in fp32 for exact invertibility (bf16 weights
             # are fine: see CouplingNet).
-            h = self.machine(h.float(), position_ids).to(h.dtype)
+            h = self.machine(h.to(_at_least_fp32(h.dtype)), position_ids).to(h.dtype)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         bias, is_causal = attention_bias(
@@ -160,7 +160,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                logits[:, :-1].reshape(-1, logits.shape[-1]).to(_at_least_fp32(logits.dtype)),
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
@@ -177,6 +177,11 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         }
         parts["total"] = sum(p.numel() for p in self.parameters())
         return parts
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32, fp64 stays fp64 (a double model is double throughout)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 AutoConfig.register("enigma", EnigmaConfig)

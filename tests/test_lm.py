@@ -196,3 +196,14 @@ def test_no_tensor_is_made_behind_the_inputs_back(memory_efficient):
     assert all(t.device.type == "cpu" for t in tensors)
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
     assert all(p.grad is not None and p.grad.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_double_model_runs_in_double_throughout():
+    model = _small_lm().double()
+    ids = torch.randint(0, 300, (2, 10))
+    out = model(ids, labels=ids)
+    assert out.logits.dtype == torch.float64 and out.loss.dtype == torch.float64
+    seen = []
+    model.machine.register_forward_hook(lambda m, args, y: seen.append((args[0].dtype, y.dtype)))
+    model(ids)
+    assert seen == [(torch.float64, torch.float64)]
