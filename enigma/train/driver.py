@@ -287,6 +287,7 @@ def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults) -> dict:
             result = trainer.fit()
     except Exception:
         if watchdog.reason:  # the watchdog ended the run: its reason is the error
+            release_orphans()
             raise InputError(watchdog.reason) from None
         raise
     finally:
@@ -294,6 +295,17 @@ def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults) -> dict:
         printer.stopped.set()
         printer.join()
     return summarize(spec, result, printer)
+
+
+def release_orphans(wait_s: float = 15.0) -> None:
+    """The killed controller's placement group outlives it (pending, it would be placed as soon
+    as the resources free up and hold them for good): remove it once Ray marks its creator
+    dead."""
+    from ..ray_setup import remove_orphaned_placement_groups
+
+    deadline = time.monotonic() + wait_s
+    while not remove_orphaned_placement_groups() and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
