@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .invertible import InvertibleModule
 from .rev_block import RevBlock
+from .rotor import DynamicInvertibleConv1x1Stack
 
 Step = tuple[InvertibleModule, bool]
 
@@ -81,12 +82,23 @@ class _ReversibleFunction(torch.autograd.Function):
             grad_y = torch.zeros_like(y)
         slot = {id(p): i for i, p in enumerate(ctx.params)}
         totals: list[Tensor | None] = [None] * len(ctx.params)
+        pending: dict = {}  # rotor stacks' matrices and their gathered gradients
+        rotors: dict = {}
         for module, reverse in reversed(ctx.steps):
             if isinstance(module, RevBlock) and module.coupling == "additive":
                 own = [p for p in module.parameters() if id(p) in slot]
                 with ctx.autocast():
                     y, grad_y, found = module.rebuild_and_backprop(y, grad_y, reverse, own)
                 _accumulate(totals, slot, own, found)
+                continue
+            if isinstance(module, DynamicInvertibleConv1x1Stack) and module.num_layers:
+                y, grad_y = module.rebuild_and_backprop(y, grad_y, reverse, positions, pending)
+                if grad_log_det is not None:  # its log-det is ±sum(log_s) at every token
+                    entry = pending[id(module)]
+                    entry["log_det"] = (
+                        entry["log_det"] + (-1 if reverse else 1) * grad_log_det.sum()
+                    )
+                rotors[id(module)] = module
                 continue
             with torch.no_grad(), ctx.autocast():
                 x = module(y, positions, reverse=not reverse)
@@ -101,6 +113,10 @@ class _ReversibleFunction(torch.autograd.Function):
                 found = torch.autograd.grad(outputs, [x, *own], grads, allow_unused=True)
             _accumulate(totals, slot, own, found[1:])
             grad_y, y = found[0], x.detach()
+        for key, module in rotors.items():
+            own = [p for p in module.parameters() if id(p) in slot]
+            entry = pending[key]
+            _accumulate(totals, slot, own, module.parameter_grads(entry, own, entry["log_det"]))
         return (grad_y, None, None, *totals)
 
 

@@ -187,6 +187,62 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         log_det = -log_det if reverse else log_det
         return z.to(x.dtype).reshape(x.shape), log_det.expand(batch_shape)
 
+    def rebuild_and_backprop(
+        self, out: Tensor, grad_out: Tensor, reverse: bool, positions: Tensor, pending: dict
+    ) -> tuple[Tensor, Tensor]:
+        """For the memory-efficient backward of this stack used as a step (``reverse``: its
+        inverse): rebuild the step's input from its output layer by layer with the inverse
+        matrices, and backpropagate ``grad_out`` in the same pass (``z_out = z_in + z_in Mᵀ``
+        gives ``g_in = g_out + g_out M`` and ``∂L/∂M = g_outᵀ z_in``), so nothing runs forward
+        again; the rebuild is the same arithmetic as :meth:`inverse`. The matrices are built
+        once per backward (the involutive machine uses the stack twice) and their gradients
+        gathered in ``pending``; :meth:`parameter_grads` turns them into the parameters'."""
+        dtype, shape, d = _solve_dtype(out.dtype), out.shape, self.num_channels
+        order = list(reversed(range(self.num_layers))) if reverse else list(range(self.num_layers))
+        entry = pending.get(id(self))
+        if entry is None:
+            with torch.autocast(out.device.type, enabled=False), torch.enable_grad():
+                mats = self._inverse_deviation(dtype)  # (W - I, W⁻¹ - I), with their graph
+            entry = pending[id(self)] = {"mats": mats, "grads": [None, None], "log_det": 0.0}
+        step, back = (entry["mats"][1], entry["mats"][0]) if reverse else entry["mats"]
+        shifts = None
+        if self.rotor_positions > 1:
+            flat = positions.expand(shape[:-1]).reshape(-1)
+            offsets = rotor_offsets(flat, self.num_layers, self.rotor_positions)[order]
+            shifts = torch.cat([offsets[:1], offsets[1:] - offsets[:-1]])  # turn before each
+        with torch.autocast(out.device.type, enabled=False), torch.no_grad():
+            mats, undo = step.detach(), back.detach()
+            z, g = out.detach().reshape(-1, d).to(dtype), grad_out.reshape(-1, d).to(dtype)
+            if shifts is not None:  # the step ends by turning back from the last frame
+                z, g = (_turn(t, offsets[-1], self.rotor_positions) for t in (z, g))
+            grad_mats = torch.zeros_like(mats)
+            for k in reversed(range(len(order))):
+                i = order[k]
+                z = torch.addmm(z, z, undo[i].T)  # this layer's input
+                grad_mats[i] = g.T @ z
+                g = torch.addmm(g, g, mats[i])
+                if shifts is not None:
+                    z, g = (_turn(t, -shifts[k], self.rotor_positions) for t in (z, g))
+        slot = 1 if reverse else 0
+        done = entry["grads"][slot]
+        entry["grads"][slot] = grad_mats if done is None else done + grad_mats
+        return z.to(out.dtype).reshape(shape), g.to(grad_out.dtype).reshape(shape)
+
+    def parameter_grads(self, entry: dict, params: list[Tensor], log_det_grad) -> tuple:
+        """The gradients of ``params`` from what :meth:`rebuild_and_backprop` gathered, plus
+        ``log_det_grad`` (the summed gradient of ``sum(log_s)``, the log-det) on ``log_s``."""
+        pairs = [
+            (m, g) for m, g in zip(entry["mats"], entry["grads"], strict=True) if g is not None
+        ]
+        grads = list(torch.autograd.grad([m for m, _ in pairs], params, [g for _, g in pairs],
+                                         allow_unused=True))  # fmt: skip
+        if torch.is_tensor(log_det_grad):
+            for j, p in enumerate(params):
+                if p is self.log_s:
+                    extra = log_det_grad.to(p.dtype).expand_as(p)
+                    grads[j] = extra if grads[j] is None else grads[j] + extra
+        return tuple(grads)
+
     def _forward(self, x: Tensor, positions: Tensor):
         return self._rotate(x, positions, reverse=False)
 
