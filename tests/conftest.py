@@ -28,6 +28,14 @@ def data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def fp32_zero2(tmp_path_factory) -> str:
+    """``zero2_bf16.json`` without bf16: fp32 runs, whose losses compare to 1e-4."""
+    from enigma.benchmarks.train_overhead import fp32_ds_config
+
+    return fp32_ds_config(tmp_path_factory.mktemp("ds"))
+
+
 def perturb(module: torch.nn.Module, scale: float, seed: int | None = None) -> torch.nn.Module:
     """Move every parameter off its (often identity) start by ``scale`` x N(0, 1) noise, drawn
     from a generator seeded with ``seed``, or from the global RNG when ``seed`` is None."""

@@ -51,21 +51,22 @@ def test_offload_steps_with_deepspeed_cpu_adam_where_it_builds(tmp_path):
     assert out["losses"][-1] < 0.7 * out["losses"][0]
 
 
-def test_torch_adam_false_demands_the_kernel(tmp_path):
+def offload_without_compiler(tmp_path, torch_adam) -> tuple[int, dict, object]:
     config = shipped("zero2_offload")
-    config["optimizer"]["params"]["torch_adam"] = False
+    config["optimizer"]["params"]["torch_adam"] = torch_adam
     empty = tmp_path / "no-ops"
     empty.mkdir()
     rc, out = probe(tmp_path, config, "--no-compiler", str(empty))
+    return rc, out, empty
+
+
+def test_torch_adam_false_demands_the_kernel(tmp_path):
+    rc, out, _ = offload_without_compiler(tmp_path, False)
     assert rc == 1 and "could not be built" in out["error"] and '"auto"' in out["error"]
 
 
 def test_torch_adam_true_never_builds(tmp_path):
-    config = shipped("zero2_offload")
-    config["optimizer"]["params"]["torch_adam"] = True
-    empty = tmp_path / "no-ops"
-    empty.mkdir()
-    rc, out = probe(tmp_path, config, "--no-compiler", str(empty))
+    rc, out, empty = offload_without_compiler(tmp_path, True)
     assert rc == 0 and out["optimizer"] == "AdamW"
     assert "torch_adam is true" in out["line"] and not any(empty.iterdir())
 

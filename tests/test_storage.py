@@ -2,7 +2,6 @@
 (moto's S3 server on loopback, reached through the standard AWS_* variables) and resumes from it
 on a machine that has never seen the run."""
 
-import json
 import os
 import shutil
 import socket
@@ -63,15 +62,6 @@ def bucket():
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
-    config = json.loads(open("ds_configs/zero2_bf16.json").read())
-    config.pop("bf16")
-    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
 def run(data, out, ds, *sets, storage=None):
     from enigma.train.driver import train
 
@@ -86,17 +76,17 @@ def keys(client, prefix: str) -> list[str]:
 
 
 def test_resume_from_the_bucket_on_a_machine_that_never_saw_the_run(
-    bucket, data, tmp_path, fp32, capsys
+    bucket, data, tmp_path, fp32_zero2, capsys
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    full = run(data, tmp_path / "full", fp32)
+    full = run(data, tmp_path / "full", fp32_zero2)
     first = tmp_path / "machine-a"
-    run(data, first, fp32, "stop_at_step=10", storage="s3://runs/run")
+    run(data, first, fp32_zero2, "stop_at_step=10", storage="s3://runs/run")
     assert keys(bucket, "run/ray/train/step-0000010/")
     shutil.rmtree(first)  # the first machine is gone
     capsys.readouterr()
-    rest = run(data, tmp_path / "machine-b", fp32, storage="s3://runs/run")
+    rest = run(data, tmp_path / "machine-b", fp32_zero2, storage="s3://runs/run")
     assert "resuming from s3://runs/run/ray/train/step-0000010 (step 10)" in capsys.readouterr().out
     assert rest["steps"] == 20 and rest["sample"]
     assert rest["model_dir"] == "s3://runs/run/model"

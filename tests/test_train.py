@@ -15,15 +15,6 @@ STEPS = 20
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-@pytest.fixture(scope="module")
-def fp32_zero2(tmp_path_factory):
-    config = json.loads(open("ds_configs/zero2_bf16.json").read())
-    config.pop("bf16")
-    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
 def run(data, out, *sets, ds="ds_configs/zero2_bf16.json", workers=2, resume=None, fail_at=None):
     from enigma.train.driver import train
     from enigma.train.plan import Faults
