@@ -28,12 +28,12 @@ def main() -> int:
     if args.no_compiler:
         os.environ["CXX"] = "/nonexistent/c++"
         os.environ["TORCH_EXTENSIONS_DIR"] = args.no_compiler
-    cfg = TrainConfig(lr=1e-2)
+    cfg = TrainConfig(lr=1e-2, activation_checkpointing=False)  # a plain MLP, not EnigmaLM
     ds = deepspeed_json.fill_auto(deepspeed_json.load(args.ds_config), cfg, 1)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
     try:
-        engine, line = make_engine(model, ds, torch.device("cpu"))
+        engine, line = make_engine(model, cfg, ds, torch.device("cpu"))
     except RuntimeError as err:
         print(json.dumps({"error": str(err)}))
         return 1

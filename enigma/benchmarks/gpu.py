@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -187,26 +188,17 @@ def process_group(device: torch.device):
 def engine_for(config_name: str, preset: str, batch: int, device: torch.device, **model_fields):
     """An EnigmaLM DeepSpeed engine from a shipped JSON, activation checkpointing through
     DeepSpeed; returns the engine, the model config and the optimizer line."""
-    import deepspeed
-
     from ..lm import EnigmaLM
     from ..train import deepspeed_json
-    from ..train.config import TrainConfig, compiles_machine
+    from ..train.config import TrainConfig
     from ..train.worker import make_engine
 
     cfg = TrainConfig(preset=preset, micro_batch=batch, grad_accum=1, lr=1e-3, warmup_ratio=0)
     cfg = cfg.replace(model=model_fields, activation_checkpointing=True)
-    raw = deepspeed_json.load(str(CONFIGS / config_name))
-    ds = deepspeed_json.fill_auto(raw, cfg, 1)
+    ds = deepspeed_json.fill_auto(deepspeed_json.load(str(CONFIGS / config_name)), cfg, 1)
     torch.manual_seed(0)
     model_config = cfg.model_config()
-    model = EnigmaLM(model_config)
-    deepspeed.checkpointing.configure(None, deepspeed_config=ds)
-    model.use_deepspeed_checkpointing()
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if compiles_machine(cfg, device.type == "cuda", stage):  # as the training workers do
-        model.machine.compile()
-    engine, line = make_engine(model, ds, device)
+    engine, line = make_engine(EnigmaLM(model_config), cfg, ds, device)
     return engine, model_config, line.removeprefix("optimizer: ")
 
 
@@ -228,17 +220,13 @@ def zero2(args, device: torch.device, ids: torch.Tensor, config_name: str, steps
     out = {"config": config_name, "optimizer": line, "steps": steps}
     out.update(first_loss=losses[0], last_loss=losses[-1])
     out["seconds_per_step"] = (time.perf_counter() - start) / steps
-    out["ok"] = all(map(_finite, losses)) and losses[-1] < 0.9 * losses[0]
+    out["ok"] = all(map(math.isfinite, losses)) and losses[-1] < 0.9 * losses[0]
     if "fp16" in config_name:
         out["loss_scale"] = float(engine.optimizer.loss_scale)
         out["ok"] = out["ok"] and out["loss_scale"] > 1
     out["state_dict"] = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     out["model_config"] = model_config
     return out
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def zero3_export(args, device: torch.device, ids: torch.Tensor) -> dict:

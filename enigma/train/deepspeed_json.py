@@ -131,6 +131,10 @@ def check_activation_checkpointing(section: dict, where: str) -> None:
             )
 
 
+def zero_stage(config: dict) -> int:
+    return config.get("zero_optimization", {}).get("stage", 0)
+
+
 def precision(config: dict) -> str:
     if config.get("bf16", {}).get("enabled"):
         return "bf16"

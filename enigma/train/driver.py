@@ -168,7 +168,7 @@ def prepare_run(
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
     ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = deepspeed_json.zero_stage(ds)
     if stage == 3 and cfg.model_config().machine_memory_efficient:
         raise InputError(
             "machine_memory_efficient=true does not run under ZeRO-3 yet (it partitions the "
@@ -251,7 +251,7 @@ def describe(spec: RunSpec) -> str:
     cfg, ds, plan = spec.train, spec.deepspeed_config, spec.plan
     return (
         f"EnigmaLM {cfg.preset} on {cfg.workers} worker(s) ({'GPU' if spec.use_gpu else 'CPU'}), "
-        f"DeepSpeed ZeRO-{ds.get('zero_optimization', {}).get('stage', 0)} "
+        f"DeepSpeed ZeRO-{deepspeed_json.zero_stage(ds)} "
         f"{deepspeed_json.precision(ds)}; tokens/step = {cfg.grad_accum} accum x {cfg.workers} "
         f"workers x {cfg.micro_batch} batch x {cfg.resolved_seq_len} seq = "
         f"{spec.tokens_per_step:,}; {plan.total_steps} steps ({plan.steps_per_epoch}/epoch)"
@@ -385,7 +385,7 @@ def save_summary(cfg: TrainConfig, summary: dict, seconds: float, args) -> None:
     from ..benchmarks import meta
 
     ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = deepspeed_json.zero_stage(ds)
     record = {
         "benchmark": "train",
         "name": Path(cfg.output_dir).name,

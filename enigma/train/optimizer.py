@@ -109,27 +109,25 @@ def choose(config: dict, device: torch.device, agree=None) -> Choice:
     whether the kernel loaded on every rank (a collective), so that all take the same one."""
     params = config.get("optimizer", {}).get("params", {})
     setting = params.get("torch_adam", "auto")
-    wanted = kernel_name(config, device) if setting != True else None  # noqa: E712
-    if setting is False and wanted is None:
-        wanted = "FusedAdamBuilder"  # DeepSpeed's own, as asked
-    why = "torch_adam is true in the DeepSpeed config" if setting is True else ""
-    if wanted is not None:
-        ok, how = load_kernel(wanted)
-        if agree is not None and agree(ok) != ok:
-            ok, how = False, f"{how} here, but not on every rank"
-        if ok:
-            out = copy.deepcopy(config)
-            out["optimizer"]["params"]["torch_adam"] = False
-            return Choice(out, None, f"optimizer: DeepSpeed {wanted[: -len('Builder')]} ({how})")
-        if setting is False:
-            raise RuntimeError(
-                f'torch_adam is false in the DeepSpeed config, but {how}; set it to "auto" to '
-                "fall back to torch's AdamW"
-            )
-        why = how
-    elif not why:
+    if setting is True:
+        return torch_choice(config, device, params, "torch_adam is true in the DeepSpeed config")
+    wanted = kernel_name(config, device) or ("FusedAdamBuilder" if setting is False else None)
+    if wanted is None:
         why = "DeepSpeed's fused Adam is a CUDA kernel and this worker runs on the CPU"
-    return torch_choice(config, device, params, why)
+        return torch_choice(config, device, params, why)
+    ok, how = load_kernel(wanted)
+    if agree is not None and agree(ok) != ok:
+        ok, how = False, f"{how} here, but not on every rank"
+    if ok:
+        out = copy.deepcopy(config)
+        out["optimizer"]["params"]["torch_adam"] = False
+        return Choice(out, None, f"optimizer: DeepSpeed {wanted[: -len('Builder')]} ({how})")
+    if setting is False:
+        raise RuntimeError(
+            f'torch_adam is false in the DeepSpeed config, but {how}; set it to "auto" to '
+            "fall back to torch's AdamW"
+        )
+    return torch_choice(config, device, params, how)
 
 
 def torch_choice(config: dict, device: torch.device, params: dict, why: str) -> Choice:

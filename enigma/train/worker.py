@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, deepspeed_json
 from .checkpoint import CHECKPOINT_TMP, TrainState
 from .config import TrainConfig
 from .plan import RunPlan, RunSpec
@@ -108,13 +108,23 @@ def assign_accelerator(use_gpu: bool) -> None:
         real_accelerator.ds_accelerator = None  # detected again, from the variable above
 
 
-def make_engine(model, ds_config: dict, device: torch.device, agree=None):
-    """``deepspeed.initialize`` with the optimizer :func:`enigma.train.optimizer.choose` picks on
-    this machine; returns the engine and the line saying which optimizer and why."""
+def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, agree=None):
+    """``deepspeed.initialize`` of ``model`` as training runs it: Transformer layers checkpointed
+    through DeepSpeed's API, the machine compiled where ``compile_machine`` says, and the
+    optimizer :func:`enigma.train.optimizer.choose` picks on this machine. Returns the engine and
+    the line saying which optimizer and why."""
     import deepspeed
 
+    from .config import compiles_machine
     from .optimizer import choose
 
+    if cfg.activation_checkpointing and "activation_checkpointing" in ds_config:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+        model.use_deepspeed_checkpointing()
+    stage = deepspeed_json.zero_stage(ds_config)
+    machine = getattr(model, "machine", None)  # EnigmaLM's; None in the plain Transformer
+    if machine is not None and compiles_machine(cfg, device.type == "cuda", stage):
+        machine.compile()  # in place: parameter names and checkpoints stay the same
     choice = choose(ds_config, device, agree)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -126,27 +136,19 @@ def make_engine(model, ds_config: dict, device: torch.device, agree=None):
 
 
 def build_engine(spec: RunSpec):
-    """EnigmaLM with identical initial weights on every rank, wrapped by ``deepspeed.initialize``
-    (which adopts the process group Ray Train set up); returns the engine and the optimizer
-    line."""
+    """EnigmaLM with identical initial weights on every rank, wrapped by :func:`make_engine`
+    (``deepspeed.initialize`` adopts the process group Ray Train set up)."""
     assign_accelerator(spec.use_gpu)
     import deepspeed
 
     from ..lm import EnigmaLM
-    from .config import compiles_machine
 
-    cfg, ds_config = spec.train, spec.deepspeed_config
     deepspeed.init_distributed()
     device = torch.device(deepspeed.get_accelerator().current_device_name())
-    torch.manual_seed(cfg.seed)
-    model = EnigmaLM(cfg.model_config())
-    if cfg.activation_checkpointing and "activation_checkpointing" in ds_config:
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-        model.use_deepspeed_checkpointing()
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if model.machine is not None and compiles_machine(cfg, device.type == "cuda", stage):
-        model.machine.compile()  # in place: parameter names and checkpoints stay the same
-    return make_engine(model, ds_config, device, agree=lambda ok: not any_rank(not ok, device))
+    torch.manual_seed(spec.train.seed)
+    model = EnigmaLM(spec.train.model_config())
+    agree = lambda ok: not any_rank(not ok, device)  # every rank takes the same optimizer
+    return make_engine(model, spec.train, spec.deepspeed_config, device, agree)
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -188,7 +190,7 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.engine, optimizer_line = build_engine(spec)
-        self.stage = spec.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        self.stage = deepspeed_json.zero_stage(spec.deepspeed_config)
         notes: list[str] = []
         self.state = restore(self.engine, spec, notes)
         self.state.fingerprint = spec.fingerprint
