@@ -18,10 +18,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention import CausalSelfAttention, attention_bias
 from .lm_config import EnigmaConfig
 from .machine import Enigma
+from .rev_layers import LayerContext, LayerStep, StreamSplit, merge_streams
+from .reversible import apply_chain
 
 
 class TransformerBlock(GradientCheckpointingLayer):
-    """Pre-LN block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+    """Pre-LN block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``. With ``reversible_layers`` the
+    same two branches couple two streams instead (:mod:`enigma.rev_layers`)."""
 
     def __init__(self, config: EnigmaConfig, layer_idx: int):
         super().__init__()
@@ -34,9 +37,15 @@ class TransformerBlock(GradientCheckpointingLayer):
         )
         self.drop = nn.Dropout(config.dropout)
 
+    def attention_branch(self, x: Tensor, bias: Tensor | None, is_causal: bool, cache=None):
+        return self.drop(self.attn(self.ln_attn(x), bias, is_causal, cache=cache))
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        return self.drop(self.mlp(self.ln_mlp(x)))
+
     def forward(self, x: Tensor, bias: Tensor | None, is_causal: bool, cache=None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), bias, is_causal, cache=cache))
-        return x + self.drop(self.mlp(self.ln_mlp(x)))
+        x = x + self.attention_branch(x, bias, is_causal, cache)
+        return x + self.mlp_branch(x)
 
 
 def build_machine(config: EnigmaConfig) -> Enigma:
@@ -46,7 +55,7 @@ def build_machine(config: EnigmaConfig) -> Enigma:
         num_rotors=config.num_rotors,
         rotor_positions=config.rotor_positions,
         coupling=config.coupling,
-        memory_efficient=config.machine_memory_efficient,
+        memory_efficient=config.reversible_backward,
         dynamic=config.use_dynamic_conv1x1,
         seed=config.machine_seed,
     )
@@ -71,6 +80,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         self.embed = nn.Embedding(config.vocab_size, config.d)
         self.pos_embed = None if config.use_alibi else nn.Embedding(config.max_len, config.d)
         self.machine = build_machine(config) if config.has_machine else None
+        self.split = StreamSplit() if config.reversible_layers else None
         self.blocks = nn.ModuleList(
             TransformerBlock(config, i) for i in range(config.num_transformer_layers)
         )
@@ -142,17 +152,20 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
                     "of learned positions; use_alibi=True extrapolates to any length"
                 )
             h = h + self.pos_embed(position_ids)
-        if self.machine is not None:
-            # The machine's coupling stream runs in fp32 for exact invertibility (bf16 weights
-            # are fine: see CouplingNet).
-            h = self.machine(h.to(_at_least_fp32(h.dtype)), position_ids).to(h.dtype)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         bias, is_causal = attention_bias(
             self.config.num_heads, past, length, self.config.use_alibi, attention_mask, device
         )
-        for block in self.blocks:
-            h = block(h, bias, is_causal, cache=cache)
+        if self.split is not None:
+            h = self._reversible_chain(h, position_ids, bias, is_causal, cache)
+        else:
+            if self.machine is not None:
+                # The machine's coupling stream runs in fp32 for exact invertibility (bf16
+                # weights are fine: see CouplingNet).
+                h = self.machine(h.to(_at_least_fp32(h.dtype)), position_ids).to(h.dtype)
+            for block in self.blocks:
+                h = block(h, bias, is_causal, cache=cache)
         h = self.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -165,6 +178,19 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _reversible_chain(self, h, positions, bias, is_causal, cache) -> Tensor:
+        """The machine, the split into two streams and the reversible layers as one chain (in at
+        least fp32), then the streams' mean. Backward rebuilds the chain from its output when
+        ``reversible_backward`` is on; a KV cache (generation) runs it with plain autograd."""
+        replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
+        context = LayerContext(bias, is_causal, cache, replay_rng=replay)
+        steps = self.machine.chain() if self.machine is not None else []
+        steps.append((self.split, False))
+        steps += [(LayerStep(block, context), False) for block in self.blocks]
+        memory_efficient = self.config.reversible_backward and cache is None
+        y, _ = apply_chain(steps, h.to(_at_least_fp32(h.dtype)), positions, memory_efficient)
+        return merge_streams(y).to(h.dtype)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: embedding (tied with the head), machine, blocks, norm."""

@@ -44,13 +44,22 @@ class EnigmaConfig(PretrainedConfig):
             ``conv1x1_positions`` (the original's name), which is read as this.
         core: ``"enigma"`` (the machine before the layers) or ``"none"`` (the plain Transformer).
         coupling: ``"additive"`` (volume-preserving) or ``"affine"`` RevBlock coupling.
-        machine_memory_efficient: The machine's backward rebuilds its activations from its output
-            (reversible backprop) instead of storing them.
+        reversible_layers: The Transformer layers couple two streams RevNet-style
+            (``y1 = x1 + Attention(LN(x2))``, ``y2 = x2 + MLP(LN(y1))``; see
+            :mod:`enigma.rev_layers`), so the machine and the layers form one invertible chain.
+            An architecture choice: the weights differ from the standard layers'.
+        reversible_backward: Backward rebuilds the activations of the machine (and of the
+            reversible layers) from the chain's output instead of storing them. ``None``: on
+            with ``reversible_layers``, else ``machine_memory_efficient``. Changes no result:
+            the same weights give the same gradients either way, up to rounding.
+        machine_memory_efficient: The original's name for ``reversible_backward`` (accepted;
+            always saved equal to it).
         machine_seed: Seed of the plugboard, reflector and coupling starts.
         mlp_ratio: Hidden width of each Transformer MLP, in multiples of ``d``.
         dropout: Dropout after attention and MLP.
         activation_checkpointing: Recompute each Transformer layer in backward (HF gradient
-            checkpointing, or DeepSpeed's under ``enigma train``).
+            checkpointing, or DeepSpeed's under ``enigma train``). Refused with
+            ``reversible_layers``, whose backward rebuilds every layer already.
         initializer_range: Standard deviation of the normal start of linear and embedding weights.
         pad_token_id, bos_token_id, eos_token_id: Special token ids ([PAD], [CLS], [SEP]).
         tie_word_embeddings: The head shares the embedding matrix.
@@ -80,6 +89,8 @@ class EnigmaConfig(PretrainedConfig):
         rotor_positions: int = 16,
         core: str = "enigma",
         coupling: str = "additive",
+        reversible_layers: bool = False,
+        reversible_backward: bool | None = None,
         machine_memory_efficient: bool = False,
         machine_seed: int = 0,
         mlp_ratio: int = 4,
@@ -109,7 +120,21 @@ class EnigmaConfig(PretrainedConfig):
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
         self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
         self.rotor_positions, self.core, self.coupling = rotor_positions, core, coupling
-        self.machine_memory_efficient, self.machine_seed = machine_memory_efficient, machine_seed
+        if reversible_backward is None:
+            reversible_backward = bool(reversible_layers or machine_memory_efficient)
+        elif machine_memory_efficient and not reversible_backward:
+            raise InputError(
+                "machine_memory_efficient=true and reversible_backward=false disagree (the first "
+                "is the old name of the second); set only reversible_backward"
+            )
+        if reversible_layers and activation_checkpointing:
+            raise InputError(
+                "reversible_layers=true rebuilds every layer in backward already; "
+                "activation_checkpointing would recompute them again: set it false"
+            )
+        self.reversible_layers, self.reversible_backward = reversible_layers, reversible_backward
+        self.machine_memory_efficient = reversible_backward  # the old name, kept in step
+        self.machine_seed = machine_seed
         self.mlp_ratio, self.dropout = mlp_ratio, dropout
         self.activation_checkpointing = activation_checkpointing
         self.initializer_range = initializer_range

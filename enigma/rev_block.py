@@ -90,49 +90,64 @@ class RevBlock(InvertibleModule):
         x1 = (y1 - t1) * (-s1).exp()
         return torch.cat([x1, x2], dim=-1), -(s1.sum(-1) + s2.sum(-1))
 
+    @property
+    def rebuilds_with_vjp(self) -> bool:
+        """Whether the reversible backward may use :meth:`rebuild_and_backprop` (additive only)."""
+        return self.coupling == "additive"
+
     def rebuild_and_backprop(
         self, out: Tensor, grad_out: Tensor, reverse: bool, params: list[Tensor]
     ) -> tuple[Tensor, Tensor, tuple]:
-        """For the memory-efficient backward of an additive block used as a step (``reverse``:
-        its inverse): rebuild the step's input from its output, and backpropagate ``grad_out``
-        through the step, taking the vector-Jacobian products of ``f`` and ``g`` while they run
-        for the rebuild, so each runs once (RevNet's algorithm). Returns the input, its gradient
-        and the gradients of ``params`` (None where unused)."""
-        o1, o2 = out.detach().chunk(2, dim=-1)
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        g1, g2 = grad_out.chunk(2, dim=-1)
-        sign = -1.0 if reverse else 1.0  # the inverse subtracts what the forward adds
-        with torch.enable_grad():
-            if not reverse:  # out = (y1, y2): x2 = y2 - g(y1), x1 = y1 - f(x2)
-                h1 = o1.detach().requires_grad_(True)
-                g_out = self.g(h1)
-                x2 = (o2 - g_out).detach().requires_grad_(True)
-                f_out = self.f(x2)
-                x1 = o1.detach() - f_out.detach()
-                # y2 = x2 + g(y1), y1 = x1 + f(x2)
-                gg = torch.autograd.grad(g_out, [h1, *params], g2, allow_unused=True)
-                grad_y1 = g1 + gg[0]
-                fg = torch.autograd.grad(f_out, [x2, *params], grad_y1, allow_unused=True)
-                grad_x = torch.cat([grad_y1, g2 + fg[0]], dim=-1)
-                grads = [_add(a, b) for a, b in zip(gg[1:], fg[1:], strict=True)]
-                return torch.cat([x1, x2.detach()], dim=-1), grad_x, tuple(grads)
-            # reverse: out = (x1, x2) of the inverse; its input is (y1, y2) = forward(out)
-            h2 = o2.detach().requires_grad_(True)
-            f_out = self.f(h2)
-            y1 = (o1 + f_out).detach().requires_grad_(True)
-            g_out = self.g(y1)
-            y2 = o2.detach() + g_out.detach()
-            # x1 = y1 - f(x2), x2 = y2 - g(y1)
-            fg = torch.autograd.grad(f_out, [h2, *params], sign * g1, allow_unused=True)
-            grad_x2 = g2 + fg[0]
-            gg = torch.autograd.grad(g_out, [y1, *params], sign * grad_x2, allow_unused=True)
-            grad_in = torch.cat([g1 + gg[0], grad_x2], dim=-1)
-            grads = [_add(a, b) for a, b in zip(fg[1:], gg[1:], strict=True)]
-            return torch.cat([y1.detach(), y2], dim=-1), grad_in, tuple(grads)
+        """See :func:`additive_rebuild_and_backprop`; ``f`` and ``g`` are this block's nets."""
+        return additive_rebuild_and_backprop(self.f, self.g, out, grad_out, reverse, params)
 
     def extra_repr(self) -> str:
         return f"d={self.d}, coupling={self.coupling!r}"
+
+
+def additive_rebuild_and_backprop(
+    f, g, out: Tensor, grad_out: Tensor | None, reverse: bool, params: list[Tensor]
+) -> tuple[Tensor, Tensor, tuple]:
+    """The memory-efficient backward of one additive coupling step ``y1 = x1 + f(x2)``,
+    ``y2 = x2 + g(y1)`` on the two halves of the last dim (``reverse``: the step is its inverse).
+
+    Rebuilds the step's input from its output ``out`` and backpropagates ``grad_out`` through the
+    step, taking the vector-Jacobian products of ``f`` and ``g`` while they run for the rebuild,
+    so each runs once (RevNet's algorithm). Returns the input, its gradient and the gradients of
+    ``params`` (None where unused). ``f`` and ``g`` must compute the same function as in the
+    forward pass (a caller with dropout replays its random state)."""
+    o1, o2 = out.detach().chunk(2, dim=-1)
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    g1, g2 = grad_out.chunk(2, dim=-1)
+    sign = -1.0 if reverse else 1.0  # the inverse subtracts what the forward adds
+    with torch.enable_grad():
+        if not reverse:  # out = (y1, y2): x2 = y2 - g(y1), x1 = y1 - f(x2)
+            h1 = o1.detach().requires_grad_(True)
+            g_out = g(h1)
+            x2 = (o2 - g_out).detach().requires_grad_(True)
+            f_out = f(x2)
+            x1 = o1.detach() - f_out.detach()
+            # y2 = x2 + g(y1), y1 = x1 + f(x2)
+            gg = torch.autograd.grad(g_out, [h1, *params], g2, allow_unused=True)
+            grad_y1 = g1 + gg[0]
+            fg = torch.autograd.grad(f_out, [x2, *params], grad_y1, allow_unused=True)
+            grad_x = torch.cat([grad_y1, g2 + fg[0]], dim=-1)
+            grads = [_add(a, b) for a, b in zip(gg[1:], fg[1:], strict=True)]
+            return torch.cat([x1, x2.detach()], dim=-1), grad_x, tuple(grads)
+        # reverse: out = (x1, x2) of the inverse; its input is (y1, y2) = forward(out)
+        h2 = o2.detach().requires_grad_(True)
+        f_out = f(h2)
+        y1 = (o1 + f_out).detach().requires_grad_(True)
+        g_out = g(y1)
+        y2 = o2.detach() + g_out.detach()
+        # x1 = y1 - f(x2), x2 = y2 - g(y1)
+        fg = torch.autograd.grad(f_out, [h2, *params], sign * g1, allow_unused=True)
+        grad_x2 = g2 + fg[0]
+        gg = torch.autograd.grad(g_out, [y1, *params], sign * grad_x2, allow_unused=True)
+        grad_in = torch.cat([g1 + gg[0], grad_x2], dim=-1)
+        grads = [_add(a, b) for a, b in zip(fg[1:], gg[1:], strict=True)]
+        return torch.cat([y1.detach(), y2], dim=-1), grad_in, tuple(grads)
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:

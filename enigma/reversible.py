@@ -5,7 +5,8 @@ under ``no_grad`` and keeps only the chain's output. The backward pass walks the
 end: it rebuilds each step's input from its output with the inverse, runs that one step again with
 autograd, and backpropagates through it alone. An additive coupling block does better (RevNet's
 algorithm): the vector-Jacobian products of its two nets are taken while they run for the
-rebuild, so each net runs once in backward (:meth:`RevBlock.rebuild_and_backprop`). Peak memory
+rebuild, so each net runs once in backward (steps with ``rebuilds_with_vjp``: additive
+:class:`~enigma.rev_block.RevBlock` and EnigmaLM's reversible Transformer layers). Peak memory
 is one step's activations, whatever the depth. Gradient checkpointing cannot do this: it must
 keep every segment's input.
 
@@ -25,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from .invertible import InvertibleModule
-from .rev_block import RevBlock
 from .rotor import DynamicInvertibleConv1x1Stack
 
 Step = tuple[InvertibleModule, bool]
@@ -85,7 +85,7 @@ class _ReversibleFunction(torch.autograd.Function):
         pending: dict = {}  # rotor stacks' matrices and their gathered gradients
         rotors: dict = {}
         for module, reverse in reversed(ctx.steps):
-            if isinstance(module, RevBlock) and module.coupling == "additive":
+            if getattr(module, "rebuilds_with_vjp", False):
                 own = [p for p in module.parameters() if id(p) in slot]
                 with ctx.autocast():
                     y, grad_y, found = module.rebuild_and_backprop(y, grad_y, reverse, own)

@@ -170,12 +170,16 @@ def test_bad_input_is_rejected_with_a_clear_message():
         EnigmaConfig.from_preset("huge")
 
 
-@pytest.mark.parametrize("memory_efficient", [False, True])
-def test_no_tensor_is_made_behind_the_inputs_back(memory_efficient):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"machine_memory_efficient": True}, {"reversible_layers": True, "dropout": 0.1}],
+    ids=["plain", "memory-efficient-machine", "reversible-layers"],
+)
+def test_no_tensor_is_made_behind_the_inputs_back(overrides):
     """Model and inputs live on the CPU while factories default to the meta device: a tensor made
     without ``device=`` becomes meta and the computation fails (as it would on CUDA, where such a
     tensor lands on the CPU)."""
-    model = _small_lm(machine_memory_efficient=memory_efficient).train()
+    model = _small_lm(**overrides).train()
     ids = torch.randint(0, 300, (2, 12))
     positions = torch.arange(12)
     x = torch.randn(2, 12, 32, requires_grad=True)

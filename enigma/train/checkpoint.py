@@ -117,7 +117,11 @@ def write_model_dir(model, out: Path, tokenizer_dir: str | None) -> None:
 # Which checkpoint a run resumes from, checked before any worker starts
 
 # Knobs of how backward runs: they change no weight and no data position.
-UNCHECKED_MODEL_KEYS = {"activation_checkpointing", "machine_memory_efficient"}
+UNCHECKED_MODEL_KEYS = {
+    "activation_checkpointing",
+    "machine_memory_efficient",
+    "reversible_backward",
+}
 
 
 def fingerprint(model_config, manifest: dict, world_size: int) -> dict:

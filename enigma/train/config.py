@@ -49,7 +49,7 @@ class TrainConfig:
     log_steps: int = 10
     grad_clip: float = 1.0
     shuffle_buffer: int = 256  # blocks, per worker
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool = True  # the standard layers; reversible ones need none
     # torch.compile the machine (its many small ops are launch-bound on a GPU): "auto" compiles
     # on CUDA workers below ZeRO-3 (whose parameter hooks a compiled graph would break), "on",
     # "off".
@@ -70,7 +70,9 @@ class TrainConfig:
     def model_config(self) -> EnigmaConfig:
         fields = self.model_fields
         fields.setdefault("max_len", max(2048, self.resolved_seq_len))
-        fields.setdefault("activation_checkpointing", self.activation_checkpointing)
+        # Reversible layers are rebuilt by the reversible backward: nothing to checkpoint.
+        checkpointing = self.activation_checkpointing and not fields.get("reversible_layers")
+        fields.setdefault("activation_checkpointing", checkpointing)
         return EnigmaConfig(**fields)
 
     @property
@@ -115,7 +117,7 @@ def _coerce(key: str, value, default):
     """Parse ``--set`` strings and check JSON values against the default's type."""
     kind = type(default)
     if isinstance(value, str) and kind is not str:
-        if kind is bool:
+        if kind is bool or (default is None and value.lower() in ("true", "false")):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise InputError(f"{key}={value!r}: expected true or false")
             return value.lower() in ("true", "1", "yes")
@@ -180,7 +182,14 @@ def build_config(
         cfg.preset = preset
     preset_fields(cfg.preset)  # unknown preset: lists the known ones
     apply_overrides(cfg, {k: v for k, v in explicit.items() if v is not None})
-    apply_overrides(cfg, parse_set(sets or []))
+    pairs = parse_set(sets or [])
+    apply_overrides(cfg, pairs)
+    if cfg.model.get("reversible_layers") and "activation_checkpointing" in pairs:
+        if cfg.activation_checkpointing:
+            raise InputError(
+                "reversible_layers=true rebuilds every layer in backward already; "
+                "activation_checkpointing=true would recompute them again: drop it"
+            )
     if cfg.precision not in ("bf16", "fp16", "fp32"):
         raise InputError(f"precision={cfg.precision!r}: expected bf16, fp16 or fp32")
     if cfg.compile_machine not in ("auto", "on", "off"):

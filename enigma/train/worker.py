@@ -118,7 +118,9 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
     from .config import compiles_machine
     from .optimizer import choose
 
-    if cfg.activation_checkpointing and "activation_checkpointing" in ds_config:
+    config = getattr(model, "config", None)  # reversible layers switch checkpointing off there
+    checkpointing = cfg.activation_checkpointing and getattr(config, "activation_checkpointing", 0)
+    if checkpointing and "activation_checkpointing" in ds_config:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
         model.use_deepspeed_checkpointing()
     stage = deepspeed_json.zero_stage(ds_config)
