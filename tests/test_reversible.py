@@ -54,7 +54,7 @@ def test_peak_memory_is_flat_in_depth():
     eff = {n: measure_in_fresh_process(n, True)["peak_rss_mb"] for n in (2, 16)}
     plain = {n: measure_in_fresh_process(n, False)["peak_rss_mb"] for n in (2, 16)}
     print(f"memory-efficient {eff} MB, plain autograd {plain} MB")
-    assert eff[16] <= 2 * eff[2]
+    assert eff[16] <= 1.5 * eff[2]
     assert plain[16] > 2 * plain[2], "without reversible backprop memory grows with depth"
     assert plain[16] - plain[2] > 4 * (eff[16] - eff[2])
 

@@ -112,19 +112,103 @@ def section_core(r: dict) -> tuple[str, list[str]]:
 
 def section_memory(r: dict) -> tuple[str, list[str]]:
     s = r["shape"]
+    env = " ".join(f"{k}={v}" for k, v in r.get("child_env", {}).items())
     title = (
-        f"Machine memory by depth (`enigma bench memory`: d={s['d']}, B={s['batch']}, "
-        f"L={s['length']}, one fresh process per point, peak RSS)"
+        f"Memory by depth (`enigma bench memory`: d={s['d']}, B={s['batch']}, L={s['length']}, "
+        f"one fresh process per point, peak RSS{f' with {env}' if env else ''})"
     )
-    by_blocks: dict[int, dict] = {}
-    for p in r["points"]:
-        key = "efficient" if p["memory_efficient"] else "plain"
-        by_blocks.setdefault(p["blocks"], {})[key] = p["peak_rss_mb"]
+    lines = []
+    if r.get("points"):
+        by_blocks: dict[int, dict] = {}
+        for p in r["points"]:
+            key = "efficient" if p["memory_efficient"] else "plain"
+            by_blocks.setdefault(p["blocks"], {})[key] = p["peak_rss_mb"]
+        rows = [
+            [b, f"{v.get('efficient', 0):,.0f} MB", f"{v.get('plain', 0):,.0f} MB"]
+            for b, v in sorted(by_blocks.items())
+        ]
+        lines += ["The machine alone, forward + backward:", ""]
+        lines += table(["RevBlocks", "memory-efficient", "plain autograd"], rows)
+    if r.get("lm"):
+        lines += memory_lm_lines(r["lm"])
+    return title, lines
+
+
+MEMORY_MODES = {
+    "plain": "plain autograd",
+    "checkpointing": "activation checkpointing",
+    "reversible": "reversible layers",
+}
+
+
+def memory_lm_lines(lm: dict) -> list[str]:
+    by_layers: dict[int, dict] = {}
+    for p in lm["points"]:
+        by_layers.setdefault(p["layers"], {})[p["mode"]] = p
+    head = ["layers"] + [f"{name}: peak, tokens/s" for name in MEMORY_MODES.values()]
     rows = [
-        [b, f"{v.get('efficient', 0):,.0f} MB", f"{v.get('plain', 0):,.0f} MB"]
-        for b, v in sorted(by_blocks.items())
+        [layers] + [
+            f"{m[k]['peak_rss_mb']:,.0f} MB, {_rate(m[k]['tokens_per_sec'])}" if k in m else ""
+            for k in MEMORY_MODES
+        ]
+        for layers, m in sorted(by_layers.items())
+    ]  # fmt: skip
+    lines = [
+        f"EnigmaLM ({lm['blocks']} RevBlocks, 2 rotors, vocabulary 21,128), one training step "
+        "(forward + backward; the second of two is timed):",
+        "",
+        *table(head, rows),
     ]
-    return title, table(["RevBlocks", "memory-efficient", "plain autograd"], rows)
+    low, high = min(by_layers), max(by_layers)
+    peak = lambda n, k: by_layers[n][k]["peak_rss_mb"]  # noqa: E731
+    growth = [
+        f"{MEMORY_MODES[k]} {peak(high, k) / peak(low, k):.2f}x"
+        for k in MEMORY_MODES
+        if k in by_layers[low] and k in by_layers[high]
+    ]
+    summary = f"Peak growth from {low} to {high} layers: {', '.join(growth)}."
+    if 8 in by_layers and {"reversible", "checkpointing"} <= set(by_layers[8]):
+        m = by_layers[8]
+        ratio = m["reversible"]["tokens_per_sec"] / m["checkpointing"]["tokens_per_sec"]
+        summary += f" Reversible / checkpointing tokens/s at 8 layers: {ratio:.2f}."
+    deepest = lm.get("deepest_reversible_within_plain_4")
+    if lm.get("plain_4_layers_peak_mb"):
+        fit = (
+            f"{deepest['layers']} layers ({deepest['peak_rss_mb']:,.0f} MB)" if deepest else "none"
+        )
+        summary += (
+            f" Deepest reversible model within the plain 4-layer model's "
+            f"{lm['plain_4_layers_peak_mb']:,.0f} MB (tried up to {lm['search_limit_layers']}): "
+            f"{fit}."
+        )
+    return lines + [summary, "", f"![peak memory by depth]({DOCS}{PLOTS}/memory_lm.png)", ""]
+
+
+def plot_memory_lm(lm: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, name in MEMORY_MODES.items():
+        points = sorted((p["layers"], p["peak_rss_mb"]) for p in lm["points"] if p["mode"] == key)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    if lm.get("plain_4_layers_peak_mb"):
+        ax.axhline(
+            lm["plain_4_layers_peak_mb"], color="grey", linestyle=":", label="plain, 4 layers"
+        )
+    ax.set_xlabel("Transformer layers")
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def section_lm(results: list[dict]) -> tuple[str, list[str]]:
@@ -411,6 +495,8 @@ def run(args: argparse.Namespace) -> str:
     for r in results:
         if r["benchmark"] == "copy":
             plot_copy_curves(r, out.parent / PLOTS / f"copy_T{r['delay']}.png")
+        if r["benchmark"] == "memory" and r.get("lm"):
+            plot_memory_lm(r["lm"], out.parent / PLOTS / "memory_lm.png")
     out.write_text(page)
     if new_readme is not None:
         readme.write_text(new_readme)
