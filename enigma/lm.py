@@ -18,8 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .attention import CausalSelfAttention, attention_bias
 from .lm_config import EnigmaConfig
 from .machine import Enigma
-from .rev_layers import LayerContext, LayerStep, StreamSplit, merge_streams
-from .reversible import apply_chain
+from .rev_layers import LayerContext, ReversibleStack
 
 
 class TransformerBlock(GradientCheckpointingLayer):
@@ -79,11 +78,19 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.d)
         self.pos_embed = None if config.use_alibi else nn.Embedding(config.max_len, config.d)
-        self.machine = build_machine(config) if config.has_machine else None
-        self.split = StreamSplit() if config.reversible_layers else None
-        self.blocks = nn.ModuleList(
+        machine = build_machine(config) if config.has_machine else None
+        blocks = nn.ModuleList(
             TransformerBlock(config, i) for i in range(config.num_transformer_layers)
         )
+        if config.reversible_layers:
+            # The stack owns the machine and the layers (one reversible chain, one ZeRO-3 leaf);
+            # ``self.machine`` and ``self.blocks`` name the same modules, unregistered here.
+            self.stack = ReversibleStack(machine, blocks, config.reversible_backward)
+            object.__setattr__(self, "machine", machine)
+            object.__setattr__(self, "blocks", blocks)
+        else:
+            self.stack = None
+            self.machine, self.blocks = machine, blocks
         self.norm = nn.LayerNorm(config.d)
         self.lm_head = nn.Linear(config.d, config.vocab_size, bias=False)
         if self.machine is not None:
@@ -157,8 +164,10 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         bias, is_causal = attention_bias(
             self.config.num_heads, past, length, self.config.use_alibi, attention_mask, device
         )
-        if self.split is not None:
-            h = self._reversible_chain(h, position_ids, bias, is_causal, cache)
+        if self.stack is not None:
+            replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
+            context = LayerContext(bias, is_causal, cache, replay_rng=replay)
+            h = self.stack(h.to(_at_least_fp32(h.dtype)), position_ids, context).to(h.dtype)
         else:
             if self.machine is not None:
                 # The machine's coupling stream runs in fp32 for exact invertibility (bf16
@@ -179,18 +188,13 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    def _reversible_chain(self, h, positions, bias, is_causal, cache) -> Tensor:
-        """The machine, the split into two streams and the reversible layers as one chain (in at
-        least fp32), then the streams' mean. Backward rebuilds the chain from its output when
-        ``reversible_backward`` is on; a KV cache (generation) runs it with plain autograd."""
-        replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
-        context = LayerContext(bias, is_causal, cache, replay_rng=replay)
-        steps = self.machine.chain() if self.machine is not None else []
-        steps.append((self.split, False))
-        steps += [(LayerStep(block, context), False) for block in self.blocks]
-        memory_efficient = self.config.reversible_backward and cache is None
-        y, _ = apply_chain(steps, h.to(_at_least_fp32(h.dtype)), positions, memory_efficient)
-        return merge_streams(y).to(h.dtype)
+    def zero3_leaves(self) -> list[nn.Module]:
+        """Modules DeepSpeed ZeRO-3 must gather whole: the one whose call holds a reversible
+        chain (its backward rebuilds the chain with every parameter of it)."""
+        if not self.config.reversible_backward:
+            return []
+        owner = self.stack if self.stack is not None else self.machine
+        return [owner] if owner is not None else []
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: embedding (tied with the head), machine, blocks, norm."""

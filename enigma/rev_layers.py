@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .invertible import zero_log_det
 from .rev_block import additive_rebuild_and_backprop
+from .reversible import apply_chain
 
 
 @dataclass
@@ -63,6 +64,29 @@ class StreamSplit(nn.Module):
 def merge_streams(y: Tensor) -> Tensor:
     y1, y2 = y.chunk(2, dim=-1)
     return (y1 + y2) / 2
+
+
+class ReversibleStack(nn.Module):
+    """The machine (optional), the split and the layers: the one module whose call runs the whole
+    reversible chain. It owns their parameters (named ``stack.machine.*``, ``stack.blocks.*``),
+    so DeepSpeed ZeRO-3 can treat it as one leaf: its parameters are gathered for its forward and
+    its backward, which the rebuild needs (the optimizer's states and the gradients stay
+    partitioned)."""
+
+    def __init__(self, machine: nn.Module | None, blocks: nn.ModuleList, reversible_backward: bool):
+        super().__init__()
+        self.machine, self.split, self.blocks = machine, StreamSplit(), blocks
+        self.reversible_backward = reversible_backward
+
+    def forward(self, h: Tensor, positions: Tensor, context: LayerContext) -> Tensor:
+        """``h`` in at least fp32 -> the merged streams, in ``h``'s dtype. A KV cache
+        (generation) runs the chain with plain autograd."""
+        steps = self.machine.chain() if self.machine is not None else []
+        steps.append((self.split, False))
+        steps += [(LayerStep(block, context), False) for block in self.blocks]
+        memory_efficient = self.reversible_backward and context.cache is None
+        y, _ = apply_chain(steps, h, positions, memory_efficient)
+        return merge_streams(y)
 
 
 class LayerStep:

@@ -14,8 +14,10 @@ Each step's gradients come from ``torch.autograd.grad`` inside ``backward``; the
 parameters are inputs of the autograd function, whose backward returns their gradients summed over
 every step that uses them. Autograd then accumulates each parameter's gradient once per backward,
 through the ordinary accumulation hooks that DeepSpeed ZeRO-1/2 reduce from (the involutive machine
-runs each block twice; a hook firing twice is an error there). ZeRO-3, which partitions the
-parameters themselves, is not supported yet: the training driver refuses the combination.
+runs each block twice; a hook firing twice is an error there). Under ZeRO-3, which partitions the
+parameters themselves, the module whose call runs a chain (the machine, or EnigmaLM's reversible
+stack) is a DeepSpeed leaf module (``EnigmaLM.zero3_leaves``): its parameters are gathered whole for
+its forward and its backward, so they enter the function at full size.
 """
 
 from __future__ import annotations

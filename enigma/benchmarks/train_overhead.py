@@ -50,14 +50,15 @@ def _data_dir(args, work: Path) -> str:
     return str(out)
 
 
-def fp32_ds_config(work: Path) -> str:
-    """``zero2_bf16.json`` without bf16, written into ``work``: fp32 runs compare exactly."""
+def fp32_ds_config(work: Path, source: str = "zero2_bf16.json") -> str:
+    """A shipped config (``zero2_bf16.json`` by default) without bf16, written into ``work``:
+    fp32 runs compare exactly."""
     from enigma.train import deepspeed_json
 
     root = Path(__file__).resolve().parents[2]
-    config = deepspeed_json.load(str(root / "ds_configs" / "zero2_bf16.json"))
+    config = deepspeed_json.load(str(root / "ds_configs" / source))
     config.pop("bf16", None)
-    path = work / "zero2_fp32.json"
+    path = work / source.replace("bf16", "fp32")
     path.write_text(json.dumps(config, indent=2))
     return str(path)
 

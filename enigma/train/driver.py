@@ -168,14 +168,6 @@ def prepare_run(
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
     ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
-    stage = deepspeed_json.zero_stage(ds)
-    if stage == 3 and cfg.model_config().reversible_backward:
-        raise InputError(
-            "reversible_backward (or machine_memory_efficient, or reversible_layers) does not run "
-            "under ZeRO-3 yet (it partitions the parameters the reversible backward takes as "
-            "inputs): use ZeRO-1/2 (--ds-config ds_configs/zero2_bf16.json) or "
-            "--set reversible_backward=false"
-        )
     manifest = check_data(cfg)
     if cfg.gpus_per_worker == 0:  # known before Ray starts: fail before starting it
         deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=False)

@@ -81,10 +81,17 @@ def machine_reconstruction(model, ids: torch.Tensor) -> float:
     under ZeRO-3 the parameter gathers are collectives)."""
     if model.machine is None:
         return 0.0
+    import deepspeed
+
     x = model.embed(ids[:2]).float()
     positions = torch.arange(ids.shape[1], device=ids.device)
-    y = model.machine(x, positions)
-    back = model.machine.inverse(y, positions)
+    # Inside reversible layers' stack (a ZeRO-3 leaf) the machine has no gathering hooks of its
+    # own; outside ZeRO-3 this gathers nothing.
+    inside_stack = getattr(model, "stack", None) is not None
+    params = list(model.machine.parameters()) if inside_stack else []
+    with deepspeed.zero.GatheredParameters(params, enabled=inside_stack):
+        y = model.machine(x, positions)
+        back = model.machine.inverse(y, positions)
     return ((back - x).norm() / x.norm()).item()
 
 
@@ -124,6 +131,11 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
         model.use_deepspeed_checkpointing()
     stage = deepspeed_json.zero_stage(ds_config)
+    if stage == 3:  # a reversible chain's backward needs all of its parameters at once
+        from deepspeed.utils import set_z3_leaf_module
+
+        for leaf in getattr(model, "zero3_leaves", list)():
+            set_z3_leaf_module(leaf, True)
     machine = getattr(model, "machine", None)  # EnigmaLM's; None in the plain Transformer
     if machine is not None and compiles_machine(cfg, device.type == "cuda", stage):
         machine.compile()  # in place: parameter names and checkpoints stay the same
