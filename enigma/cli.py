@@ -74,6 +74,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("bench", "rebuild"),
+        "reversible backward vs stored activations: reconstruction and gradients by depth, dtype",
+        "benchmarks.rebuild",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("bench", "lm"),
         "EnigmaLM vs the plain Transformer, training tokens/s",
         "benchmarks.lm",

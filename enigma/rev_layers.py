@@ -81,12 +81,15 @@ class ReversibleStack(nn.Module):
     def forward(self, h: Tensor, positions: Tensor, context: LayerContext) -> Tensor:
         """``h`` in at least fp32 -> the merged streams, in ``h``'s dtype. A KV cache
         (generation) runs the chain with plain autograd."""
+        memory_efficient = self.reversible_backward and context.cache is None
+        y, _ = apply_chain(self.steps(context), h, positions, memory_efficient)
+        return merge_streams(y)
+
+    def steps(self, context: LayerContext) -> list:
+        """The chain as ``(step, reverse)`` pairs: the machine's path, the split, the layers."""
         steps = self.machine.chain() if self.machine is not None else []
         steps.append((self.split, False))
-        steps += [(LayerStep(block, context), False) for block in self.blocks]
-        memory_efficient = self.reversible_backward and context.cache is None
-        y, _ = apply_chain(steps, h, positions, memory_efficient)
-        return merge_streams(y)
+        return steps + [(LayerStep(block, context), False) for block in self.blocks]
 
 
 class LayerStep:

@@ -26,6 +26,17 @@ def test_bench_core_smoke(tmp_path, capsys):
     assert result["machine"]["cpu_count"] and result["parts"] == {"rev_blocks": 2, "rotors": 2}
 
 
+def test_bench_rebuild_smoke(tmp_path):
+    out = tmp_path / "rebuild.json"
+    argv = "bench rebuild --layers 2 --d 32 --length 16 --batch 2 --vocab 100 --json"
+    assert main([*argv.split(), str(out)]) == 0
+    points = {p["dtype"]: p for p in json.loads(out.read_text())["points"]}
+    assert set(points) == {"float64", "float32", "bf16"}
+    assert points["float64"]["rebuilt_vs_stored"]["max"] < 1e-8
+    assert points["float64"]["reconstruction"] < 1e-10
+    assert 0 < points["float32"]["reconstruction"] < 1e-3
+
+
 def test_bench_lm_smoke(tmp_path):
     out = tmp_path / "lm.json"
     assert (

@@ -18,7 +18,7 @@ from ..errors import InputError
 DOCS = "@docs@/"  # the docs/ folder, as each output's links reach it
 BEGIN, END = "<!-- results:begin (enigma report) -->", "<!-- results:end -->"
 # The order sections appear in; unknown benchmarks follow, listed key by key.
-ORDER = ["core", "memory", "lm", "flow", "train", "data-scale", "train-overhead", "copy"]
+ORDER = ["core", "memory", "rebuild", "lm", "flow", "train", "data-scale", "train-overhead", "copy"]
 ORDER += ["enwik8", "sweep", "faults", "gpu"]
 
 
@@ -132,6 +132,28 @@ def section_memory(r: dict) -> tuple[str, list[str]]:
     if r.get("lm"):
         lines += memory_lm_lines(r["lm"])
     return title, lines
+
+
+def section_rebuild(r: dict) -> tuple[str, list[str]]:
+    s = r["shape"]
+    title = (
+        f"Exactness of the reversible backward (`enigma bench rebuild`: EnigmaLM with reversible "
+        f"layers, d={s['d']}, B={s['batch']}, L={s['length']}, {s['rev_blocks']} RevBlocks, "
+        f"{s['rotors']} rotors)"
+    )
+    pair = lambda d: f"{d['max']:.1e} / {d['median']:.1e}"  # noqa: E731
+    rows = [
+        [p["layers"], p["dtype"], f"{p['reconstruction']:.1e}", pair(p["rebuilt_vs_stored"]),
+         pair(p["stored_vs_float64"]), pair(p["rebuilt_vs_float64"])]
+        for p in r["points"]
+    ]  # fmt: skip
+    head = ["layers", "weights", "reconstruction ‖x − x'‖/‖x‖", "gradients: rebuilt vs stored",
+            "stored vs float64", "rebuilt vs float64"]  # fmt: skip
+    note = (
+        "Gradient columns: largest / median of ‖g − g'‖/‖g'‖ over every parameter and the "
+        "embedded input. bf16 weights keep fp32 streams."
+    )
+    return title, table(head, rows) + [note, ""]
 
 
 MEMORY_MODES = {
@@ -419,6 +441,7 @@ def section_generic(r: dict) -> tuple[str, list[str]]:
 SECTIONS = {
     "core": section_core,
     "memory": section_memory,
+    "rebuild": section_rebuild,
     "flow": section_flow,
     "train": section_train,
     "data-scale": section_data_scale,
