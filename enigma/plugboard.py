@@ -40,5 +40,14 @@ class Plugboard(InvertibleModule):
 
     _inverse = _forward
 
+    rebuilds_with_vjp = True
+
+    def rebuild_and_backprop(self, out: Tensor, grad_out: Tensor | None, reverse: bool, params):
+        """For the reversible backward: the input is ``P out`` and its gradient ``P grad_out``
+        (``P`` is symmetric and its own inverse); one gather each, no parameters."""
+        x = out.index_select(-1, self.wiring)
+        grad = None if grad_out is None else grad_out.index_select(-1, self.wiring)
+        return x, grad, ()
+
     def extra_repr(self) -> str:
         return f"d={self.d}, num_plugs={self.num_plugs}"

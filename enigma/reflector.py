@@ -41,5 +41,32 @@ class Reflector(InvertibleModule):
 
     _inverse = _forward
 
+    rebuilds_with_vjp = True
+
+    def rebuild_and_backprop(self, out: Tensor, grad_out: Tensor | None, reverse: bool, params):
+        """For the reversible backward, in one pass: the input ``x = U out`` (the same fp64
+        arithmetic as the forward), its gradient ``U grad_out`` (``U`` is symmetric), and the
+        basis' gradient from ``y = x - 2 (x V) Vᵀ``: ``-2 (xᵀ (g V) + gᵀ (x V))``."""
+        with torch.autocast(out.device.type, enabled=False):
+            with torch.enable_grad():
+                basis = self.basis(torch.float64)
+            v = basis.detach()
+            y = out.reshape(-1, self.d).to(torch.float64)
+            x = y - 2.0 * (y @ v) @ v.T
+            x_out = x.to(out.dtype).reshape(out.shape)
+            if grad_out is None:
+                return x_out, None, tuple(None for _ in params)
+            # The gradient needs no more than its own precision (no round trip to undo).
+            g = grad_out.reshape(-1, self.d)
+            vg = v.to(g.dtype)
+            gv = g @ vg
+            grad = (g - 2.0 * gv @ vg.T).reshape(grad_out.shape)
+            if not params:
+                return x_out, grad, ()
+            xg = x_out.reshape(-1, self.d).to(g.dtype)
+            grad_basis = (-2.0 * (xg.T @ gv + g.T @ (xg @ vg))).to(basis.dtype)
+            grads = torch.autograd.grad(basis, params, grad_basis, allow_unused=True)
+        return x_out, grad, grads
+
     def extra_repr(self) -> str:
         return f"d={self.d}, num_reflections={self.num_reflections}"

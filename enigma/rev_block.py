@@ -120,34 +120,42 @@ def additive_rebuild_and_backprop(
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     g1, g2 = grad_out.chunk(2, dim=-1)
-    sign = -1.0 if reverse else 1.0  # the inverse subtracts what the forward adds
+    # Both halves of the input and of its gradient are written in place into one tensor each (no
+    # concatenation); a half is written only once the graph that reads its neighbour is spent,
+    # since views share one version counter.
+    x = torch.empty_like(out, dtype=out.dtype)
+    grad_x = torch.empty_like(grad_out)
+    xa, xb = x.chunk(2, dim=-1)
+    ga, gb = grad_x.chunk(2, dim=-1)
     with torch.enable_grad():
         if not reverse:  # out = (y1, y2): x2 = y2 - g(y1), x1 = y1 - f(x2)
             h1 = o1.detach().requires_grad_(True)
             g_out = g(h1)
-            x2 = (o2 - g_out).detach().requires_grad_(True)
+            torch.sub(o2, g_out.detach(), out=xb)
+            x2 = xb.detach().requires_grad_(True)
             f_out = f(x2)
-            x1 = o1.detach() - f_out.detach()
             # y2 = x2 + g(y1), y1 = x1 + f(x2)
             gg = torch.autograd.grad(g_out, [h1, *params], g2, allow_unused=True)
-            grad_y1 = g1 + gg[0]
-            fg = torch.autograd.grad(f_out, [x2, *params], grad_y1, allow_unused=True)
-            grad_x = torch.cat([grad_y1, g2 + fg[0]], dim=-1)
+            torch.add(g1, gg[0], out=ga)  # the gradient of y1
+            fg = torch.autograd.grad(f_out, [x2, *params], ga, allow_unused=True)
+            torch.add(g2, fg[0], out=gb)
+            torch.sub(o1, f_out.detach(), out=xa)
             grads = [_add(a, b) for a, b in zip(gg[1:], fg[1:], strict=True)]
-            return torch.cat([x1, x2.detach()], dim=-1), grad_x, tuple(grads)
+            return x, grad_x, tuple(grads)
         # reverse: out = (x1, x2) of the inverse; its input is (y1, y2) = forward(out)
         h2 = o2.detach().requires_grad_(True)
         f_out = f(h2)
-        y1 = (o1 + f_out).detach().requires_grad_(True)
+        torch.add(o1, f_out.detach(), out=xa)
+        y1 = xa.detach().requires_grad_(True)
         g_out = g(y1)
-        y2 = o2.detach() + g_out.detach()
         # x1 = y1 - f(x2), x2 = y2 - g(y1)
-        fg = torch.autograd.grad(f_out, [h2, *params], sign * g1, allow_unused=True)
-        grad_x2 = g2 + fg[0]
-        gg = torch.autograd.grad(g_out, [y1, *params], sign * grad_x2, allow_unused=True)
-        grad_in = torch.cat([g1 + gg[0], grad_x2], dim=-1)
+        fg = torch.autograd.grad(f_out, [h2, *params], -g1, allow_unused=True)
+        torch.add(g2, fg[0], out=gb)  # the gradient of x2
+        gg = torch.autograd.grad(g_out, [y1, *params], -gb, allow_unused=True)
+        torch.add(g1, gg[0], out=ga)
+        torch.add(o2, g_out.detach(), out=xb)
         grads = [_add(a, b) for a, b in zip(fg[1:], gg[1:], strict=True)]
-        return torch.cat([y1.detach(), y2], dim=-1), grad_in, tuple(grads)
+        return x, grad_x, tuple(grads)
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
