@@ -140,17 +140,34 @@ def test_knobs_and_their_conflicts():
         build_config("tiny", sets=["reversible_layers=true", "activation_checkpointing=true"])
 
 
-def test_memory_efficient_machine_under_zero3_matches_stored_activations():
-    """DeepSpeed ZeRO-3 partitions parameters; the machine's rebuilding backward gathers them as
-    one leaf. One process, fp32, 6 steps: the same losses as the stored-activation backward."""
-    env = {**os.environ, "PROBE_PORT": "29543", "DS_ACCELERATOR": "cpu"}
+@pytest.mark.parametrize(
+    ("config", "port"), [("zero1_bf16.json", 29543), ("zero3_bf16.json", 29544)]
+)
+def test_rebuilding_backward_under_zero1_and_zero3_matches_stored_activations(config, port):
+    """One process, fp32, 6 steps, for the memory-efficient machine and for reversible layers:
+    the same losses as stored activations (ZeRO-3 partitions the parameters; the module that
+    runs the chain is gathered whole as a DeepSpeed leaf)."""
+    env = {**os.environ, "PROBE_PORT": str(port), "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "zero3_probe.py")], capture_output=True, text=True,
-        env=env, cwd=ROOT, timeout=600,
+        [sys.executable, str(ROOT / "tests" / "zero_probe.py"), config], capture_output=True,
+        text=True, env=env, cwd=ROOT, timeout=600,
     )  # fmt: skip
     lines = [s for s in proc.stdout.splitlines() if s.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
     losses = json.loads(lines[-1])
-    assert len(losses["true"]) == 6 and losses["false"][0] != losses["false"][-1]
-    for stored, rebuilt in zip(losses["false"], losses["true"], strict=True):
-        assert abs(stored - rebuilt) < 1e-4, (stored, rebuilt)
+    for arch in ("machine", "layers"):
+        stored, rebuilt = losses[f"{arch}-stored"], losses[f"{arch}-rebuilt"]
+        assert len(rebuilt) == 6 and stored[0] != stored[-1], "the weights move"
+        for a, b in zip(stored, rebuilt, strict=True):
+            assert abs(a - b) < 1e-4, (arch, a, b)
+
+
+def test_reversible_layers_are_a_sweep_knob():
+    from enigma.train.sweep import parse_grid
+    from enigma.train.sweep_trial import trial_config
+
+    grid = parse_grid(["reversible_layers=false,true"])
+    assert grid == {"reversible_layers": [False, True]}
+    base = build_config("tiny").to_dict()
+    config = trial_config(base, {"reversible_layers": True}).model_config()
+    assert config.reversible_layers and config.reversible_backward

@@ -124,16 +124,20 @@ def test_reversible_backward_under_zero2_and_zero3_matches_plain_autograd(
 
 
 def test_killed_worker_resumes_from_last_checkpoint(data, tmp_path):
+    """ZeRO-2 bf16 with reversible layers (their rebuilding backward in bf16 weights): a worker
+    killed at step 7 resumes from step 4, and the exported model loads."""
     from enigma import EnigmaLM
 
-    summary = run(data, tmp_path, "max_steps=12", "eval_steps=4", fail_at=7)
+    rev = "reversible_layers=true"
+    summary = run(data, tmp_path, "max_steps=12", "eval_steps=4", rev, fail_at=7)
     assert (tmp_path / ".fault-injected-7").read_text() == "7"
     assert summary["steps"] == 12
     logged = sorted(scalars(tmp_path, "val/loss"))
     assert logged == [4, 8, 12], "evaluations after the restart continue from step 4's state"
     checkpoints = sorted(p.name for p in (tmp_path / "ray" / "train").glob("step-*"))
     assert checkpoints[-1] == "step-0000012"
-    assert EnigmaLM.from_pretrained(tmp_path / "model") is not None
+    model = EnigmaLM.from_pretrained(tmp_path / "model")
+    assert model.config.reversible_layers and model.stack is not None
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
-"""One-process DeepSpeed ZeRO-3 (fp32, gloo, CPU) training a tiny EnigmaLM twice from the same
-start: with the machine's backward storing activations, then rebuilding them. Prints one JSON
-line with both runs' losses."""
+"""One-process DeepSpeed (a shipped ZeRO config without bf16, gloo, CPU) training tiny EnigmaLMs
+from the same start with backward storing activations, then rebuilding them: the memory-efficient
+machine, and reversible layers. Usage: ``zero_probe.py zero3_bf16.json``. Prints one JSON line
+with each run's losses, keyed ``machine-stored``, ``machine-rebuilt``, ``layers-stored``,
+``layers-rebuilt``."""
 
 import json
 import os
@@ -21,17 +23,19 @@ def main() -> int:
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = TrainConfig(lr=1e-2, activation_checkpointing=False, precision="fp32")
-    ds = deepspeed_json.load("ds_configs/zero3_bf16.json")
+    ds = deepspeed_json.load(f"ds_configs/{sys.argv[1]}")
     ds.pop("bf16")
     ds = deepspeed_json.fill_auto(ds, cfg, 1)
     fields = dict(vocab_size=300, d=32, num_heads=4, num_transformer_layers=2, max_len=64)
     losses = {}
-    for rebuild in (False, True):
+    for arch, rebuild in [(a, r) for a in ("machine", "layers") for r in (False, True)]:
         torch.manual_seed(0)
-        model = EnigmaLM(EnigmaConfig(**fields, machine_memory_efficient=rebuild)).train()
-        engine, _ = make_engine(model, cfg, ds, torch.device("cpu"))
+        config = EnigmaConfig(
+            **fields, reversible_layers=arch == "layers", reversible_backward=rebuild
+        )
+        engine, _ = make_engine(EnigmaLM(config).train(), cfg, ds, torch.device("cpu"))
         batches = torch.Generator().manual_seed(1)
-        runs = losses.setdefault(str(rebuild).lower(), [])
+        runs = losses.setdefault(f"{arch}-{'rebuilt' if rebuild else 'stored'}", [])
         for _ in range(6):
             ids = torch.randint(0, 300, (4, 16), generator=batches)
             loss = engine(ids, labels=ids).loss
