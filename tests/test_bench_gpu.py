@@ -36,7 +36,8 @@ SCRIPT = """
 import argparse, json, sys, torch
 from enigma.benchmarks.gpu import run_checks
 args = argparse.Namespace(preset="tiny", batch=4, seq_len=64, rounds=2, steps=12,
-                          peak_tflops=1.0, json_out=None, compile=False, only=None)
+                          peak_tflops=1.0, json_out=None, compile=False, only=None,
+                          memory_layers=[2, 4], memory_shape=[32, 32, 2], deepest_up_to=8)
 print("RESULT " + json.dumps(run_checks(args, torch.device("cpu"))))
 """
 
@@ -48,11 +49,13 @@ def test_every_check_runs_on_the_cpu():
     lines = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(lines[-1][len("RESULT ") :])
-    assert set(results) == {"throughput", "zero2_bf16", "zero3_export", "exactness"}
+    assert set(results) == {"throughput", "zero2_bf16", "zero3_export", "exactness", "memory"}
     t = results["throughput"]
     assert t["enigma_eager"]["tokens_per_sec"] > 0 and t["plain"]["tokens_per_sec"] > 0
     assert abs(t["plain"]["mfu"] - t["plain"]["model_tflops"] / 1.0) < 0.01  # --peak-tflops 1
-    for name in ("zero2_bf16", "zero3_export", "exactness"):
+    modes = {(p["layers"], p["mode"]) for p in results["memory"]["points"]}
+    assert modes == {(n, m) for n in (2, 4) for m in ("plain", "checkpointing", "reversible")}
+    for name in ("zero2_bf16", "zero3_export", "exactness", "memory"):
         assert results[name]["ok"], (name, results[name])
     assert results["zero2_bf16"]["optimizer"].startswith("torch AdamW")
     assert results["zero3_export"]["logits_max_rel_diff"] <= 1e-3

@@ -14,6 +14,10 @@ box (see the README for the wheels to carry). In order:
    with the loss falling; ``zero2_fp16.json`` with dynamic loss scaling; ZeRO-3 bf16, exported
    with ``save_pretrained`` and reloaded, with the same logits as the engine.
 3. **Exactness** of the machine trained in 2, on the GPU, in fp32 and under bf16 autocast.
+4. **Memory by depth**, as ``enigma bench memory`` measures it on the CPU: one EnigmaLM step
+   (forward + backward, bf16 autocast) at 2, 4, 8 and 16 layers for plain autograd, activation
+   checkpointing and reversible layers, with peak CUDA memory (``max_memory_allocated``) and
+   tokens/s, then the deepest reversible model within the plain 4-layer model's peak.
 
 Without CUDA it exits 2 with one line. Each check records its figures and ``ok``; the command
 exits 1 when any check fails, after writing the JSON.
@@ -63,7 +67,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-compile", dest="compile", action="store_false", help="skip the compiled machine"
     )
-    p.add_argument("--only", choices=["throughput"], default=None, help="run this check alone")
+    p.add_argument(
+        "--only", choices=["throughput", "memory"], default=None, help="run this check alone"
+    )
+    p.add_argument("--memory-layers", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument(
+        "--memory-shape", type=int, nargs=3, default=[512, 512, 8], metavar=("D", "L", "B"),
+        help="width, sequence length and batch of the memory check",
+    )  # fmt: skip
+    p.add_argument("--deepest-up-to", type=int, default=128, help="the reversible search's limit")
     p.add_argument("--json", dest="json_out", default=None)
 
 
@@ -296,12 +308,75 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def memory(args: argparse.Namespace, device: torch.device) -> dict:
+    """Peak memory and tokens/s of one EnigmaLM step by depth and mode (on the CPU the peak is
+    not measured: ``enigma bench memory`` does that in fresh processes)."""
+    from ..lm import EnigmaLM
+    from .memory import DEPTHS, LM_MODES, lm_config
+
+    d, length, batch = args.memory_shape
+    cuda = device.type == "cuda"
+    ids = torch.randint(0, 21128, (batch, length), device=device)
+
+    def point(layers: int, mode: str) -> dict:
+        torch.manual_seed(0)
+        model = EnigmaLM(lm_config(layers, mode, d, length)).to(device).train()
+
+        def step(model):
+            with autocast(device):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        step(model)  # warm-up: kernels chosen, allocator filled
+        sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step(model)
+        sync(device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+        return {"layers": layers, "mode": mode, "peak_mb": peak,
+                "tokens_per_sec": round(batch * length / seconds, 1)}  # fmt: skip
+
+    points = [point(n, mode) for n in args.memory_layers for mode in LM_MODES]
+    budget = next((p["peak_mb"] for p in points if p["layers"] == 4 and p["mode"] == "plain"), None)
+    deepest = None
+    if budget:
+        tried = {p["layers"]: p for p in points if p["mode"] == "reversible"}
+        for layers in [n for n in DEPTHS if n <= args.deepest_up_to]:
+            p = tried.get(layers) or point(layers, "reversible")
+            if p["peak_mb"] > budget:
+                break
+            deepest = p
+    out = {"shape": {"d": d, "length": length, "batch": batch}, "points": points,
+           "plain_4_layers_peak_mb": budget, "deepest_reversible_within_plain_4": deepest,
+           "search_limit_layers": args.deepest_up_to}  # fmt: skip
+    rev = sorted((p["layers"], p["peak_mb"]) for p in points if p["mode"] == "reversible")
+    if cuda and len(rev) > 1:
+        out["reversible_growth"] = rev[-1][1] / rev[0][1]
+        out["summary"] = (
+            f"reversible peak x{out['reversible_growth']:.2f} from {rev[0][0]} to {rev[-1][0]} "
+            f"layers; deepest within plain 4 layers: {deepest['layers'] if deepest else 'none'}"
+        )
+    out["ok"] = all(p["tokens_per_sec"] > 0 for p in points)
+    return out
+
+
 def run_checks(args: argparse.Namespace, device: torch.device) -> dict:
     """Every check on ``device`` (the CPU runs all but fp16 and the throughput bound: a test
     runs them so)."""
     results: dict = {}
+    only = getattr(args, "only", None)
+    if only == "memory":
+        check("memory", results, memory, args, device)
+        return results
     check("throughput", results, throughput, args, device)
-    if getattr(args, "only", None) == "throughput":
+    if only == "throughput":
         return results
     torch.manual_seed(1)
     seq_len = results["throughput"].get("seq_len") or args.seq_len or 256
@@ -314,6 +389,7 @@ def run_checks(args: argparse.Namespace, device: torch.device) -> dict:
     trained = results["zero2_bf16"]
     if "state_dict" in trained:
         check("exactness", results, exactness, trained, device, ids)
+    check("memory", results, memory, args, device)
     for r in results.values():
         r.pop("state_dict", None)
         r.pop("model_config", None)

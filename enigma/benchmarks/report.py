@@ -163,26 +163,30 @@ MEMORY_MODES = {
 }
 
 
-def memory_lm_lines(lm: dict) -> list[str]:
+def memory_lm_lines(
+    lm: dict, peak_key: str = "peak_rss_mb", what: str = "peak RSS", plot: bool = True
+) -> list[str]:
     by_layers: dict[int, dict] = {}
     for p in lm["points"]:
         by_layers.setdefault(p["layers"], {})[p["mode"]] = p
     head = ["layers"] + [f"{name}: peak, tokens/s" for name in MEMORY_MODES.values()]
+    if any(p[peak_key] is None for p in lm["points"]):
+        return []  # measured on a CPU by bench gpu's own test: no peak to show
     rows = [
         [layers] + [
-            f"{m[k]['peak_rss_mb']:,.0f} MB, {_rate(m[k]['tokens_per_sec'])}" if k in m else ""
+            f"{m[k][peak_key]:,.0f} MB, {_rate(m[k]['tokens_per_sec'])}" if k in m else ""
             for k in MEMORY_MODES
         ]
         for layers, m in sorted(by_layers.items())
     ]  # fmt: skip
     lines = [
-        f"EnigmaLM ({lm['blocks']} RevBlocks, 2 rotors, vocabulary 21,128), one training step "
-        "(forward + backward; the second of two is timed):",
+        f"EnigmaLM ({lm.get('blocks', 4)} RevBlocks, 2 rotors, vocabulary 21,128), one training "
+        f"step (forward + backward; the second of two is timed), {what}:",
         "",
         *table(head, rows),
     ]
     low, high = min(by_layers), max(by_layers)
-    peak = lambda n, k: by_layers[n][k]["peak_rss_mb"]  # noqa: E731
+    peak = lambda n, k: by_layers[n][k][peak_key]  # noqa: E731
     growth = [
         f"{MEMORY_MODES[k]} {peak(high, k) / peak(low, k):.2f}x"
         for k in MEMORY_MODES
@@ -203,7 +207,8 @@ def memory_lm_lines(lm: dict) -> list[str]:
             f"{lm['plain_4_layers_peak_mb']:,.0f} MB (tried up to {lm['search_limit_layers']}): "
             f"{fit}."
         )
-    return lines + [summary, "", f"![peak memory by depth]({DOCS}{PLOTS}/memory_lm.png)", ""]
+    image = [f"![peak memory by depth]({DOCS}{PLOTS}/memory_lm.png)", ""] if plot else []
+    return lines + [summary, "", *image]
 
 
 def plot_memory_lm(lm: dict, path: Path) -> bool:
@@ -400,11 +405,9 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
 
 def section_gpu(r: dict) -> tuple[str, list[str]]:
     checks = r["checks"]
-    t = checks["throughput"]
-    title = (
-        f"One GPU (`enigma bench gpu`: {r['gpu']}, {t['preset']}, B={t['batch']}, "
-        f"L={t['seq_len']}, bf16 autocast)"
-    )
+    t = checks.get("throughput", {})
+    shape = f", {t['preset']}, B={t['batch']}, L={t['seq_len']}" if t else ""
+    title = f"One GPU (`enigma bench gpu`: {r['gpu']}{shape}, bf16 autocast)"
     names = {"plain": "plain Transformer", "enigma_eager": "EnigmaLM, machine eager"}
     names["enigma_compiled"] = "EnigmaLM, machine compiled"
     rows = []
@@ -415,18 +418,20 @@ def section_gpu(r: dict) -> tuple[str, list[str]]:
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
             memory = f"{m['peak_memory_mb']:,.0f}" if m.get("peak_memory_mb") else "n/a"
             rows.append([label, _rate(m["tokens_per_sec"]), f"{ratio:.2f}", mfu, memory])
-    lines = table(["model", "tokens/s", "vs plain", "MFU", "peak MB"], rows)
-    if len(checks) > 1:
-        lines += table(
-            ["check", "result"], [[k, _check(c)] for k, c in checks.items() if k != "throughput"]
-        )
+    lines = table(["model", "tokens/s", "vs plain", "MFU", "peak MB"], rows) if rows else []
+    shown = {k: c for k, c in checks.items() if k not in ("throughput", "memory")}
+    if shown:
+        lines += table(["check", "result"], [[k, _check(c)] for k, c in shown.items()])
+    m = checks.get("memory")
+    if m and m.get("points"):
+        lines += memory_lm_lines(m, peak_key="peak_mb", what="peak CUDA memory", plot=False)
     return title, lines
 
 
 def _check(c: dict) -> str:
     mark = "ok" if c.get("ok") else "FAILED"
     keys = ("optimizer", "first_loss", "last_loss", "loss_scale", "logits_max_rel_diff", "fp32",
-            "bf16_autocast", "error")  # fmt: skip
+            "bf16_autocast", "summary", "error")  # fmt: skip
     shown = [f"{k} {c[k]:.4g}" if isinstance(c[k], float) else f"{k}: {c[k]}" for k in keys
              if k in c]  # fmt: skip
     return f"{mark}: " + "; ".join(shown)
