@@ -144,20 +144,30 @@ def test_knobs_and_their_conflicts():
     ("config", "port"), [("zero1_bf16.json", 29543), ("zero3_bf16.json", 29544)]
 )
 def test_rebuilding_backward_under_zero1_and_zero3_matches_stored_activations(config, port):
-    """One process, fp32, 6 steps, for the memory-efficient machine and for reversible layers:
-    the same losses as stored activations (ZeRO-3 partitions the parameters; the module that
-    runs the chain is gathered whole as a DeepSpeed leaf)."""
-    env = {**os.environ, "PROBE_PORT": str(port), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "zero_probe.py"), config], capture_output=True,
-        text=True, env=env, cwd=ROOT, timeout=600,
-    )  # fmt: skip
-    lines = [s for s in proc.stdout.splitlines() if s.startswith("{")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    """Two DeepSpeed ranks (gloo), fp32, 10 steps, for the memory-efficient machine and for
+    reversible layers: the same losses as stored activations (ZeRO-3 partitions the parameters;
+    the module that runs the chain is gathered whole as a DeepSpeed leaf)."""
+    env = {**os.environ, "PROBE_PORT": str(port), "DS_ACCELERATOR": "cpu", "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "zero_probe.py"), config],
+            env={**env, "RANK": str(rank)},
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=600) for rank in ranks]
+    stdout, stderr = outputs[0]
+    lines = [s for s in stdout.splitlines() if s.startswith("{")]
+    ok = all(rank.returncode == 0 for rank in ranks) and lines
+    assert ok, stdout[-2000:] + stderr[-3000:] + outputs[1][1][-2000:]
     losses = json.loads(lines[-1])
     for arch in ("machine", "layers"):
         stored, rebuilt = losses[f"{arch}-stored"], losses[f"{arch}-rebuilt"]
-        assert len(rebuilt) == 6 and stored[0] != stored[-1], "the weights move"
+        assert len(rebuilt) == 10 and stored[0] != stored[-1], "the weights move"
         for a, b in zip(stored, rebuilt, strict=True):
             assert abs(a - b) < 1e-4, (arch, a, b)
 
