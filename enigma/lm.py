@@ -1,7 +1,9 @@
 """EnigmaLM: token embedding -> the machine at each token's position -> pre-LN Transformer -> head.
 
-The machine acts per token at its absolute position, so it is causal and needs no cache: cached
-decoding runs it on the new token only. ``core="none"`` (or 0 blocks and 0 rotors) is the plain
+The machine acts per token at its position, so it is causal and needs no cache: cached decoding
+runs it on the new token only. A token's position is the count of real tokens before it (from the
+attention mask), so left padding moves no rotor; in training with ``rotor_offset="random"`` each
+sequence starts at a random rotor setting. ``core="none"`` (or 0 blocks and 0 rotors) is the plain
 Transformer that every comparison uses.
 """
 
@@ -150,7 +152,8 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None else 0
         device = input_ids.device
         if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=device)
+            position_ids = token_positions(attention_mask, past, length, device)
+        machine_positions = self.machine_positions(position_ids, input_ids.shape[0])
         h = self.embed(input_ids)
         if self.pos_embed is not None:
             if past + length > self.config.max_len:
@@ -167,12 +170,14 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         if self.stack is not None:
             replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
             context = LayerContext(bias, is_causal, cache, replay_rng=replay)
-            h = self.stack(h.to(_at_least_fp32(h.dtype)), position_ids, context).to(h.dtype)
+            stream = h.to(_at_least_fp32(h.dtype))
+            h = self.stack(stream, machine_positions, context).to(h.dtype)
         else:
             if self.machine is not None:
                 # The machine's coupling stream runs in fp32 for exact invertibility (bf16
                 # weights are fine: see CouplingNet).
-                h = self.machine(h.to(_at_least_fp32(h.dtype)), position_ids).to(h.dtype)
+                stream = h.to(_at_least_fp32(h.dtype))
+                h = self.machine(stream, machine_positions).to(h.dtype)
             for block in self.blocks:
                 h = block(h, bias, is_causal, cache=cache)
         h = self.norm(h)
@@ -187,6 +192,16 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def machine_positions(self, positions: Tensor, batch: int) -> Tensor:
+        """The positions the machine sees: the tokens' own, or in training with
+        ``rotor_offset="random"`` shifted per sequence by a random start in ``[0, period)``, so
+        every rotor setting is trained (drawn on the device: no host sync). Learned position
+        embeddings keep the 0-based positions."""
+        if not (self.training and self.config.rotor_offset == "random" and self.machine):
+            return positions
+        start = torch.randint(self.machine.period, (batch, 1), device=positions.device)
+        return positions + start
 
     def zero3_leaves(self) -> list[nn.Module]:
         """Modules DeepSpeed ZeRO-3 must gather whole: the one whose call holds a reversible
@@ -207,6 +222,21 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         }
         parts["total"] = sum(p.numel() for p in self.parameters())
         return parts
+
+
+def token_positions(mask: Tensor | None, past: int, length: int, device) -> Tensor:
+    """Each new token's position: the count of real tokens before it, from the attention mask
+    over the cached and the new tokens (``(B, past + length)``), so a left-padded prompt gets
+    the positions, and the rotor settings, it would get alone. Without a mask: ``past, past + 1,
+    ...`` (shape ``(length,)``)."""
+    if mask is None:
+        return torch.arange(past, past + length, device=device)
+    if mask.shape[-1] != past + length:
+        raise ValueError(
+            f"attention_mask covers {mask.shape[-1]} tokens but the cache holds {past} and the "
+            f"input {length}: pass the mask of every token so far ({past + length})"
+        )
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:

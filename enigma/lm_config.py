@@ -15,6 +15,7 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_SEQ_LEN = {"tiny": 128, "small": 256, "base": 256, "large": 256}
 CORES = ("enigma", "none")
+ROTOR_OFFSETS = ("zero", "random")
 
 
 def preset_fields(name: str) -> dict:
@@ -42,6 +43,11 @@ class EnigmaConfig(PretrainedConfig):
             channels per step, so it must divide ``d``; the machine repeats after
             ``rotor_positions ** num_rotors`` tokens. Saved configs may call it
             ``conv1x1_positions`` (the original's name), which is read as this.
+        rotor_offset: Where training sequences start on the rotors: ``"zero"`` (every sequence at
+            setting 0, so a slow rotor only sees the settings within ``seq_len`` tokens) or
+            ``"random"`` (each sequence at a random position in ``[0, period)``, so every
+            setting is trained). Generation starts at 0 either way; attention (ALiBi distances,
+            learned 0-based positions) is unaffected.
         core: ``"enigma"`` (the machine before the layers) or ``"none"`` (the plain Transformer).
         coupling: ``"additive"`` (volume-preserving) or ``"affine"`` RevBlock coupling.
         reversible_layers: The Transformer layers couple two streams RevNet-style
@@ -87,6 +93,7 @@ class EnigmaConfig(PretrainedConfig):
         use_alibi: bool = True,
         use_dynamic_conv1x1: bool = True,
         rotor_positions: int = 16,
+        rotor_offset: str = "zero",
         core: str = "enigma",
         coupling: str = "additive",
         reversible_layers: bool = False,
@@ -112,6 +119,8 @@ class EnigmaConfig(PretrainedConfig):
             )
         if core not in CORES:
             raise InputError(f"core={core!r} is not one of {CORES}")
+        if rotor_offset not in ROTOR_OFFSETS:
+            raise InputError(f"rotor_offset={rotor_offset!r} is not one of {ROTOR_OFFSETS}")
         for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
             if value < 1:
                 raise InputError(f"{name}={value} must be positive")
@@ -120,6 +129,7 @@ class EnigmaConfig(PretrainedConfig):
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
         self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
         self.rotor_positions, self.core, self.coupling = rotor_positions, core, coupling
+        self.rotor_offset = rotor_offset
         if reversible_backward is None:
             reversible_backward = bool(reversible_layers or machine_memory_efficient)
         elif machine_memory_efficient and not reversible_backward:

@@ -211,3 +211,75 @@ def test_a_double_model_runs_in_double_throughout():
     model.machine.register_forward_hook(lambda m, args, y: seen.append((args[0].dtype, y.dtype)))
     model(ids)
     assert seen == [(torch.float64, torch.float64)]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_alibi": False}, {"reversible_layers": True}],
+    ids=["alibi", "learned-positions", "reversible-layers"],
+)
+def test_left_padded_batch_generates_as_each_prompt_alone(overrides):
+    """The machine's positions count the real tokens before each token, so a left-padded prompt
+    meets the rotor settings it meets alone: same tokens, logits within 1e-5."""
+    model = _small_lm(**overrides)
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 300, (n,)) for n in (3, 7, 11)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    common = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True, pad_token_id=0)  # fmt: skip
+    batched = model.generate(ids, attention_mask=mask, **common)
+    with torch.no_grad():  # a plain forward too (generate hands position_ids over itself)
+        last = model(ids, attention_mask=mask).logits[:, -1]
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            alone_last = model(prompt[None]).logits[0, -1]
+        torch.testing.assert_close(last[row], alone_last, rtol=0, atol=1e-5)
+        alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt)), **common)
+        assert torch.equal(batched.sequences[row, width:], alone.sequences[0, len(prompt) :])
+        for step, (a, b) in enumerate(zip(batched.logits, alone.logits, strict=True)):
+            torch.testing.assert_close(a[row], b[0], rtol=0, atol=1e-5, msg=f"step {step}")
+
+
+def test_random_rotor_offsets_reach_every_setting_in_one_demo_epoch(data):
+    """The demo trains ``tiny`` (2 rotors of 16 settings) on 128-token sequences of this corpus.
+    With ``rotor_offset="random"`` every setting of every rotor is reached within one epoch's
+    draws, so generation past ``seq_len`` meets trained settings; with ``"zero"`` the slow rotor
+    only ever sees 8 of its 16."""
+    from enigma.lm_config import PRESET_SEQ_LEN
+    from enigma.rotor import rotor_offsets
+
+    seq_len = PRESET_SEQ_LEN["tiny"]
+    manifest = json.loads((data / "manifest.json").read_text())
+    epoch = manifest["splits"]["train"]["tokens"] // seq_len
+    trained = {}
+    for offset in ("zero", "random"):
+        model = EnigmaLM(EnigmaConfig.from_preset("tiny", rotor_offset=offset)).train()
+        rotors = model.machine.rotors
+        seen = torch.zeros(rotors.num_layers, rotors.rotor_positions, dtype=torch.bool)
+        for start in range(0, epoch, 512):  # the positions forward gives the machine
+            batch = min(512, epoch - start)
+            positions = model.machine_positions(torch.arange(seq_len), batch)
+            settings = rotor_offsets(
+                positions.reshape(-1), rotors.num_layers, rotors.rotor_positions
+            )
+            for i in range(rotors.num_layers):
+                seen[i, settings[i].unique()] = True
+        trained[offset] = seen
+    assert trained["random"].all(), "every setting of every rotor"
+    assert trained["zero"][1].sum() == 8 and not trained["zero"][1].all()
+    # Generation runs at positions 0, 1, ... past seq_len: settings that random offsets trained.
+    model.eval()
+    beyond = rotor_offsets(torch.arange(seq_len, 4 * seq_len), 2, 16)
+    assert all(trained["random"][i, beyond[i]].all() for i in range(2))
+    assert not all(trained["zero"][i, beyond[i]].all() for i in range(2))
+    # and forward hands the machine these positions: distinct per sequence in training
+    seen_positions = []
+    hook = model.machine.register_forward_pre_hook(lambda m, a: seen_positions.append(a[1]))
+    model.train()(torch.randint(0, 100, (4, 8)))
+    hook.remove()
+    assert seen_positions[0].shape == (4, 8) and seen_positions[0][:, 0].unique().numel() > 1
