@@ -83,6 +83,13 @@ def test_bench_copy_enwik8_and_report_smoke(tmp_path, capsys):
     assert all(0 <= m["accuracy"] <= 1 and m["steps"] == 6 for m in copy["models"])
     assert copy["memoryless_baseline"]["ce_task"] == pytest.approx(10 * 2.0794415 / 25)
     assert copy["git_commit"] and copy["machine"]["cpu_count"]
+    argv = "bench copy --smoke --delay 5 --variant blank --seeds 2 --models transformer,enigma-rev"
+    assert main([*argv.split(), "--json", str(results / "copy-blank.json")]) == 0
+    blank = {m["model"]: m for m in json.loads((results / "copy-blank.json").read_text())["models"]}
+    assert [s["seed"] for s in blank["enigma-rev"]["seeds"]] == [0, 1]
+    rev, plain = blank["enigma-rev"]["seeds"], blank["transformer"]["seeds"]
+    paired = [a["accuracy"] - b["accuracy"] for a, b in zip(rev, plain, strict=True)]
+    assert blank["enigma-rev"]["accuracy_vs_transformer"] == pytest.approx(sum(paired) / 2)
 
     out = results / "enwik8.json"
     assert main(["bench", "enwik8", "--smoke", "--no-download", "--json", str(out)]) == 0
@@ -99,6 +106,8 @@ def test_bench_copy_enwik8_and_report_smoke(tmp_path, capsys):
     assert "Copy memory, T = 5" in report and "memoryless baseline" in report
     assert "bz2 -9" in report and "enigma bench copy" in report.replace("`", "")
     assert (tmp_path / "docs" / "results_plots" / "copy_T5.png").is_file()
+    assert "blanks at the recall positions, mean ± std over 2 seeds" in report
+    assert (tmp_path / "docs" / "results_plots" / "copy_blank_T5.png").is_file()
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 

@@ -82,6 +82,8 @@ def notes(r: dict) -> list[str]:
 
 
 MODEL_NAMES = {"enigma": "EnigmaLM", "transformer": "plain Transformer", "lstm": "LSTM"}
+MODEL_NAMES["enigma-random"] = "EnigmaLM, random rotor offsets"
+MODEL_NAMES["enigma-rev"] = "EnigmaLM, reversible layers"
 
 
 def _rate(x: float) -> str:
@@ -300,23 +302,44 @@ def section_train_overhead(r: dict) -> tuple[str, list[str]]:
     return title, table(["loop", "tokens/s"], rows) + [f"Ratio **{r['ratio']:.3f}**.", ""]
 
 
+def copy_plot_name(r: dict) -> str:
+    variant = r.get("variant", "teacher")
+    return (
+        f"copy_T{r['delay']}.png" if variant == "teacher" else f"copy_{variant}_T{r['delay']}.png"
+    )
+
+
 def section_copy(r: dict) -> tuple[str, list[str]]:
     base = r["memoryless_baseline"]
-    rows = [
-        [MODEL_NAMES.get(m["model"], m["model"]), f"{m['params']:,}", m["steps"],
-         f"{m['accuracy']:.2%}", f"{m['ce_recall']:.2g}", f"{m['ce_task']:.2g}",
-         f"{m['train_seconds']:.0f}"]
-        for m in r["models"]
-    ]  # fmt: skip
+    seeds = len(r.get("seeds", [0]))
+
+    def pm(m: dict, key: str, fmt: str) -> str:
+        spread = f" ± {format(m[key + '_std'], fmt)}" if seeds > 1 and key + "_std" in m else ""
+        return format(m[key], fmt) + spread
+
+    rows = []
+    for m in r["models"]:
+        delta = ""
+        if seeds > 1 and "accuracy_vs_transformer" in m:
+            delta = f"{m['accuracy_vs_transformer']:+.2%} ± {m['accuracy_vs_transformer_std']:.2%}"
+        row = [MODEL_NAMES.get(m["model"], m["model"]), f"{m['params']:,}", m["steps"],
+               pm(m, "accuracy", ".2%"), pm(m, "ce_recall", ".2g"), f"{m['ce_task']:.2g}",
+               f"{m['train_seconds']:.0f}"]  # fmt: skip
+        rows.append(row + ([delta] if seeds > 1 else []))
     rows.append(["memoryless baseline", "", "", "12.50%", f"{base['ce_recall']:.4f}",
-                 f"{base['ce_task']:.4f}", ""])  # fmt: skip
+                 f"{base['ce_task']:.4f}", ""] + ([""] if seeds > 1 else []))  # fmt: skip
     head = ["model", "params", "steps", "recall accuracy", "CE / recalled symbol",
             "CE / position (T+20)", "train s"]  # fmt: skip
+    if seeds > 1:
+        head.append("accuracy − plain Transformer")
     lines = table(head, rows)
     if any(m.get("curve") for m in r["models"]):
-        image = f"{DOCS}{PLOTS}/copy_T{r['delay']}.png"
+        image = f"{DOCS}{PLOTS}/{copy_plot_name(r)}"
         lines += [f"![recall accuracy during training]({image})", ""]
-    return f"Copy memory, T = {r['delay']} (`enigma bench copy`)", lines
+    variant = r.get("variant", "teacher")
+    what = "blanks at the recall positions" if variant == "blank" else "teacher-forced recall"
+    many = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
+    return f"Copy memory, T = {r['delay']}, {what}{many} (`enigma bench copy`)", lines
 
 
 PLOTS = "results_plots"
@@ -522,7 +545,7 @@ def run(args: argparse.Namespace) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in results:
         if r["benchmark"] == "copy":
-            plot_copy_curves(r, out.parent / PLOTS / f"copy_T{r['delay']}.png")
+            plot_copy_curves(r, out.parent / PLOTS / copy_plot_name(r))
         if r["benchmark"] == "memory" and r.get("lm"):
             plot_memory_lm(r["lm"], out.parent / PLOTS / "memory_lm.png")
     out.write_text(page)
