@@ -375,13 +375,29 @@ def section_enwik8(r: dict) -> tuple[str, list[str]]:
         lines += [f"Split (bytes): train {sizes.get('train', 0):,}, val {sizes.get('val', 0):,}, "
                   f"test {sizes.get('test', 0):,}.", ""]  # fmt: skip
     rows = sorted(r["models"], key=lambda m: m["bpc"])
+    many = len(r.get("seeds", [0])) > 1
+
+    def bpc(m: dict) -> str:
+        spread = f" ± {m['bpc_std']:.3f}" if many and "bpc_std" in m else ""
+        return f"{m['bpc']:.3f}{spread}"
+
+    def delta(m: dict) -> str:
+        if "bpc_vs_transformer" not in m:
+            return ""
+        return f"{m['bpc_vs_transformer']:+.3f} ± {m['bpc_vs_transformer_std']:.3f}"
+
     cells = [
-        [MODEL_NAMES.get(m["model"], m["model"]), f"{m['bpc']:.3f}",
+        [MODEL_NAMES.get(m["model"], m["model"]), bpc(m),
          f"{m['params']:,}" if m["params"] else "", m["steps"] or "", m.get("train_seconds", "")]
+        + ([delta(m)] if many else [])
         for m in rows
     ]  # fmt: skip
-    lines += table(["model", "test bpc", "params", "steps", "train s"], cells)
-    return f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']})", lines
+    head = ["model", "test bpc", "params", "steps", "train s"]
+    lines += table(head + (["bpc − plain Transformer"] if many else []), cells)
+    seeds = f", mean ± std over {len(r['seeds'])} seeds" if many else ""
+    budget = f", {r['budget_s'] / 60:.0f} min of training per model" if r.get("budget_s") else ""
+    title = f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']}{seeds}{budget})"
+    return title, lines
 
 
 def _pm(mean: float | None, std: float | None, n: int | None = None) -> str:
