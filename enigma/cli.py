@@ -68,7 +68,7 @@ COMMANDS = [
     ),
     (
         ("bench", "memory"),
-        "machine peak RSS, memory-efficient vs plain autograd, by RevBlocks (fresh processes)",
+        "peak RSS by depth: the machine, and EnigmaLM plain / checkpointed / reversible layers",
         "benchmarks.memory",
         "add_arguments",
         "run",

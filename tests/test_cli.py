@@ -92,8 +92,13 @@ def test_bench_copy_enwik8_and_report_smoke(tmp_path, capsys):
     assert blank["enigma-rev"]["accuracy_vs_transformer"] == pytest.approx(sum(paired) / 2)
 
     out = results / "enwik8.json"
-    assert main(["bench", "enwik8", "--smoke", "--no-download", "--json", str(out)]) == 0
+    argv = ["bench", "enwik8", "--smoke", "--no-download", "--seeds", "2", "--json", str(out)]
+    assert main(argv) == 0
     enwik8 = {m["model"]: m for m in json.loads(out.read_text())["models"]}
+    runs = [s["bpc"] for s in enwik8["enigma"]["seeds"]]
+    plain = [s["bpc"] for s in enwik8["transformer"]["seeds"]]
+    paired = sum(a - b for a, b in zip(runs, plain, strict=True)) / 2
+    assert enwik8["enigma"]["bpc_vs_transformer"] == pytest.approx(paired)
     assert set(enwik8) == {"gzip -9", "bz2 -9", "xz -9", "enigma", "transformer"}
     assert 1 < enwik8["bz2 -9"]["bpc"] < enwik8["gzip -9"]["bpc"] < 4  # compressors are real
     assert enwik8["enigma"]["bpc"] < 8.5  # untrained: about log2(256)
@@ -105,6 +110,7 @@ def test_bench_copy_enwik8_and_report_smoke(tmp_path, capsys):
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "Copy memory, T = 5" in report and "memoryless baseline" in report
     assert "bz2 -9" in report and "enigma bench copy" in report.replace("`", "")
+    assert "mean ± std over 2 seeds" in report and "bpc − plain Transformer" in report
     assert (tmp_path / "docs" / "results_plots" / "copy_T5.png").is_file()
     assert "blanks at the recall positions, mean ± std over 2 seeds" in report
     assert (tmp_path / "docs" / "results_plots" / "copy_blank_T5.png").is_file()

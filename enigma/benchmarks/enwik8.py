@@ -4,10 +4,14 @@ Data: the real enwik8 (``--data PATH``, the file or its zip; or downloaded when 
 with its standard 90M/5M/5M split; offline, the enwik8-format Wikipedia dump that ``gensim==4.4.0``
 ships (about 6 MB, the same XML and first pages), split 90/5/5 the same way.
 
-EnigmaLM and a parameter-matched plain Transformer (no machine; a wider MLP makes up the machine's
-parameters) train for the same steps on the same random windows. Test bits per character are
-scored with overlapping windows, so every scored byte has at least half a window of context.
-gzip -9, bz2 -9 and xz -9 compress the same test bytes in the same run.
+EnigmaLM (``enigma``; ``enigma-random`` with ``rotor_offset="random"``; ``enigma-rev`` with
+reversible layers) and a parameter-matched plain Transformer (no machine; a wider MLP makes up the
+machine's parameters) train for the same steps on the same random windows, or for the same wall
+time (``--budget-s``: each model stops at the first step past it, and the learning rate schedule
+spans ``--steps``). Test bits per character are scored with overlapping windows, so every scored
+byte has at least half a window of context. gzip -9, bz2 -9 and xz -9 compress the same test
+bytes in the same run. With ``--seeds N`` every model trains N times (seed s: its start and its
+windows); rows give mean ± std and the difference to the plain Transformer seed by seed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import importlib.util
 import lzma
 import math
 import os
+import statistics
 import time
 import urllib.request
 import zipfile
@@ -34,6 +39,7 @@ ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 GENSIM_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE = Path(os.environ.get("ENIGMA_CACHE", Path.home() / ".cache" / "enigma"))
+MODELS = ("enigma", "enigma-random", "enigma-rev", "transformer")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and reflector stay fp32/fp64); about 1.6x faster on CPUs with AVX512-BF16",
     )
     p.add_argument("--no-download", action="store_true", help="never try the network")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per model")
+    p.add_argument("--budget-s", type=float, default=0.0, help="train seconds per model (0: none)")
+    p.add_argument("--models", default="enigma,transformer", help=f"from {', '.join(MODELS)}")
     p.add_argument("--smoke", action="store_true", help="a few steps on a slice, to check it runs")
     p.add_argument("--json", dest="json_out", default=None)
 
@@ -132,7 +141,7 @@ def compressor_bpc(test: bytes) -> dict[str, float]:
 # Models
 
 
-def build_models(args) -> dict[str, nn.Module]:
+def build_models(args, names: list[str], seed: int) -> dict[str, nn.Module]:
     from enigma.lm import EnigmaLM
     from enigma.lm_config import EnigmaConfig
 
@@ -143,10 +152,19 @@ def build_models(args) -> dict[str, nn.Module]:
         num_rev_blocks=args.rev_blocks, num_rotors=args.rotors, max_len=args.seq_len,
         rotor_positions=min(16, args.d), bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
-    torch.manual_seed(args.seed)
-    enigma = EnigmaLM(EnigmaConfig(**shape))
-    target = sum(p.numel() for p in enigma.parameters())
-    return {"enigma": enigma, "transformer": matched_plain_transformer(shape, target, args.seed)}
+    variants = {"enigma": {}, "enigma-random": {"rotor_offset": "random"}}
+    variants["enigma-rev"] = {"reversible_layers": True}
+    models = {}
+    for name in names:
+        torch.manual_seed(seed)
+        if name in variants:
+            models[name] = EnigmaLM(EnigmaConfig(**shape, **variants[name]))
+        elif name == "transformer":
+            target = sum(p.numel() for p in EnigmaLM(EnigmaConfig(**shape)).parameters())
+            models[name] = matched_plain_transformer(shape, target, seed)
+        else:
+            raise InputError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return models
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +211,8 @@ def bits_per_char(model, data: torch.Tensor, seq_len: int, bf16: bool, limit: in
     return total / count / math.log(2)
 
 
-def train(model, train_data: torch.Tensor, args) -> dict:
-    gen = torch.Generator().manual_seed(args.seed)  # the same windows for every model
+def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)  # the same windows for every model of a seed
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
@@ -202,6 +220,9 @@ def train(model, train_data: torch.Tensor, args) -> dict:
     high = len(train_data) - args.seq_len
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            print(f"    budget of {args.budget_s:.0f} s spent at step {step}", flush=True)
+            break
         ids = windows(
             train_data, torch.randint(0, high, (args.batch,), generator=gen), args.seq_len
         )
@@ -219,11 +240,18 @@ def train(model, train_data: torch.Tensor, args) -> dict:
     return {
         "train_seconds": time.perf_counter() - start,
         "final_train_bpc": losses[-1] / math.log(2),
+        "steps": len(losses),
     }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def run(args: argparse.Namespace) -> dict:
     args.bf16 = args.precision == "bf16"
+    if args.seeds < 1:
+        raise InputError(f"--seeds {args.seeds}: must be at least 1")
     if args.smoke:
         args.steps, args.batch, args.seq_len = 4, 4, 64
         args.d, args.layers = 32, 1
@@ -244,29 +272,46 @@ def run(args: argparse.Namespace) -> dict:
     rows = [
         {"model": n, "bpc": round(b, 4), "params": 0, "steps": 0} for n, b in compressors.items()
     ]
-    for name, model in build_models(args).items():
-        params = sum(p.numel() for p in model.parameters())
-        print(f"  {name}: {params:,} params, {args.steps} steps of {args.batch} x {args.seq_len}")
-        stats = train(model, tensors["train"], args)
-        test_bpc = bits_per_char(model, tensors["test"], args.seq_len, args.bf16, limit)
-        val_bpc = bits_per_char(model, tensors["val"], args.seq_len, args.bf16, limit)
-        rows.append(
-            {
-                "model": name,
-                "bpc": round(test_bpc, 4),
-                "val_bpc": round(val_bpc, 4),
-                "params": params,
-                "steps": args.steps,
-                "train_seconds": round(stats["train_seconds"], 1),
-            }
-        )
-        print(
-            f"  {name:<12} {test_bpc:.3f} bpc (val {val_bpc:.3f}) after "
-            f"{stats['train_seconds']:.0f} s of training"
-        )
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    build_models(argparse.Namespace(**{**vars(args), "d": 8, "heads": 2, "layers": 1}), names, 0)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in seeds:
+        for name, model in build_models(args, names, seed).items():
+            params = sum(p.numel() for p in model.parameters())
+            print(f"  seed {seed} {name}: {params:,} params, up to {args.steps} steps of "
+                  f"{args.batch} x {args.seq_len}")  # fmt: skip
+            stats = train(model, tensors["train"], args, seed)
+            test_bpc = bits_per_char(model, tensors["test"], args.seq_len, args.bf16, limit)
+            val_bpc = bits_per_char(model, tensors["val"], args.seq_len, args.bf16, limit)
+            runs[name].append({"seed": seed, "bpc": test_bpc, "val_bpc": val_bpc,
+                               "params": params, "steps": stats["steps"],
+                               "train_seconds": stats["train_seconds"]})  # fmt: skip
+            print(f"  seed {seed} {name:<13} {test_bpc:.3f} bpc (val {val_bpc:.3f}) after "
+                  f"{stats['train_seconds']:.0f} s of training", flush=True)  # fmt: skip
+    for name in names:
+        per_seed = runs[name]
+        bpc, bpc_std = _mean_std([r["bpc"] for r in per_seed])
+        row = {
+            "model": name,
+            "bpc": round(bpc, 4),
+            "bpc_std": round(bpc_std, 4),
+            "val_bpc": round(statistics.fmean(r["val_bpc"] for r in per_seed), 4),
+            "params": per_seed[0]["params"],
+            "steps": round(statistics.fmean(r["steps"] for r in per_seed)),
+            "train_seconds": round(statistics.fmean(r["train_seconds"] for r in per_seed), 1),
+            "seeds": per_seed,
+        }
+        if "transformer" in runs and name != "transformer":
+            pairs = zip(per_seed, runs["transformer"], strict=True)
+            deltas = [a["bpc"] - b["bpc"] for a, b in pairs]
+            row["bpc_vs_transformer"], row["bpc_vs_transformer_std"] = _mean_std(deltas)
+        rows.append(row)
     result = {
         "benchmark": "enwik8",
         "source": source,
+        "seeds": seeds,
+        "budget_s": args.budget_s,
         "bytes": {k: len(v) for k, v in parts.items()},
         "seq_len": args.seq_len,
         "batch": args.batch,

@@ -312,7 +312,7 @@ def memory(args: argparse.Namespace, device: torch.device) -> dict:
     """Peak memory and tokens/s of one EnigmaLM step by depth and mode (on the CPU the peak is
     not measured: ``enigma bench memory`` does that in fresh processes)."""
     from ..lm import EnigmaLM
-    from .memory import DEPTHS, LM_MODES, lm_config
+    from .memory import depth_sweep, lm_config
 
     d, length, batch = args.memory_shape
     cuda = device.type == "cuda"
@@ -343,16 +343,7 @@ def memory(args: argparse.Namespace, device: torch.device) -> dict:
         return {"layers": layers, "mode": mode, "peak_mb": peak,
                 "tokens_per_sec": round(batch * length / seconds, 1)}  # fmt: skip
 
-    points = [point(n, mode) for n in args.memory_layers for mode in LM_MODES]
-    budget = next((p["peak_mb"] for p in points if p["layers"] == 4 and p["mode"] == "plain"), None)
-    deepest = None
-    if budget:
-        tried = {p["layers"]: p for p in points if p["mode"] == "reversible"}
-        for layers in [n for n in DEPTHS if n <= args.deepest_up_to]:
-            p = tried.get(layers) or point(layers, "reversible")
-            if p["peak_mb"] > budget:
-                break
-            deepest = p
+    points, budget, deepest = depth_sweep(point, args.memory_layers, "peak_mb", args.deepest_up_to)
     out = {"shape": {"d": d, "length": length, "batch": batch}, "points": points,
            "plain_4_layers_peak_mb": budget, "deepest_reversible_within_plain_4": deepest,
            "search_limit_layers": args.deepest_up_to}  # fmt: skip

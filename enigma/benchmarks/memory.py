@@ -174,6 +174,24 @@ def machine_points(args: argparse.Namespace) -> list[dict]:
     return points
 
 
+def depth_sweep(point, layers: list[int], peak_key: str, limit: int):
+    """Every mode at every depth (``point(layers, mode)`` measures one), then the reversible model
+    deeper through :data:`DEPTHS` (up to ``limit``) while its peak stays within the plain 4-layer
+    model's. Returns the points, that budget (None without a plain 4-layer point) and the
+    deepest reversible point that fit (None if none did)."""
+    points = [point(n, mode) for n in layers for mode in LM_MODES]
+    budget = next((p[peak_key] for p in points if p["layers"] == 4 and p["mode"] == "plain"), None)
+    deepest = None
+    if budget is not None:
+        tried = {p["layers"]: p for p in points if p["mode"] == "reversible"}
+        for n in [n for n in DEPTHS if n <= limit]:
+            p = tried.get(n) or point(n, "reversible")
+            if p[peak_key] > budget:
+                break
+            deepest = p
+    return points, budget, deepest
+
+
 def lm_points(args: argparse.Namespace) -> dict:
     def point(layers: int, mode: str) -> dict:
         p = measure_lm_in_fresh_process(layers, mode, args.d, args.batch, args.length)
@@ -184,18 +202,8 @@ def lm_points(args: argparse.Namespace) -> dict:
         )
         return p
 
-    points = [point(layers, mode) for layers in args.layers for mode in LM_MODES]
-    budget = next(
-        (p["peak_rss_mb"] for p in points if p["layers"] == 4 and p["mode"] == "plain"), None
-    )
-    deepest = None
-    if budget is not None:  # the reversible model, deeper while it fits
-        tried = {p["layers"]: p for p in points if p["mode"] == "reversible"}
-        for layers in [n for n in DEPTHS if n <= args.deepest_up_to]:
-            p = tried.get(layers) or point(layers, "reversible")
-            if p["peak_rss_mb"] > budget:
-                break
-            deepest = p
+    points, budget, deepest = depth_sweep(point, args.layers, "peak_rss_mb", args.deepest_up_to)
+    if budget is not None:
         print(f"  deepest reversible EnigmaLM within plain 4 layers' {budget:,.0f} MB: "
               f"{deepest['layers'] if deepest else 'none'} layers")  # fmt: skip
     return {

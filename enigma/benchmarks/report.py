@@ -214,14 +214,10 @@ def memory_lm_lines(
 
 
 def plot_memory_lm(lm: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    figure = _figure()
+    if figure is None:
         return False
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    plt, fig, ax = figure
     for key, name in MEMORY_MODES.items():
         points = sorted((p["layers"], p["peak_rss_mb"]) for p in lm["points"] if p["mode"] == key)
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
@@ -232,12 +228,7 @@ def plot_memory_lm(lm: dict, path: Path) -> bool:
     ax.set_xlabel("Transformer layers")
     ax.set_ylabel("peak RSS (MB)")
     ax.set_xscale("log", base=2)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path)
 
 
 def section_lm(results: list[dict]) -> tuple[str, list[str]]:
@@ -345,27 +336,40 @@ def section_copy(r: dict) -> tuple[str, list[str]]:
 PLOTS = "results_plots"
 
 
-def plot_copy_curves(r: dict, path: Path) -> bool:
+def _figure():
+    """``(plt, fig, ax)`` of a small Agg figure, or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m in r["models"]:
-        curve = m.get("curve") or []
-        ax.plot([c["step"] for c in curve], [c["accuracy"] for c in curve], label=m["model"])
-    ax.axhline(1 / 8, color="grey", linestyle=":", label="chance")
-    ax.set_xlabel("step")
-    ax.set_ylabel("recall accuracy (held-out)")
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def plot_copy_curves(r: dict, path: Path) -> bool:
+    figure = _figure()
+    if figure is None:
+        return False
+    plt, fig, ax = figure
+    for m in r["models"]:
+        curve = m.get("curve") or []
+        ax.plot([c["step"] for c in curve], [c["accuracy"] for c in curve], label=m["model"])
+    ax.axhline(1 / 8, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("step")
+    ax.set_ylabel("recall accuracy (held-out)")
+    return _save(plt, fig, ax, path)
 
 
 def section_enwik8(r: dict) -> tuple[str, list[str]]:
@@ -375,13 +379,29 @@ def section_enwik8(r: dict) -> tuple[str, list[str]]:
         lines += [f"Split (bytes): train {sizes.get('train', 0):,}, val {sizes.get('val', 0):,}, "
                   f"test {sizes.get('test', 0):,}.", ""]  # fmt: skip
     rows = sorted(r["models"], key=lambda m: m["bpc"])
+    many = len(r.get("seeds", [0])) > 1
+
+    def bpc(m: dict) -> str:
+        spread = f" ± {m['bpc_std']:.3f}" if many and "bpc_std" in m else ""
+        return f"{m['bpc']:.3f}{spread}"
+
+    def delta(m: dict) -> str:
+        if "bpc_vs_transformer" not in m:
+            return ""
+        return f"{m['bpc_vs_transformer']:+.3f} ± {m['bpc_vs_transformer_std']:.3f}"
+
     cells = [
-        [MODEL_NAMES.get(m["model"], m["model"]), f"{m['bpc']:.3f}",
+        [MODEL_NAMES.get(m["model"], m["model"]), bpc(m),
          f"{m['params']:,}" if m["params"] else "", m["steps"] or "", m.get("train_seconds", "")]
+        + ([delta(m)] if many else [])
         for m in rows
     ]  # fmt: skip
-    lines += table(["model", "test bpc", "params", "steps", "train s"], cells)
-    return f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']})", lines
+    head = ["model", "test bpc", "params", "steps", "train s"]
+    lines += table(head + (["bpc − plain Transformer"] if many else []), cells)
+    seeds = f", mean ± std over {len(r['seeds'])} seeds" if many else ""
+    budget = f", {r['budget_s'] / 60:.0f} min of training per model" if r.get("budget_s") else ""
+    title = f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']}{seeds}{budget})"
+    return title, lines
 
 
 def _pm(mean: float | None, std: float | None, n: int | None = None) -> str:
