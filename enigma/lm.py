@@ -184,13 +184,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).to(_at_least_fp32(logits.dtype)),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
+        loss = None if labels is None else next_token_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     def machine_positions(self, positions: Tensor, batch: int) -> Tensor:
@@ -222,6 +216,16 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         }
         parts["total"] = sum(p.numel() for p in self.parameters())
         return parts
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each token's logits against the next label (-100 ignored), in at least
+    fp32."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).to(_at_least_fp32(logits.dtype)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
 
 
 def token_positions(mask: Tensor | None, past: int, length: int, device) -> Tensor:

@@ -24,6 +24,38 @@ def preset_fields(name: str) -> dict:
     return dict(PRESETS[name])
 
 
+def _check_shape(d, num_heads, core, rotor_offset, vocab_size, max_len) -> None:
+    if d % num_heads:
+        raise InputError(
+            f"d={d} is not divisible by num_heads={num_heads}; each head gets d / num_heads "
+            f"channels, e.g. num_heads={next(h for h in (8, 4, 2, 1) if d % h == 0)}"
+        )
+    if core not in CORES:
+        raise InputError(f"core={core!r} is not one of {CORES}")
+    if rotor_offset not in ROTOR_OFFSETS:
+        raise InputError(f"rotor_offset={rotor_offset!r} is not one of {ROTOR_OFFSETS}")
+    for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
+        if value < 1:
+            raise InputError(f"{name}={value} must be positive")
+
+
+def _resolve_backward(layers: bool, backward, machine_memory_efficient: bool, checkpointing):
+    """``reversible_backward``: as given, or on with reversible layers or the old flag."""
+    if backward is None:
+        backward = bool(layers or machine_memory_efficient)
+    elif machine_memory_efficient and not backward:
+        raise InputError(
+            "machine_memory_efficient=true and reversible_backward=false disagree (the first "
+            "is the old name of the second); set only reversible_backward"
+        )
+    if layers and checkpointing:
+        raise InputError(
+            "reversible_layers=true rebuilds every layer in backward already; "
+            "activation_checkpointing would recompute them again: set it false"
+        )
+    return backward
+
+
 class EnigmaConfig(PretrainedConfig):
     """EnigmaLM's shape. ``core="none"`` (or 0 blocks and 0 rotors) is the plain Transformer.
 
@@ -112,36 +144,17 @@ class EnigmaConfig(PretrainedConfig):
     ):
         if "conv1x1_positions" in kwargs:  # a config saved before the rename
             rotor_positions = kwargs.pop("conv1x1_positions")
-        if d % num_heads:
-            raise InputError(
-                f"d={d} is not divisible by num_heads={num_heads}; each head gets d / num_heads "
-                f"channels, e.g. num_heads={next(h for h in (8, 4, 2, 1) if d % h == 0)}"
-            )
-        if core not in CORES:
-            raise InputError(f"core={core!r} is not one of {CORES}")
-        if rotor_offset not in ROTOR_OFFSETS:
-            raise InputError(f"rotor_offset={rotor_offset!r} is not one of {ROTOR_OFFSETS}")
-        for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
-            if value < 1:
-                raise InputError(f"{name}={value} must be positive")
+        _check_shape(d, num_heads, core, rotor_offset, vocab_size, max_len)
         self.vocab_size, self.d, self.max_len = vocab_size, d, max_len
         self.num_rev_blocks, self.num_rotors = num_rev_blocks, num_rotors
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
         self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
         self.rotor_positions, self.core, self.coupling = rotor_positions, core, coupling
         self.rotor_offset = rotor_offset
-        if reversible_backward is None:
-            reversible_backward = bool(reversible_layers or machine_memory_efficient)
-        elif machine_memory_efficient and not reversible_backward:
-            raise InputError(
-                "machine_memory_efficient=true and reversible_backward=false disagree (the first "
-                "is the old name of the second); set only reversible_backward"
-            )
-        if reversible_layers and activation_checkpointing:
-            raise InputError(
-                "reversible_layers=true rebuilds every layer in backward already; "
-                "activation_checkpointing would recompute them again: set it false"
-            )
+        reversible_backward = _resolve_backward(
+            reversible_layers, reversible_backward, machine_memory_efficient,
+            activation_checkpointing,
+        )  # fmt: skip
         self.reversible_layers, self.reversible_backward = reversible_layers, reversible_backward
         self.machine_memory_efficient = reversible_backward  # the old name, kept in step
         self.machine_seed = machine_seed

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import meta
+from .seeds import summarize
 
 SYMBOLS, BLANK, MARKER, VOCAB, RECALL = 8, 0, 9, 10, 10
 VARIANTS = ("teacher", "blank")
@@ -171,10 +171,6 @@ def train(model: nn.Module, args, test: torch.Tensor, seed: int) -> dict:
     return {**evaluate(model, test), "train_seconds": seconds, "curve": curve}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def run(args: argparse.Namespace) -> dict:
     if args.delay < 1:
         raise InputError(f"--delay {args.delay}: must be at least 1")
@@ -213,30 +209,15 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for name in names:
         per_seed = runs[name]
-        accuracy, accuracy_std = mean_std([r["accuracy"] for r in per_seed])
-        ce, ce_std = mean_std([r["ce_recall"] for r in per_seed])
-        row = {
-            "model": name,
-            "params": sizes[name],
-            "steps": args.steps,
-            "accuracy": accuracy,
-            "accuracy_std": accuracy_std,
-            "ce_recall": ce,
-            "ce_recall_std": ce_std,
-            "ce_task": ce * RECALL / (args.delay + 20),
-            "train_seconds": round(statistics.fmean(r["train_seconds"] for r in per_seed), 1),
-            "curve": per_seed[0]["curve"],
-            "seeds": [{k: v for k, v in r.items() if k != "curve"} for r in per_seed],
-        }
-        if "transformer" in runs and name != "transformer":
-            deltas = [
-                r["accuracy"] - p["accuracy"]
-                for r, p in zip(per_seed, runs["transformer"], strict=True)
-            ]
-            row["accuracy_vs_transformer"], row["accuracy_vs_transformer_std"] = mean_std(deltas)
+        plain = runs.get("transformer") if name != "transformer" else None
+        row = {"model": name, "params": sizes[name], "steps": args.steps,
+               **summarize(per_seed, ("accuracy", "ce_recall"), plain)}  # fmt: skip
+        row["ce_task"] = row["ce_recall"] * RECALL / (args.delay + 20)
+        row["curve"] = per_seed[0]["curve"]
+        row["seeds"] = [{k: v for k, v in r.items() if k != "curve"} for r in per_seed]
         results.append(row)
-        spread = f" ± {accuracy_std:.2%}" if len(seeds) > 1 else ""
-        print(f"  {name:<13} accuracy {accuracy:.2%}{spread} over {len(seeds)} seed(s)")
+        spread = f" ± {row['accuracy_std']:.2%}" if len(seeds) > 1 else ""
+        print(f"  {name:<13} accuracy {row['accuracy']:.2%}{spread} over {len(seeds)} seed(s)")
     result = {
         "benchmark": "copy",
         "variant": args.variant,

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import meta
+from .seeds import summarize
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
@@ -244,8 +245,23 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def train_seeds(args, names: list[str], seeds: list[int], tensors: dict, limit: int) -> dict:
+    """Each model trained and scored once per seed: ``{name: [run, ...]}``."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in seeds:
+        for name, model in build_models(args, names, seed).items():
+            params = sum(p.numel() for p in model.parameters())
+            print(f"  seed {seed} {name}: {params:,} params, up to {args.steps} steps of "
+                  f"{args.batch} x {args.seq_len}")  # fmt: skip
+            stats = train(model, tensors["train"], args, seed)
+            test_bpc = bits_per_char(model, tensors["test"], args.seq_len, args.bf16, limit)
+            val_bpc = bits_per_char(model, tensors["val"], args.seq_len, args.bf16, limit)
+            runs[name].append({"seed": seed, "bpc": test_bpc, "val_bpc": val_bpc,
+                               "params": params, "steps": stats["steps"],
+                               "train_seconds": stats["train_seconds"]})  # fmt: skip
+            print(f"  seed {seed} {name:<13} {test_bpc:.3f} bpc (val {val_bpc:.3f}) after "
+                  f"{stats['train_seconds']:.0f} s of training", flush=True)  # fmt: skip
+    return runs
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -275,37 +291,13 @@ def run(args: argparse.Namespace) -> dict:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     build_models(argparse.Namespace(**{**vars(args), "d": 8, "heads": 2, "layers": 1}), names, 0)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for seed in seeds:
-        for name, model in build_models(args, names, seed).items():
-            params = sum(p.numel() for p in model.parameters())
-            print(f"  seed {seed} {name}: {params:,} params, up to {args.steps} steps of "
-                  f"{args.batch} x {args.seq_len}")  # fmt: skip
-            stats = train(model, tensors["train"], args, seed)
-            test_bpc = bits_per_char(model, tensors["test"], args.seq_len, args.bf16, limit)
-            val_bpc = bits_per_char(model, tensors["val"], args.seq_len, args.bf16, limit)
-            runs[name].append({"seed": seed, "bpc": test_bpc, "val_bpc": val_bpc,
-                               "params": params, "steps": stats["steps"],
-                               "train_seconds": stats["train_seconds"]})  # fmt: skip
-            print(f"  seed {seed} {name:<13} {test_bpc:.3f} bpc (val {val_bpc:.3f}) after "
-                  f"{stats['train_seconds']:.0f} s of training", flush=True)  # fmt: skip
+    runs = train_seeds(args, names, seeds, tensors, limit)
     for name in names:
         per_seed = runs[name]
-        bpc, bpc_std = _mean_std([r["bpc"] for r in per_seed])
-        row = {
-            "model": name,
-            "bpc": round(bpc, 4),
-            "bpc_std": round(bpc_std, 4),
-            "val_bpc": round(statistics.fmean(r["val_bpc"] for r in per_seed), 4),
-            "params": per_seed[0]["params"],
-            "steps": round(statistics.fmean(r["steps"] for r in per_seed)),
-            "train_seconds": round(statistics.fmean(r["train_seconds"] for r in per_seed), 1),
-            "seeds": per_seed,
-        }
-        if "transformer" in runs and name != "transformer":
-            pairs = zip(per_seed, runs["transformer"], strict=True)
-            deltas = [a["bpc"] - b["bpc"] for a, b in pairs]
-            row["bpc_vs_transformer"], row["bpc_vs_transformer_std"] = _mean_std(deltas)
+        plain = runs.get("transformer") if name != "transformer" else None
+        row = {"model": name, **summarize(per_seed, ("bpc", "val_bpc"), plain)}
+        row.update(params=per_seed[0]["params"], seeds=per_seed)
+        row["steps"] = round(statistics.fmean(r["steps"] for r in per_seed))
         rows.append(row)
     result = {
         "benchmark": "enwik8",
