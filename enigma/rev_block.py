@@ -67,9 +67,7 @@ class RevBlock(InvertibleModule):
     def _forward(self, x: Tensor, positions: Tensor):
         x1, x2 = x.chunk(2, dim=-1)
         if self.coupling == "additive":
-            y1 = x1 + self.f(x2)
-            y2 = x2 + self.g(y1)
-            y = torch.cat([y1, y2], dim=-1)
+            y = additive_coupling(self.f, self.g, x, reverse=False)
             return y, zero_log_det(y)
         s1, t1 = self._shift_scale(self.f, x2)
         y1 = x1 * s1.exp() + t1
@@ -80,9 +78,7 @@ class RevBlock(InvertibleModule):
     def _inverse(self, y: Tensor, positions: Tensor):
         y1, y2 = y.chunk(2, dim=-1)
         if self.coupling == "additive":
-            x2 = y2 - self.g(y1)
-            x1 = y1 - self.f(x2)
-            x = torch.cat([x1, x2], dim=-1)
+            x = additive_coupling(self.f, self.g, y, reverse=True)
             return x, zero_log_det(x)
         s2, t2 = self._shift_scale(self.g, y1)
         x2 = (y2 - t2) * (-s2).exp()
@@ -103,6 +99,19 @@ class RevBlock(InvertibleModule):
 
     def extra_repr(self) -> str:
         return f"d={self.d}, coupling={self.coupling!r}"
+
+
+def additive_coupling(f, g, x: Tensor, reverse: bool) -> Tensor:
+    """``(x1, x2) -> (x1 + f(x2), x2 + g(y1))`` on the halves of the last dim, or its inverse
+    ``(y1, y2) -> (y1 - f(x2), y2 - g(y1))`` with ``reverse``."""
+    a, b = x.chunk(2, dim=-1)
+    if reverse:
+        b = b - g(a)
+        a = a - f(b)
+    else:
+        a = a + f(b)
+        b = b + g(a)
+    return torch.cat([a, b], dim=-1)
 
 
 def additive_rebuild_and_backprop(

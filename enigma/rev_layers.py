@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .invertible import zero_log_det
-from .rev_block import additive_rebuild_and_backprop
+from .rev_block import additive_coupling, additive_rebuild_and_backprop
 from .reversible import apply_chain
 
 
@@ -115,14 +115,7 @@ class LayerStep:
             return self.layer.mlp_branch(_to_weights(h, self.layer)).to(h.dtype)
 
     def __call__(self, x: Tensor, positions=None, *, reverse: bool = False, with_log_det=False):
-        a, b = x.chunk(2, dim=-1)
-        if reverse:
-            b = b - self.g(a)
-            a = a - self.f(b)
-        else:
-            a = a + self.f(b)
-            b = b + self.g(a)
-        out = torch.cat([a, b], dim=-1)
+        out = additive_coupling(self.f, self.g, x, reverse)
         return (out, zero_log_det(out)) if with_log_det else out
 
     def rebuild_and_backprop(self, out, grad_out, reverse: bool, params):
