@@ -46,7 +46,10 @@ def main() -> int:
             engine.step()
             runs.append(loss.item())
     if rank == 0:
-        print(json.dumps(losses))
+        print(json.dumps(losses), flush=True)
+    # Both ranks leave the group together; a gloo thread torn down at exit can abort a rank.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 
