@@ -32,8 +32,15 @@ COMMANDS = [
         "run",
     ),
     (
+        ("export",),
+        "re-export a run's best model or a kept checkpoint, loadable with trust_remote_code",
+        "train.export",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("tune",),
-        "Ray Tune sweep over layers, blocks and rotors (ASHA, results table, best.json)",
+        "Ray Tune sweep (grid, random or Optuna; ASHA; results table, best.json)",
         "train.sweep",
         "add_arguments",
         "run",

@@ -248,5 +248,12 @@ def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-AutoConfig.register("enigma", EnigmaConfig)
-AutoModelForCausalLM.register(EnigmaConfig, EnigmaLM)
+# exist_ok: the same lines run again when a process that imported the project also loads an
+# exported directory with trust_remote_code=True (its copy of this module).
+AutoConfig.register("enigma", EnigmaConfig, exist_ok=True)
+AutoModelForCausalLM.register(EnigmaConfig, EnigmaLM, exist_ok=True)
+# save_pretrained then copies this module and the modules it imports relatively next to the
+# weights, and names the classes in config.json's auto_map: the directory loads on its own with
+# trust_remote_code=True, without this project installed.
+EnigmaConfig.register_for_auto_class()
+EnigmaLM.register_for_auto_class("AutoModelForCausalLM")

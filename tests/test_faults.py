@@ -145,7 +145,7 @@ def _train(data, out, *sets, faults=None, resume=None, workers=2, ds="ds_configs
 def _losses(out, tag="train/loss") -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "tensorboard"))
+    acc = EventAccumulator(str(out / "tensorboard" / out.name))
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
 

@@ -31,33 +31,71 @@ def run(data, out, *sets, ds="ds_configs/zero2_bf16.json", workers=2, resume=Non
     return train(cfg, resume=resume, faults=faults)
 
 
-def scalars(out, tag="train/loss") -> dict[int, float]:
+def events(out):
+    """The run's TensorBoard events: OUTPUT/tensorboard/RUN_NAME (the output directory's name)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "tensorboard"))
+    acc = EventAccumulator(str(out / "tensorboard" / out.name))
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    return acc
+
+
+def scalars(out, tag="train/loss") -> dict[int, float]:
+    return {e.step: e.value for e in events(out).Scalars(tag)}
 
 
 def test_zero2_bf16_run_logs_exports_and_generates(data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """One run, read as a user would: TensorBoard's sections, Custom Scalars and HPARAMS; the
+    model card; the export loaded without the project; `enigma export` of a checkpoint."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from tensorboard.plugins.custom_scalar import layout_pb2
 
     from enigma import EnigmaLM
+    from enigma.train.progress import TAG_PREFIXES
 
-    summary = run(data, tmp_path, f"max_steps={STEPS}")
+    out = tmp_path / "zero2-demo"
+    summary = run(data, out, f"max_steps={STEPS}")
     assert summary["last_val_ppl"] < summary["first_val_ppl"]
-    acc = EventAccumulator(str(tmp_path / "tensorboard"))
-    acc.Reload()
+    acc = events(out)
     tags = set(acc.Tags()["scalars"])
-    expected = {"train/loss", "train/ppl", "val/loss", "val/ppl", "lr", "grad_norm"}
-    expected |= {"tokens_per_sec", "memory/worker_mb", "machine/reconstruction_error"}
-    assert expected <= tags
+    assert {"train/loss", "val/loss", "perf/tokens_per_sec", "memory/worker_mb"} <= tags
+    assert all(t.startswith(TAG_PREFIXES) for t in tags), tags
+    layout = layout_pb2.Layout.FromString(
+        acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["loss"] == ["train/loss", "val/loss"]
+    hparams = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"num_rotors" in hparams["_hparams_/session_start_info"]
+    assert scalars(out, "val/best_ppl")[STEPS] == pytest.approx(summary["best_val_ppl"], rel=1e-4)
     # bf16 coupling nets: the bf16 bound of the brief (measured about 2e-5)
-    assert max(e.value for e in acc.Scalars("machine/reconstruction_error")) < 1e-2
-    model = EnigmaLM.from_pretrained(tmp_path / "model").eval()
-    ids = torch.tensor([[101, 3293, 3082]])
-    out = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert out.shape == (1, 8) and summary["sample"]
+    assert max(scalars(out, "machine/reconstruction_error").values()) < 1e-2
+
+    model_dir = out / "model"
+    card = (model_dir / "README.md").read_text()
+    assert f"{summary['best_val_ppl']:.2f}" in card and "trust_remote_code=True" in card
+    model = EnigmaLM.from_pretrained(model_dir).eval()
+    ids = [[101, 3293, 3082]]
+    ours = model.generate(torch.tensor(ids), max_new_tokens=5, do_sample=False).tolist()
+    assert len(ours[0]) == 8 and summary["sample"]
+    probe = [sys.executable, str(ROOT / "tests" / "remote_load_probe.py"), str(model_dir)]
+    env = {"PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+    done = subprocess.run([*probe, json.dumps(ids), "5"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["ids"] == ours and loaded["class"].startswith("transformers_modules")
+
+    # A kept checkpoint re-exported: DeepSpeed's shards consolidated, the same card.
+    assert main(["export", str(out), str(tmp_path / "step15"), "--step", "15"]) == 0
+    again = EnigmaLM.from_pretrained(tmp_path / "step15")
+    assert "step 15" in (tmp_path / "step15" / "README.md").read_text()
+    assert {"lm.py", "tokenizer.json"} <= {p.name for p in (tmp_path / "step15").iterdir()}
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -101,7 +101,7 @@ def losses(out: Path) -> dict[int, list[float]]:
     """Every ``train/loss`` event that survives TensorBoard's purge of re-run steps, by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(out / "tensorboard" / out.name), size_guidance={"scalars": 0})
     acc.Reload()
     by_step: dict[int, list[float]] = {}
     for event in acc.Scalars("train/loss"):

@@ -34,6 +34,7 @@ class TrainState:
     bad_evals: int = 0  # evaluations in a row without a new best
     first_val: float | None = None
     last_val: float | None = None
+    last_val_step: int = 0  # the step of ``last_val``
     tokens: int = 0
     tokens_per_sec: float | None = None
     fingerprint: dict | None = None  # what a resume must match (see :func:`fingerprint`)
@@ -47,9 +48,12 @@ class TrainState:
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
-def save(engine, state: TrainState, rank: int, tmp_root: str | None = None) -> str:
+def save(
+    engine, state: TrainState, rank: int, tmp_root: str | None = None, run: dict | None = None
+) -> str:
     """Write a checkpoint into a fresh local directory under ``tmp_root`` and return it; every
-    rank calls this. The directory is removed again if writing fails."""
+    rank calls this. ``run`` (the config, command and data summary: what ``enigma export``
+    needs) goes beside the state. The directory is removed again if writing fails."""
     if tmp_root:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
     local = tempfile.mkdtemp(prefix="enigma-ckpt-", dir=tmp_root)
@@ -57,6 +61,10 @@ def save(engine, state: TrainState, rank: int, tmp_root: str | None = None) -> s
         engine.save_checkpoint(local, tag=DS_TAG)
         if rank == 0:
             (Path(local) / STATE_FILE).write_text(state.to_json())
+            if run is not None:
+                from .export import RUN_FILE
+
+                (Path(local) / RUN_FILE).write_text(json.dumps(run, ensure_ascii=False))
     except BaseException:
         shutil.rmtree(local, ignore_errors=True)
         raise
@@ -73,9 +81,12 @@ def restore(engine, directory: str) -> TrainState:
     return state
 
 
-def export_model(engine, model_config, out: Path, tokenizer_dir: str, rank: int, stage: int):
-    """Write the full weights with ``save_pretrained`` (+ tokenizer), atomically. Under ZeRO-3
-    every rank takes part in gathering the partitioned parameters."""
+def export_model(
+    engine, model_config, out: Path, tokenizer_dir: str, rank: int, stage: int, card=None
+):
+    """Write the full weights with ``save_pretrained`` (+ tokenizer, + the model card that
+    ``card(model)`` renders), atomically. Under ZeRO-3 every rank takes part in gathering the
+    partitioned parameters."""
     if stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -89,12 +100,13 @@ def export_model(engine, model_config, out: Path, tokenizer_dir: str, rank: int,
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-    write_model_dir(model, out, tokenizer_dir)
+    write_model_dir(model, out, tokenizer_dir, card(model) if card else None)
 
 
-def write_model_dir(model, out: Path, tokenizer_dir: str | None) -> None:
-    """``save_pretrained`` + tokenizer into a unique staging directory, then swapped in whole:
-    a complete ``out`` exists at every instant (:func:`enigma.fsutil.replace_dir`)."""
+def write_model_dir(model, out: Path, tokenizer_dir: str | None, card: str | None = None) -> None:
+    """``save_pretrained`` (weights, config and the modelling code) + tokenizer + the model card
+    (``README.md``) into a unique staging directory, then swapped in whole: a complete ``out``
+    exists at every instant (:func:`enigma.fsutil.replace_dir`)."""
     from transformers.utils import logging as hf_logging
 
     from ..fsutil import remove_leftovers, replace_dir, staging_dir
@@ -107,6 +119,8 @@ def write_model_dir(model, out: Path, tokenizer_dir: str | None) -> None:
         if tokenizer_dir and Path(tokenizer_dir).is_dir():
             for f in Path(tokenizer_dir).iterdir():
                 shutil.copy(f, staging / f.name)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
         replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@ import difflib
 import inspect
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 from ..lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
@@ -25,6 +25,9 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # EnigmaConfig overrides on top of the preset
     data: str = "data/sanguo-128"
     output_dir: str = "runs/tiny"
+    # The run's name in TensorBoard (tensorboard/RUN_NAME, so `--logdir runs` tells runs apart);
+    # "": the output directory's name. Sweep trials are named by their knobs.
+    run_name: str = ""
     # Checkpoints, TensorBoard and the model: a local/NFS path or s3:// / gs:// URI; "": output_dir
     storage_path: str = ""
     ds_config: str = "ds_configs/zero2_bf16.json"
@@ -74,6 +77,12 @@ class TrainConfig:
         checkpointing = self.activation_checkpointing and not fields.get("reversible_layers")
         fields.setdefault("activation_checkpointing", checkpointing)
         return EnigmaConfig(**fields)
+
+    @property
+    def resolved_run_name(self) -> str:
+        # A run resumed elsewhere from the same storage keeps its name, and so its curves.
+        where = self.storage_path.rstrip("/") if self.storage_path else self.output_dir
+        return self.run_name or PurePosixPath(where).name or Path(where).resolve().name or "run"
 
     @property
     def resolved_seq_len(self) -> int:

@@ -22,6 +22,7 @@ from ..locking import DirectoryLock
 from . import deepspeed_json
 from .checkpoint import CHECKPOINT_TMP, damage, fingerprint, mismatch, read_state
 from .config import TrainConfig, build_config
+from .export import data_summary
 from .plan import Faults, RunPlan, RunSpec
 from .progress import PlacementWatchdog, ProgressPrinter
 from .storage import CHECKPOINT_PARTS, Storage
@@ -178,6 +179,7 @@ def prepare_run(
     if use_gpu:
         deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=True)
     stamp = fingerprint(cfg.model_config(), manifest, cfg.workers)
+    spec_fields.setdefault("data_summary", data_summary(manifest))
     out = Path(cfg.output_dir).resolve()
     storage = Storage.of(cfg.storage_path, str(out))
     if cfg.storage_path:
@@ -251,21 +253,24 @@ def describe(spec: RunSpec) -> str:
     )
 
 
-def train(cfg: TrainConfig, resume: str | None = None, faults: Faults | None = None) -> dict:
+def train(
+    cfg: TrainConfig, resume: str | None = None, faults: Faults | None = None, command: str = ""
+) -> dict:
     """Run the training job; returns a summary (val perplexities, paths, sample). The output
-    directory is locked for the run: a second ``train`` into it is refused."""
+    directory is locked for the run: a second ``train`` into it is refused. ``command``: the
+    command line, for the model card."""
     if resume and not Path(resume).is_dir():
         raise InputError(f"--resume {resume}: no such checkpoint directory")
     resume = os.path.abspath(resume) if resume else None
     out = Path(cfg.output_dir).resolve()
     with DirectoryLock(out / LOCK_FILE, "enigma train"):
-        return _train_locked(cfg, resume, faults or Faults())
+        return _train_locked(cfg, resume, faults or Faults(), command)
 
 
-def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults) -> dict:
+def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command: str) -> dict:
     from ray.util.queue import Queue
 
-    spec = prepare_run(cfg, resume, faults=faults)
+    spec = prepare_run(cfg, resume, faults=faults, command=command)
     # Checkpoints staged by ranks that were killed mid-write (this directory is locked: none of
     # them belongs to a live run).
     shutil.rmtree(Path(spec.output_dir) / CHECKPOINT_TMP, ignore_errors=True)
@@ -367,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = config_from_args(args)
     faults = Faults.from_env(os.environ.get("ENIGMA_FAULTS"))
     start = time.perf_counter()
-    summary = train(cfg, resume=args.resume, faults=faults)
+    summary = train(cfg, resume=args.resume, faults=faults, command=args.command_line)
     if args.json_out:
         save_summary(cfg, summary, time.perf_counter() - start, args)
     return summary

@@ -84,6 +84,14 @@ class RunSpec:
     resume_from: str | None = None  # the checkpoint the driver chose (checked) to start from
     fingerprint: dict | None = None  # saved with every checkpoint, checked on resume
     faults: Faults = Faults()
+    command: str = ""  # the command line that started the run, for the model card
+    data_summary: dict | None = None  # the manifest's summary, for the model card
+
+    def run_info(self) -> dict:
+        """What every checkpoint and the model card record of the run."""
+        from .export import run_info
+
+        return run_info(self.train.to_dict(), self.command, self.data_summary or {})
 
     @property
     def storage(self):

@@ -7,23 +7,52 @@ The two meet in a Ray queue; each message is a dict with a ``kind`` of ``train``
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
-TRAIN_SCALARS = {"loss": "train/loss", "ppl": "train/ppl", "lr": "lr", "grad_norm": "grad_norm"}
-TRAIN_SCALARS |= {"tokens_per_sec": "tokens_per_sec", "memory_mb": "memory/worker_mb"}
+# Every scalar sits under one of these prefixes, so TensorBoard groups them into five sections.
+TRAIN_SCALARS = {"loss": "train/loss", "ppl": "train/ppl", "lr": "train/lr"}
+TRAIN_SCALARS |= {"grad_norm": "train/grad_norm", "tokens_per_sec": "perf/tokens_per_sec"}
+TRAIN_SCALARS |= {"memory_mb": "memory/worker_mb"}
 TRAIN_SCALARS |= {"machine_reconstruction_error": "machine/reconstruction_error"}
+TAG_PREFIXES = ("train/", "val/", "perf/", "memory/", "machine/")
+# The Custom Scalars tab: train and val curves on one chart each.
+LAYOUT = {
+    "train and val": {
+        "loss": ["Multiline", ["train/loss", "val/loss"]],
+        "perplexity": ["Multiline", ["train/ppl", "val/ppl"]],
+    }
+}
+# The HPARAMS tab's metric columns: scalars of the same run.
+HPARAM_METRICS = ("val/best_ppl", "val/ppl", "perf/tokens_per_sec")
+
+
+def run_hparams(cfg, zero_stage: int) -> dict:
+    """What the HPARAMS tab shows of a run: the model's shape and knobs, and how it trained."""
+    model = cfg.model_config()
+    keys = ("d", "num_heads", "num_transformer_layers", "num_rev_blocks", "num_rotors")
+    keys += ("rotor_offset", "reversible_layers")
+    values = {k: getattr(model, k) for k in keys}
+    values.update(preset=cfg.preset, lr=cfg.lr, micro_batch=cfg.micro_batch)
+    values.update(grad_accum=cfg.grad_accum, workers=cfg.workers, seq_len=cfg.resolved_seq_len)
+    values.update(precision=cfg.precision, zero_stage=zero_stage, seed=cfg.seed)
+    return values
 
 
 class Reporter:
     """Owns the TensorBoard writer and the progress queue; on ranks other than 0 it does nothing,
     so the loop calls it unconditionally."""
 
-    def __init__(self, rank: int, log_dir: str, queue=None, resumed_step: int = 0, upload=None):
-        """``log_dir``: where the events are written; ``upload()``, when given, copies them to the
-        run's storage (after each evaluation and at the end)."""
+    def __init__(
+        self, rank: int, log_dir: str, queue=None, resumed_step: int = 0, upload=None, hparams=None
+    ):
+        """``log_dir``: the run's event directory; ``upload()``, when given, copies the events to
+        the run's storage (after each evaluation and at the end); ``hparams``: written at the
+        end, with the final metrics, for the HPARAMS tab."""
         self.writer, self.queue = None, queue if rank == 0 else None
         self.upload = upload if rank == 0 else None
+        self.hparams = hparams
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -31,6 +60,7 @@ class Reporter:
             # (all of them when the restart begins from no checkpoint at all).
             purge = resumed_step + 1
             self.writer = SummaryWriter(log_dir, purge_step=purge)
+            self.writer.add_custom_scalars(LAYOUT)
 
     def train(self, line: dict) -> None:
         if self.writer:
@@ -47,11 +77,23 @@ class Reporter:
                 self.upload()
         self._send({"kind": "eval", **metrics, "improved": improved})
 
+    def write_hparams(self, step: int, best_val: float) -> None:
+        """The run's knobs and its best val perplexity, in this run's own directory (torch's
+        ``add_hparams`` would open another run for them)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        if not self.hparams or not math.isfinite(best_val):
+            return
+        self.writer.add_scalar("val/best_ppl", math.exp(min(best_val, 50)), step)
+        for summary in hparams(self.hparams, dict.fromkeys(HPARAM_METRICS, 0.0)):
+            self.writer.file_writer.add_summary(summary)
+
     def note(self, text: str) -> None:
         self._send({"kind": "note", "text": text})
 
     def done(self, summary: dict) -> None:
         if self.writer:
+            self.write_hparams(summary["step"], summary["best_val"])
             self.writer.close()
             if self.upload:
                 self.upload()

@@ -21,9 +21,12 @@ import torch.distributed as dist
 from . import checkpoint, deepspeed_json
 from .checkpoint import CHECKPOINT_TMP, TrainState
 from .config import TrainConfig
+from .export import render_card
 from .plan import RunPlan, RunSpec
-from .progress import Reporter
+from .progress import Reporter, run_hparams
 from .schedule import lr_at
+
+EVAL_PROGRESS_S = 5.0  # a line at most this often while an evaluation runs
 
 
 def mean_over_workers(values: list[float], device) -> list[float]:
@@ -62,15 +65,21 @@ def train_batches(shard, cfg: TrainConfig, plan: RunPlan, state: TrainState):
 
 
 @torch.no_grad()
-def evaluate(engine, shard, cfg: TrainConfig, batches: int) -> float:
+def evaluate(engine, shard, cfg: TrainConfig, batches: int, progress=None) -> float:
+    """Mean val loss over ``batches`` micro-batches per rank; ``progress(done, batches)`` is
+    called every few seconds of a long evaluation."""
     engine.eval()
     total, seen = 0.0, 0
+    said = time.perf_counter()
     for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True):
         if seen >= batches:
             break
         ids = batch["input_ids"].to(engine.device).long()
         total += engine(ids, labels=ids).loss.float().item()
         seen += 1
+        if progress and time.perf_counter() - said > EVAL_PROGRESS_S:
+            progress(seen, batches)
+            said = time.perf_counter()
     engine.train()
     return mean_over_workers([total / max(seen, 1)], engine.device)[0]
 
@@ -212,7 +221,10 @@ class Worker:
         upload = None
         if spec.storage.remote:
             upload = lambda: spec.storage.upload(Path(tensorboard), "tensorboard")
-        self.reporter = Reporter(self.rank, tensorboard, queue, self.state.step, upload)
+        self.reporter = Reporter(
+            self.rank, f"{tensorboard}/{self.cfg.resolved_run_name}", queue, self.state.step,
+            upload, hparams=run_hparams(self.cfg, self.stage),
+        )  # fmt: skip
         for note in [optimizer_line, *notes]:
             self.reporter.note(note)
         self.val_shard = ray.train.get_dataset_shard("val")
@@ -273,7 +285,9 @@ class Worker:
         tmp_root = self.cfg.checkpoint_tmp_dir or str(Path(self.spec.output_dir) / CHECKPOINT_TMP)
         self.fill_disk()
         try:
-            local = checkpoint.save(self.engine, self.state, self.rank, tmp_root)
+            local = checkpoint.save(
+                self.engine, self.state, self.rank, tmp_root, self.spec.run_info()
+            )
         except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as either
             free = shutil.disk_usage(tmp_root).free / 2**20
             raise RuntimeError(
@@ -293,8 +307,11 @@ class Worker:
     def validate_and_checkpoint(self) -> bool:
         """Evaluate, export on a new best, report with a checkpoint; True to stop early."""
         state = self.state
-        val = evaluate(self.engine, self.val_shard, self.cfg, self.plan.eval_batches)
-        state.last_val = val
+        say = lambda done, total: self.reporter.note(
+            f"evaluating @ step {state.step}: {done}/{total} batches"
+        )
+        val = evaluate(self.engine, self.val_shard, self.cfg, self.plan.eval_batches, say)
+        state.last_val, state.last_val_step = val, state.step
         if state.first_val is None:
             state.first_val = val
         improved = val < state.best_val
@@ -317,9 +334,12 @@ class Worker:
         out = Path(self.spec.local_dir("model"))
         error = None
         try:
+            state = self.state
+            card = lambda model: render_card(model, self.spec.run_info(), state.best_val,
+                                             state.best_step)  # fmt: skip
             checkpoint.export_model(
                 self.engine, self.cfg.model_config(), out, self.spec.tokenizer_dir, self.rank,
-                self.stage,
+                self.stage, card,
             )  # fmt: skip
             if self.rank == 0 and self.spec.storage.remote:
                 self.spec.storage.replace_model(out, "model")

@@ -1,0 +1,267 @@
+"""Exported models that travel: the model card, and ``enigma export RUN_DIR OUT``.
+
+Every export (the best model of a run, written by rank 0 at each new best val loss, or a
+re-export) is a ``save_pretrained`` directory that loads without this project: the modelling code
+sits next to the weights and ``config.json``'s ``auto_map`` names it, so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` is enough. Its ``README.md``
+is the model card: what the model is and how big, how it was trained and on what, how well it
+did, how to load it, and the licence.
+
+``enigma export`` re-exports a run: its best model (the run's ``model/``), or the weights of any
+checkpoint it kept (``--step N``), consolidated from DeepSpeed's shards for every ZeRO stage.
+Each checkpoint carries ``run.json`` (the training config, the command and the data summary), so
+a run that never finished exports all the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError
+
+RUN_FILE = "run.json"  # in every checkpoint: what the model card needs
+LICENCE = "MIT"
+
+
+def data_summary(manifest: dict) -> dict:
+    """What the card says of the data: the source, the tokenizer, the tokens per split."""
+    splits = {
+        name: {k: split.get(k) for k in ("documents", "tokens", "blocks")}
+        for name, split in manifest.get("splits", {}).items()
+    }
+    tokenizer = manifest.get("tokenizer", {})
+    return {
+        "source": manifest.get("source"),
+        "tokenizer": tokenizer.get("name"),
+        "vocab_size": tokenizer.get("vocab_size"),
+        "seq_len": manifest.get("seq_len"),
+        "splits": splits,
+    }
+
+
+def run_info(config: dict, command: str, data: dict) -> dict:
+    return {"config": config, "command": command, "data": data}
+
+
+def _architecture(model) -> list[str]:
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    machine = (
+        f"{c.num_rev_blocks} RevBlocks and {c.num_rotors} rotors"
+        if c.num_rev_blocks or c.num_rotors
+        else "no machine (a plain Transformer)"
+    )
+    rows = [
+        ("parameters", f"{params:,}"),
+        ("width d / heads", f"{c.d} / {c.num_heads}"),
+        ("Transformer layers", f"{c.num_transformer_layers}"),
+        ("machine", machine),
+        ("rotor start", c.rotor_offset),
+        ("reversible layers", str(c.reversible_layers)),
+        ("vocabulary", f"{c.vocab_size:,}"),
+        ("context", f"{c.max_len:,} positions"),
+    ]
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return lines
+
+
+def _data(info: dict) -> list[str]:
+    data = info.get("data") or {}
+    if not data:
+        return ["Not recorded."]
+    lines = [
+        f"- source: `{data.get('source')}`, blocks of {data.get('seq_len')} tokens",
+        f"- tokenizer: {data.get('tokenizer')} ({data.get('vocab_size'):,} tokens)",
+    ]
+    for name, split in data.get("splits", {}).items():
+        lines.append(
+            f"- {name}: {split.get('documents')} documents, {split.get('tokens'):,} tokens, "
+            f"{split.get('blocks'):,} blocks"
+        )
+    return lines
+
+
+def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
+    """The model card (``README.md``) of an export from ``step`` with val loss ``val_loss``."""
+    config = info.get("config") or {}
+    preset = config.get("preset", "custom")
+    if val_loss is not None and math.isfinite(val_loss):
+        result = (
+            f"Val perplexity **{math.exp(val_loss):.2f}** (val loss {val_loss:.4f}) at step "
+            f"{step}, on the held-out val split below."
+        )
+    else:
+        result = f"Step {step}: not evaluated at this step (no val perplexity)."
+    command = info.get("command") or "enigma train --config train.json  # the config below"
+    lines = [
+        "---",
+        f"license: {LICENCE.lower()}",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [enigma, invertible, reversible, custom_code]",
+        "---",
+        "",
+        f"# EnigmaLM `{preset}`, step {step}",
+        "",
+        "A causal language model whose embeddings pass through the Enigma machine: an exact,",
+        "position-dependent invertible network (plugboard, RevBlocks, rotors stepping with the",
+        "position, a reflector, and the way back), followed by Transformer layers.",
+        "",
+        "## Result",
+        "",
+        result,
+        "",
+        "## Architecture",
+        "",
+        *_architecture(model),
+        "",
+        "## Training",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "<details><summary>The full training config (<code>enigma train --config</code> reads "
+        "it)</summary>",
+        "",
+        "```json",
+        json.dumps(config, indent=2, ensure_ascii=False),
+        "```",
+        "",
+        "</details>",
+        "",
+        "## Data",
+        "",
+        *_data(info),
+        "",
+        "## Loading",
+        "",
+        "The modelling code is in this directory; only `torch` and `transformers` are needed.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
+        'ids = tokenizer("话说天下大势", return_tensors="pt", add_special_tokens=False).input_ids',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))",
+        "```",
+        "",
+        "## Licence",
+        "",
+        f"The code and the weights: {LICENCE}. The training text keeps its own terms.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# enigma export
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="an `enigma train` output directory")
+    p.add_argument("out", help="the directory to write (replaced whole if it exists)")
+    p.add_argument(
+        "--step",
+        default="best",
+        help="best (the run's exported best model), latest, or a step with a kept checkpoint",
+    )
+
+
+def checkpoints(run_dir: Path) -> dict[int, Path]:
+    from .storage import CHECKPOINT_PARTS
+
+    root = run_dir.joinpath(*CHECKPOINT_PARTS)
+    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    return {int(p.name.split("-")[1]): p for p in found if p.name.split("-")[1].isdigit()}
+
+
+def consolidated_weights(checkpoint: Path) -> dict:
+    """The full fp32 weights of a checkpoint, from DeepSpeed's shards (any ZeRO stage)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from .checkpoint import DS_TAG
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+
+
+def export_run(run_dir: str, out: str, step: str = "best") -> dict:
+    """Write ``out`` from a run's best model or one of its checkpoints; returns what was used."""
+    from ..lm import EnigmaLM
+    from .checkpoint import STATE_FILE, TrainState, write_model_dir
+    from .config import TrainConfig
+
+    run = Path(run_dir)
+    kept = checkpoints(run)
+    if not kept:
+        raise InputError(
+            f"{run_dir} has no checkpoints (ray/train/step-*): give an `enigma train` output "
+            "directory"
+        )
+    latest = kept[max(kept)]
+    info = json.loads((latest / RUN_FILE).read_text()) if (latest / RUN_FILE).is_file() else {}
+    if not info:
+        raise InputError(f"{latest} has no {RUN_FILE} (written by an older version): retrain")
+    state = TrainState.from_json((latest / STATE_FILE).read_text())
+    model_dir = run / "model"
+    if step == "best":
+        if not (model_dir / "config.json").is_file():
+            raise InputError(f"{run_dir} has no exported model yet: use --step latest or a step")
+        model = EnigmaLM.from_pretrained(model_dir)
+        at, val = state.best_step, state.best_val
+    else:
+        at = max(kept) if step == "latest" else _step_number(step, kept)
+        chosen = TrainState.from_json((kept[at] / STATE_FILE).read_text())
+        cfg = TrainConfig.from_dict(info["config"])
+        model = EnigmaLM(cfg.model_config())
+        weights = consolidated_weights(kept[at])
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"{kept[at]}: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        val = chosen.last_val if chosen.last_val_step == chosen.step else None
+    card = render_card(model, info, val, at)
+    with tempfile.TemporaryDirectory(prefix="enigma-tokenizer-") as tmp:
+        tokenizer = _tokenizer_files(model_dir, Path(tmp))
+        write_model_dir(model, Path(out), tokenizer, card)
+    return {"step": at, "val_loss": val, "out": str(Path(out).resolve())}
+
+
+def _step_number(step: str, kept: dict[int, Path]) -> int:
+    steps = ", ".join(map(str, sorted(kept)))
+    if not step.isdigit() or int(step) not in kept:
+        raise InputError(f"--step {step}: the run kept checkpoints at steps {steps}; or use best")
+    return int(step)
+
+
+MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"}
+
+
+def _tokenizer_files(model_dir: Path, tmp: Path) -> str | None:
+    """The run's tokenizer, as its export holds it: the files that are not the model's."""
+    if not model_dir.is_dir():
+        return None
+    files = [
+        f
+        for f in model_dir.iterdir()
+        if f.is_file() and f.name not in MODEL_FILES and f.suffix not in (".py", ".bin")
+    ]
+    for f in files:
+        shutil.copy(f, tmp / f.name)
+    return str(tmp) if files else None
+
+
+def run(args: argparse.Namespace) -> dict:
+    done = export_run(args.run_dir, args.out, args.step)
+    val = done["val_loss"]
+    figure = f"val ppl {math.exp(val):.2f}" if val is not None else "not evaluated"
+    print(f"exported step {done['step']} ({figure}) to {done['out']}")
+    print(f"load: AutoModelForCausalLM.from_pretrained({done['out']!r}, trust_remote_code=True)")
+    print(f"model card: {done['out']}/README.md")
+    return done
