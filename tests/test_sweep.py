@@ -51,9 +51,11 @@ def test_three_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys):
     assert len(runs) == 6
     acc = EventAccumulator(str(runs[0]))
     acc.Reload()
-    assert "hparam/best_val_ppl" in acc.Tags()["scalars"]
-    # Each trial wrote its own training curves.
-    assert all((out / "trials" / r["trial"] / "tensorboard").is_dir() for r in rows)
+    assert "val/best_ppl" in acc.Tags()["scalars"]
+    # Each trial wrote its own training curves, in a run named by its knobs.
+    for r in rows:
+        (named,) = (out / "trials" / r["trial"] / "tensorboard").iterdir()
+        assert named.name.startswith(f"num_rev_blocks={r['num_rev_blocks']},"), named.name
 
     # Another sweep in the same directory must not restore this one.
     capsys.readouterr()
@@ -96,9 +98,13 @@ def test_asha_sweep_of_three_waves_never_stalls(data, tmp_path, capsys):
     assert not held and not orphaned_placement_groups(), "every trial's workers were released"
 
 
-def test_killed_sweep_driver_is_restored_without_redoing_trials(data, tmp_path):
+def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, tmp_path):
+    """3 trials chosen by Optuna (a discrete and a continuous knob), ASHA on top, one at a time;
+    the driver is killed after the first, and the same command restores the sweep."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "enigma.cli", *sweep_argv(data, out, "--max-concurrent", "1")]
+    argv = sweep_argv(data, out, "--max-concurrent", "1", "--search", "optuna")
+    argv += ["--num-samples", "3", "--range", "warmup_ratio=uniform:0.05:0.5"]
+    cmd = [sys.executable, "-m", "enigma.cli", *argv]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # its own cluster, which dies with its driver
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -123,9 +129,16 @@ def test_killed_sweep_driver_is_restored_without_redoing_trials(data, tmp_path):
     # Not trained again: training opens a new TensorBoard event file at its start.
     assert sorted((p.name, p.stat().st_mtime_ns) for p in marker.iterdir()) == before
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 and {r["trial"] for r in rows} >= {finished}
-    for r in rows:  # ASHA (the default) may stop the second trial at its first rung
+    assert len(rows) == 3 and {r["trial"] for r in rows} >= {finished}
+    assert len({r["warmup_ratio"] for r in rows}) == 3  # Optuna drew each trial's warmup
+    assert all(0.05 <= float(r["warmup_ratio"]) <= 0.5 for r in rows)
+    for r in rows:  # ASHA (the default) may stop a trial at its first rung
         assert int(r["steps"]) in (2, 4) and r["asha_stopped"] == str(int(r["steps"]) < 4)
+    assert "warmup_ratio" in (out / "results.md").read_text()
+    assert (out / "val_ppl_vs_knobs.png").stat().st_size > 1000
+    best = json.loads((out / "best.json").read_text())
+    winner = min(rows, key=lambda r: float(r["best_val_ppl"]))
+    assert best["warmup_ratio"] == pytest.approx(float(winner["warmup_ratio"]))
 
 
 @pytest.mark.parametrize(

@@ -25,13 +25,22 @@ from ray.tune import Callback
 
 from ..errors import InputError
 from ..locking import DirectoryLock
-from .config import MODEL_KEYS, TrainConfig, apply_overrides, build_config, check_model
+from .config import (
+    MODEL_KEYS,
+    TRAIN_KEYS,
+    TrainConfig,
+    apply_overrides,
+    build_config,
+    check_model,
+)
 from .sweep_results import collect, write_outputs
 from .sweep_trial import sweep_trial, trial_config
 
 SPEC_FILE = "sweep.json"
 EXPERIMENT = "tune"
 DEFAULT_GRID = ["num_transformer_layers=1,2", "num_rev_blocks=0,2", "num_rotors=0,2"]
+SEARCHES = ("grid", "random", "optuna")
+DEFAULT_SAMPLES = 8  # trials of a random or Optuna search
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,8 +56,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=V1,V2",
         help=f"values to cross (default: {' '.join(DEFAULT_GRID)})",
     )
+    p.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default="grid",
+        help="grid: every combination of --grid; random: --num-samples draws; optuna: "
+        "--num-samples trials chosen by Optuna's TPE from the results so far",
+    )
     p.add_argument("--lr", default=None, help="a value, or loguniform:LOW:HIGH")
-    p.add_argument("--num-samples", type=int, default=1, help="draws of --lr per grid point")
+    p.add_argument(
+        "--range",
+        dest="ranges",
+        nargs="+",
+        default=[],
+        metavar="KEY=loguniform:LOW:HIGH",
+        help="continuous training knobs (lr, warmup_ratio, weight_decay, ...): "
+        "loguniform:LOW:HIGH or uniform:LOW:HIGH",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help=f"grid: draws of the ranges per grid point (default 1); random and optuna: trials in "
+        f"all (default {DEFAULT_SAMPLES})",
+    )
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
@@ -76,21 +107,33 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
+def parse_range(key: str, spec: str, flag: str):
+    """``loguniform:LOW:HIGH`` or ``uniform:LOW:HIGH`` -> a Tune domain for ``key``."""
+    kind, _, rest = spec.partition(":")
+    if kind not in ("loguniform", "uniform"):
+        raise InputError(f"{flag} {spec!r}: expected loguniform:LOW:HIGH or uniform:LOW:HIGH")
+    try:
+        low, high = (float(x) for x in rest.split(":"))
+    except ValueError:
+        raise InputError(f"{flag} {spec!r}: expected {kind}:LOW:HIGH") from None
+    if not (0 < low < high if kind == "loguniform" else low < high):
+        need = "0 < LOW < HIGH" if kind == "loguniform" else "LOW < HIGH"
+        raise InputError(f"{flag} {spec!r}: need {need}")
+    if key not in TRAIN_KEYS:
+        apply_overrides(TrainConfig(), {key: str(low)})  # names the unknown key, or its neighbour
+    if TRAIN_KEYS[key].type != "float":
+        raise InputError(f"{flag}: {key} is not a continuous knob; give its values with --grid")
+    from ray import tune
+
+    return (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high)
+
+
 def parse_lr(spec: str | None):
-    """None, a float, or ``loguniform:LOW:HIGH`` -> (tune domain or value, description)."""
+    """None, a float, or ``loguniform:LOW:HIGH`` -> a tune domain or a value."""
     if spec is None:
         return None
-    kind, _, rest = spec.partition(":")
-    if kind == "loguniform":
-        try:
-            low, high = (float(x) for x in rest.split(":"))
-        except ValueError:
-            raise InputError(f"--lr {spec!r}: expected loguniform:LOW:HIGH") from None
-        if not 0 < low < high:
-            raise InputError(f"--lr {spec!r}: need 0 < LOW < HIGH")
-        from ray import tune
-
-        return tune.loguniform(low, high)
+    if ":" in spec:
+        return parse_range("lr", spec, "--lr")
     try:
         value = float(spec)
     except ValueError:
@@ -98,6 +141,23 @@ def parse_lr(spec: str | None):
     if value <= 0:
         raise InputError(f"--lr {spec!r} must be positive")
     return value
+
+
+def parse_ranges(items: list[str]) -> dict:
+    """``["warmup_ratio=uniform:0:0.2", ...]`` -> ``{"warmup_ratio": domain}``: training knobs
+    only (a model's shape takes discrete values: ``--grid``)."""
+    ranges = {}
+    for item in items:
+        key, sep, spec = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise InputError(f"--range {item!r}: expected KEY=loguniform:LOW:HIGH")
+        if key in MODEL_KEYS:
+            raise InputError(f"--range {key}: a model key takes discrete values; use --grid")
+        if key == "seed":
+            raise InputError("--range seed: use --seeds instead")
+        ranges[key] = parse_range(key, spec.strip(), f"--range {key}")
+    return ranges
 
 
 class ConsoleLines(Callback):
@@ -181,8 +241,15 @@ SWEEP_DEFAULTS = ["save_steps=1000000000"]  # checkpoints come with the evaluati
 
 def sweep_config(args: argparse.Namespace) -> TrainConfig:
     """The base config of every trial; paths absolute (trials run in other directories)."""
+    if args.num_samples is None:
+        args.num_samples = 1 if args.search == "grid" else DEFAULT_SAMPLES
     if args.seeds < 1 or args.num_samples < 1 or args.workers_per_trial < 1:
         raise InputError("--seeds, --num-samples and --workers-per-trial must be at least 1")
+    if args.search == "optuna" and args.seeds > 1:
+        raise InputError(
+            "--seeds repeats grid points, but each Optuna trial is its own sample: drop --seeds, "
+            "or use --search grid or random to repeat configurations over seeds"
+        )
     cfg = build_config(
         args.preset,
         args.config,
@@ -251,8 +318,40 @@ def make_scheduler(name: str, max_steps: int, eval_steps: int):
     return FIFOScheduler()
 
 
-def build_tuner(args, cfg: TrainConfig, grid: dict, lr_space, concurrent: int, restoring: bool):
-    """A new ``Tuner`` over the grid x seeds x lr draws, or the interrupted one restored."""
+def search_space(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
+    """The trial's config: the sweep's constants, and the knobs as the search wants them (crossed
+    for a grid, drawn for random and Optuna), the lr among them when it is a range."""
+    from ray import tune
+
+    seeds = list(range(cfg.seed, cfg.seed + args.seeds))
+    discrete = tune.grid_search if args.search == "grid" else tune.choice
+    space = {
+        "base": cfg.to_dict(),
+        "knob_keys": [*grid, *(k for k in ranges if k != "lr")],
+        "sweep_dir": cfg.output_dir,
+        "seed": seeds[0] if args.search == "optuna" else tune.grid_search(seeds),
+        "lr": cfg.lr,
+    }
+    space.update({k: discrete(v) for k, v in grid.items()})
+    space.update(ranges)
+    return space
+
+
+def trial_dirname(trial) -> str:
+    """Tune's default spells the whole config (the sweep's base among it) into the name."""
+    return trial.trial_id
+
+
+def make_searcher(search: str, seed: int):
+    if search != "optuna":
+        return None  # Tune's variant generator: grid_search crossed, domains drawn
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=seed)  # TPE; metric and mode come from the TuneConfig
+
+
+def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: int, restoring: bool):
+    """A new ``Tuner`` over ``space``, or the interrupted one restored (with its searcher)."""
     from ray import tune
 
     out = Path(cfg.output_dir)
@@ -263,27 +362,21 @@ def build_tuner(args, cfg: TrainConfig, grid: dict, lr_space, concurrent: int, r
         return tune.Tuner.restore(
             str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    param_space = {
-        "base": cfg.to_dict(),
-        "knob_keys": list(grid),
-        "sweep_dir": str(out),
-        "seed": tune.grid_search(list(range(cfg.seed, cfg.seed + args.seeds))),
-        "lr": lr_space if lr_space is not None else cfg.lr,
-        **{k: tune.grid_search(v) for k, v in grid.items()},
-    }
     callbacks = [
-        ConsoleLines(list(grid), cfg.max_steps),
+        ConsoleLines(space["knob_keys"], cfg.max_steps),
         ReleaseStoppedTrials(cfg.placement_timeout_s),
     ]
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_loss",
             mode="min",
+            search_alg=make_searcher(args.search, cfg.seed),
             scheduler=make_scheduler(args.scheduler, cfg.max_steps, cfg.eval_steps),
             num_samples=args.num_samples,
             max_concurrent_trials=concurrent,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=callbacks
@@ -294,13 +387,20 @@ def build_tuner(args, cfg: TrainConfig, grid: dict, lr_space, concurrent: int, r
 def run(args: argparse.Namespace) -> dict:
     """``enigma tune``: one sweep per output directory at a time (it is locked while it runs)."""
     grid = parse_grid(args.grid or DEFAULT_GRID)
-    lr_space = parse_lr(args.lr)
+    ranges = parse_ranges(args.ranges)
+    lr = parse_lr(args.lr)
+    if lr is not None and "lr" in ranges:
+        raise InputError("--lr and --range lr=...: give the learning rate once")
+    if lr is not None and not isinstance(lr, float):
+        ranges["lr"] = lr
+    elif lr is not None:
+        args.sets = [*args.sets, f"lr={lr}"]
     cfg = sweep_config(args)
     with DirectoryLock(Path(cfg.output_dir) / ".lock", "enigma tune"):
-        return _run_locked(args, cfg, grid, lr_space)
+        return _run_locked(args, cfg, grid, ranges)
 
 
-def _run_locked(args, cfg: TrainConfig, grid: dict, lr_space) -> dict:
+def _run_locked(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
     from .driver import prepare_run
 
     combos = grid_points(grid)
@@ -310,26 +410,39 @@ def _run_locked(args, cfg: TrainConfig, grid: dict, lr_space) -> dict:
     spec = prepare_run(cfg, workers_flag="--workers-per-trial")
     cfg = spec.train.replace(max_steps=spec.plan.total_steps)
     concurrent = trials_at_once(cfg, args.max_concurrent)
-    sweep = {"base": cfg.to_dict(), "grid": grid, "lr": args.lr}
-    sweep.update(num_samples=args.num_samples, seeds=args.seeds, scheduler=args.scheduler)
+    space = search_space(args, cfg, grid, ranges)
+    sweep = {"base": cfg.to_dict(), "grid": grid, "ranges": args.ranges, "lr": args.lr}
+    sweep.update(search=args.search, num_samples=args.num_samples, seeds=args.seeds)
+    sweep.update(scheduler=args.scheduler)
     restoring = claim_directory(Path(cfg.output_dir), sweep, args.force)
-    trials = len(combos) * args.seeds * args.num_samples
     print(
-        f"sweep: {trials} trials ({len(combos)} configurations x {args.seeds} seeds x "
-        f"{args.num_samples} samples), {cfg.max_steps} steps each, {args.scheduler.upper()}, "
-        f"{concurrent} at a time ({cfg.workers} worker(s) x {cfg.cpus_per_worker} CPU each)"
+        f"sweep: {describe_trials(args, len(combos))}, {cfg.max_steps} steps each, "
+        f"{args.scheduler.upper()}, {concurrent} at a time ({cfg.workers} worker(s) x "
+        f"{cfg.cpus_per_worker} CPU each)"
         + (" - restoring the interrupted sweep" if restoring else ""),
         flush=True,
     )
-    tuner = build_tuner(args, cfg, grid, lr_space, concurrent, restoring)
+    tuner = build_tuner(args, cfg, space, concurrent, restoring)
     # Tune's console output engine prints its configuration box and paths even at verbose=0;
     # ConsoleLines prints what a user needs. The classic engine is silent at verbose=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid_result = tuner.fit()
     release_leftovers()
-    rows = collect(grid_result, list(grid), cfg, Path(cfg.output_dir))
+    knob_keys = space["knob_keys"]
+    rows = collect(grid_result, knob_keys, cfg, Path(cfg.output_dir))
     out = Path(cfg.output_dir)
-    return write_outputs(out, rows, list(grid), cfg, cfg.max_steps, args.command_line)
+    return write_outputs(out, rows, knob_keys, cfg, cfg.max_steps, args.command_line)
+
+
+def describe_trials(args, combos: int) -> str:
+    if args.search == "grid":
+        trials = combos * args.seeds * args.num_samples
+        return (
+            f"{trials} trials ({combos} configurations x {args.seeds} seeds x "
+            f"{args.num_samples} samples)"
+        )
+    seeds = f" x {args.seeds} seeds" if args.seeds > 1 else ""
+    return f"{args.num_samples}{seeds} trials chosen by {args.search} search from {combos} shapes"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from .config import TrainConfig
-from .sweep_trial import REPORTS, read_reports, trial_config
+from .sweep_trial import REPORTS, read_reports, trial_config, trial_label
 
 
 def count_params(cfg: TrainConfig) -> int:
@@ -122,6 +122,10 @@ def group_by_knobs(rows: list[dict], knob_keys: list[str]) -> list[tuple[tuple, 
     return sorted(groups.items(), key=sort_key)
 
 
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -134,7 +138,7 @@ def summary_table(ordered: list, knob_keys: list[str]) -> list[str]:
         lrs = sorted({m["lr"] for m in members})
         lr = f"{lrs[0]:.2g}" if len(lrs) == 1 else f"{lrs[0]:.2g}–{lrs[-1]:.2g}"
         stopped = sum(m["asha_stopped"] for m in members)
-        cells = [*map(str, knobs), lr, f"{members[0]['params']:,}"]
+        cells = [*map(_cell, knobs), lr, f"{members[0]['params']:,}"]
         cells += [_pm([m["best_val_ppl"] for m in members])]
         cells += [f"{_mean_std([m['tokens_per_sec'] for m in members])[0]:,.0f}"]
         cells += [",".join(str(m["steps"]) for m in members)]
@@ -148,7 +152,7 @@ def equal_steps_table(ordered: list, knob_keys: list[str], rows: list[dict]) -> 
     steps = sorted({h["step"] for r in rows for h in r["history"]})
     head = [*knob_keys, *[f"step {s}" for s in steps]]
     cells = [
-        [*map(str, knobs)] + [_pm([ppl_at_step(m, s) for m in members]) for s in steps]
+        [*map(_cell, knobs)] + [_pm([ppl_at_step(m, s) for m in members]) for s in steps]
         for knobs, members in ordered
     ]
     return _markdown(head, cells)
@@ -157,7 +161,7 @@ def equal_steps_table(ordered: list, knob_keys: list[str], rows: list[dict]) -> 
 def equal_wall_table(ordered: list, knob_keys: list[str], budget: float) -> list[str]:
     head = [*knob_keys, f"≤ {budget:.0f} s"]
     cells = [
-        [*map(str, knobs), _pm([ppl_by_wall(m, budget) for m in members])]
+        [*map(_cell, knobs), _pm([ppl_by_wall(m, budget) for m in members])]
         for knobs, members in ordered
     ]
     return _markdown(head, cells)
@@ -240,18 +244,23 @@ def plot(path: Path, rows: list[dict], knob_keys: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(knob_keys), figsize=(4 * len(knob_keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], knob_keys, strict=True):
-        values = sorted({r[key] for r in rows})
-        for v in values:
-            ys = [
-                r["best_val_ppl"] for r in rows if r[key] == v and not math.isnan(r["best_val_ppl"])
-            ]
-            ax.scatter([v] * len(ys), ys, alpha=0.6)
-            if ys:
-                ax.plot([v], [statistics.fmean(ys)], "k_", markersize=20)
+    keys = [*knob_keys, *(["lr"] if len({r["lr"] for r in rows}) > 1 else [])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        scored = [r for r in rows if not math.isnan(r["best_val_ppl"])]
+        values = sorted({r[key] for r in rows}, key=lambda v: (str(type(v)), v))
+        if len(values) > 8 and all(isinstance(v, float) for v in values):  # a continuous knob
+            ax.scatter([r[key] for r in scored], [r["best_val_ppl"] for r in scored], alpha=0.6)
+            if key == "lr":
+                ax.set_xscale("log")
+        else:  # discrete values (numbers, strings, booleans) side by side, each with its mean
+            for i, v in enumerate(values):
+                ys = [r["best_val_ppl"] for r in scored if r[key] == v]
+                ax.scatter([i] * len(ys), ys, alpha=0.6)
+                if ys:
+                    ax.plot([i], [statistics.fmean(ys)], "k_", markersize=20)
+            ax.set_xticks(range(len(values)), [_cell(v) for v in values])
         ax.set_xlabel(key)
-        ax.set_xticks(values)
         ax.set_ylabel("best val perplexity")
     fig.suptitle("each dot a trial; bars are means")
     fig.tight_layout()
@@ -270,11 +279,12 @@ def hparams(directory: Path, rows: list[dict], knob_keys: list[str]) -> None:
             writer.add_hparams(
                 {**{k: r[k] for k in knob_keys}, "lr": r["lr"], "seed": r["seed"]},
                 {
-                    "hparam/best_val_ppl": r["best_val_ppl"],
-                    "hparam/steps": r["steps"],
-                    "hparam/tokens_per_sec": r["tokens_per_sec"],
+                    "val/best_ppl": r["best_val_ppl"],
+                    "train/steps": r["steps"],
+                    "perf/tokens_per_sec": r["tokens_per_sec"],
                 },
-                run_name=r["trial"],
+                run_name=f"{trial_label({k: r[k] for k in knob_keys}, r['lr'], r['seed'])}"
+                f"-{r['trial']}",
             )
 
 

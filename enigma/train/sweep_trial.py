@@ -17,6 +17,12 @@ from .config import TrainConfig, apply_overrides
 REPORTS = "reports.json"
 
 
+def trial_label(knobs: dict, lr: float, seed: int) -> str:
+    """A trial's name in TensorBoard and the tables' plots: its knobs, lr and seed."""
+    shown = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    return ",".join(f"{k}={shown(v)}" for k, v in {**knobs, "lr": lr, "seed": seed}.items())
+
+
 def trial_config(base: dict, params: dict) -> TrainConfig:
     """The sweep's base config (``TrainConfig.to_dict``) with one trial's knobs set."""
     return apply_overrides(TrainConfig.from_dict(base), params)
@@ -77,6 +83,7 @@ def sweep_trial(config: dict) -> None:
         return
     knobs = {k: config[k] for k in config["knob_keys"]}
     params = {**knobs, "seed": config["seed"], "lr": config["lr"], "output_dir": str(out)}
+    params["run_name"] = trial_label(knobs, config["lr"], config["seed"])
     cfg = trial_config(config["base"], params)
     trainer = build_trainer(
         prepare_run(cfg),
