@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, SMALL_RUN
 
 from enigma.cli import main
-from enigma.train.sweep import parse_grid, parse_lr
+from enigma.train.sweep import parse_grid, parse_lr, parse_ranges
 
 SETS = [*SMALL_RUN, "eval_steps=2", "log_steps=2", "lr=2e-3"]
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -150,6 +150,10 @@ def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, 
         (["--lr", "loguniform:1e-3:1e-4"], "need 0 < LOW < HIGH"),
         (["--seeds", "0"], "at least 1"),
         (["--workers-per-trial", "3"], "use --workers-per-trial 2"),
+        (["--range", "d=uniform:64:128"], "a model key takes discrete values; use --grid"),
+        (["--range", "preset=uniform:0:1"], "preset is not a continuous knob"),
+        (["--range", "warmup_ratio=normal:0:1"], "expected loguniform:LOW:HIGH or uniform"),
+        (["--search", "optuna", "--seeds", "2"], "each Optuna trial is its own sample"),
     ],
 )
 def test_bad_sweep_input_is_one_line(data, tmp_path, capsys, argv, message):
@@ -165,3 +169,6 @@ def test_grid_and_lr_parsing():
     assert parse_lr("3e-4") == pytest.approx(3e-4)
     domain = parse_lr("loguniform:1e-4:1e-3")
     assert 1e-4 <= domain.sample() <= 1e-3
+    ranges = parse_ranges(["warmup_ratio=uniform:0.05:0.2", "weight_decay=loguniform:1e-4:1e-1"])
+    assert 0.05 <= ranges["warmup_ratio"].sample() <= 0.2
+    assert 1e-4 <= ranges["weight_decay"].sample() <= 1e-1
