@@ -172,3 +172,22 @@ def test_grid_and_lr_parsing():
     ranges = parse_ranges(["warmup_ratio=uniform:0.05:0.2", "weight_decay=loguniform:1e-4:1e-1"])
     assert 0.05 <= ranges["warmup_ratio"].sample() <= 0.2
     assert 1e-4 <= ranges["weight_decay"].sample() <= 1e-1
+
+
+def test_ordering_check_compares_the_last_two_evaluations():
+    import math
+
+    from enigma.train.sweep_results import group_by_knobs, ordering_settled
+
+    def row(knob, ppl_40, ppl_80):
+        history = [
+            {"step": 40, "val_loss": math.log(ppl_40)},
+            {"step": 80, "val_loss": math.log(ppl_80)},
+        ]
+        return {"k": knob, "best_val_ppl": min(ppl_40, ppl_80), "history": history}
+
+    same = [row(0, 500, 400), row(1, 520, 420), row(2, 540, 440)]
+    line = ordering_settled(group_by_knobs(same, ["k"]), same)
+    assert "step 40 against step 80" in line and "ρ = 1.00" in line
+    swapped = [row(0, 500, 440), row(1, 520, 420), row(2, 540, 400)]
+    assert "ρ = -1.00" in ordering_settled(group_by_knobs(swapped, ["k"]), swapped)

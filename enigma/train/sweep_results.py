@@ -167,6 +167,35 @@ def equal_wall_table(ordered: list, knob_keys: list[str], budget: float) -> list
     return _markdown(head, cells)
 
 
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    for rank, i in enumerate(order):
+        ranks[i] = float(rank)
+    return ranks
+
+
+def ordering_settled(ordered: list, rows: list[dict]) -> str | None:
+    """Whether the configurations' order by mean val ppl holds between the last two evaluations:
+    Spearman's rank correlation of the two columns (1: the same order)."""
+    steps = sorted({h["step"] for r in rows for h in r["history"]})
+    if len(steps) < 2 or len(ordered) < 3:
+        return None
+    columns = [
+        [_mean_std([ppl_at_step(m, step) for m in members])[0] for _, members in ordered]
+        for step in steps[-2:]
+    ]
+    if any(math.isnan(v) for column in columns for v in column):
+        return None
+    a, b = (_ranks(column) for column in columns)
+    n = len(a)
+    rho = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
+    return (
+        f"Order of the configurations at step {steps[-2]} against step {steps[-1]}: Spearman "
+        f"ρ = {rho:.2f} (1: the same order)."
+    )
+
+
 def results_markdown(rows: list[dict], ordered: list, knob_keys: list[str], cfg, max_steps) -> str:
     lines = [
         f"# Sweep: {cfg.preset}, {max_steps} steps, {len(rows)} trials",
@@ -180,6 +209,9 @@ def results_markdown(rows: list[dict], ordered: list, knob_keys: list[str], cfg,
         "",
         *equal_steps_table(ordered, knob_keys, rows),
     ]
+    settled = ordering_settled(ordered, rows)
+    if settled:
+        lines += ["", settled]
     finished = [r["wall_s"] for r in rows if r["steps"] >= max_steps and not r["error"]]
     if finished:
         budget = min(finished)  # the fastest finished trial's time
