@@ -86,42 +86,18 @@ def _data(info: dict) -> list[str]:
     return lines
 
 
-def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
-    """The model card (``README.md``) of an export from ``step`` with val loss ``val_loss``."""
-    config = info.get("config") or {}
-    preset = config.get("preset", "custom")
+def _result(val_loss: float | None, step: int) -> str:
     if val_loss is not None and math.isfinite(val_loss):
-        result = (
+        return (
             f"Val perplexity **{math.exp(val_loss):.2f}** (val loss {val_loss:.4f}) at step "
             f"{step}, on the held-out val split below."
         )
-    else:
-        result = f"Step {step}: not evaluated at this step (no val perplexity)."
+    return f"Step {step}: not evaluated at this step (no val perplexity)."
+
+
+def _training(info: dict) -> list[str]:
     command = info.get("command") or "enigma train --config train.json  # the config below"
-    lines = [
-        "---",
-        f"license: {LICENCE.lower()}",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags: [enigma, invertible, reversible, custom_code]",
-        "---",
-        "",
-        f"# EnigmaLM `{preset}`, step {step}",
-        "",
-        "A causal language model whose embeddings pass through the Enigma machine: an exact,",
-        "position-dependent invertible network (plugboard, RevBlocks, rotors stepping with the",
-        "position, a reflector, and the way back), followed by Transformer layers.",
-        "",
-        "## Result",
-        "",
-        result,
-        "",
-        "## Architecture",
-        "",
-        *_architecture(model),
-        "",
-        "## Training",
-        "",
+    return [
         "```bash",
         command,
         "```",
@@ -130,34 +106,50 @@ def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
         "it)</summary>",
         "",
         "```json",
-        json.dumps(config, indent=2, ensure_ascii=False),
+        json.dumps(info.get("config") or {}, indent=2, ensure_ascii=False),
         "```",
         "",
         "</details>",
-        "",
-        "## Data",
-        "",
-        *_data(info),
-        "",
-        "## Loading",
-        "",
-        "The modelling code is in this directory; only `torch` and `transformers` are needed.",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
-        'ids = tokenizer("话说天下大势", return_tensors="pt", add_special_tokens=False).input_ids',
-        "print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))",
-        "```",
-        "",
-        "## Licence",
-        "",
-        f"The code and the weights: {LICENCE}. The training text keeps its own terms.",
-        "",
     ]
-    return "\n".join(lines)
+
+
+LOADING = [
+    "The modelling code is in this directory; only `torch` and `transformers` are needed.",
+    "",
+    "```python",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    "",
+    'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+    'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)',
+    'ids = tokenizer("话说天下大势", return_tensors="pt", add_special_tokens=False).input_ids',
+    "print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))",
+    "```",
+]
+
+
+def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
+    """The model card (``README.md``) of an export from ``step`` with val loss ``val_loss``."""
+    preset = (info.get("config") or {}).get("preset", "custom")
+    front = ["---", f"license: {LICENCE.lower()}", "library_name: transformers"]
+    front += ["pipeline_tag: text-generation"]
+    front += ["tags: [enigma, invertible, reversible, custom_code]"]
+    sections = [
+        ("Result", [_result(val_loss, step)]),
+        ("Architecture", _architecture(model)),
+        ("Training", _training(info)),
+        ("Data", _data(info)),
+        ("Loading", LOADING),
+        ("Licence", [f"The code and the weights: {LICENCE}; the training text keeps its terms."]),
+    ]
+    lines = [*front, "---", "", f"# EnigmaLM `{preset}`, step {step}", ""]
+    lines += [
+        "A causal language model whose embeddings pass through the Enigma machine: an exact,",
+        "position-dependent invertible network (plugboard, RevBlocks, rotors stepping with the",
+        "position, a reflector, and the way back), followed by Transformer layers.",
+    ]
+    for title, body in sections:
+        lines += ["", f"## {title}", "", *body]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
