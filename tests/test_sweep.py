@@ -154,6 +154,7 @@ def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, 
         (["--range", "preset=uniform:0:1"], "preset is not a continuous knob"),
         (["--range", "warmup_ratio=normal:0:1"], "expected loguniform:LOW:HIGH or uniform"),
         (["--search", "optuna", "--seeds", "2"], "each Optuna trial is its own sample"),
+        (["--search", "random", "--seeds", "3"], "each random trial is its own sample"),
     ],
 )
 def test_bad_sweep_input_is_one_line(data, tmp_path, capsys, argv, message):

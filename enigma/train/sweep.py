@@ -245,10 +245,12 @@ def sweep_config(args: argparse.Namespace) -> TrainConfig:
         args.num_samples = 1 if args.search == "grid" else DEFAULT_SAMPLES
     if args.seeds < 1 or args.num_samples < 1 or args.workers_per_trial < 1:
         raise InputError("--seeds, --num-samples and --workers-per-trial must be at least 1")
-    if args.search == "optuna" and args.seeds > 1:
+    if args.search != "grid" and args.seeds > 1:
+        # Tune draws a fresh sample for every seed: seeds would not repeat one configuration.
+        name = {"optuna": "Optuna", "random": "random"}[args.search]
         raise InputError(
-            "--seeds repeats grid points, but each Optuna trial is its own sample: drop --seeds, "
-            "or use --search grid or random to repeat configurations over seeds"
+            f"--seeds repeats grid points, but each {name} trial is its own sample: drop "
+            "--seeds, or use --search grid to repeat configurations over seeds"
         )
     cfg = build_config(
         args.preset,
@@ -329,7 +331,7 @@ def search_space(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
         "base": cfg.to_dict(),
         "knob_keys": [*grid, *(k for k in ranges if k != "lr")],
         "sweep_dir": cfg.output_dir,
-        "seed": seeds[0] if args.search == "optuna" else tune.grid_search(seeds),
+        "seed": tune.grid_search(seeds) if args.search == "grid" else seeds[0],
         "lr": cfg.lr,
     }
     space.update({k: discrete(v) for k, v in grid.items()})
@@ -441,8 +443,7 @@ def describe_trials(args, combos: int) -> str:
             f"{trials} trials ({combos} configurations x {args.seeds} seeds x "
             f"{args.num_samples} samples)"
         )
-    seeds = f" x {args.seeds} seeds" if args.seeds > 1 else ""
-    return f"{args.num_samples}{seeds} trials chosen by {args.search} search from {combos} shapes"
+    return f"{args.num_samples} trials chosen by {args.search} search over {combos} grid points"
 
 
 def main(argv: list[str] | None = None) -> int:
