@@ -44,10 +44,6 @@ def data_summary(manifest: dict) -> dict:
     }
 
 
-def run_info(config: dict, command: str, data: dict) -> dict:
-    return {"config": config, "command": command, "data": data}
-
-
 def _architecture(model) -> list[str]:
     c = model.config
     params = sum(p.numel() for p in model.parameters())

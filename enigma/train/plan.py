@@ -89,9 +89,11 @@ class RunSpec:
 
     def run_info(self) -> dict:
         """What every checkpoint and the model card record of the run."""
-        from .export import run_info
-
-        return run_info(self.train.to_dict(), self.command, self.data_summary or {})
+        return {
+            "config": self.train.to_dict(),
+            "command": self.command,
+            "data": self.data_summary or {},
+        }
 
     @property
     def storage(self):
