@@ -7,10 +7,11 @@ ships (about 6 MB, the same XML and first pages), split 90/5/5 the same way.
 EnigmaLM (``enigma``; ``enigma-random`` with ``rotor_offset="random"``; ``enigma-rev`` with
 reversible layers) and a parameter-matched plain Transformer (no machine; a wider MLP makes up the
 machine's parameters) train for the same steps on the same random windows, or for the same wall
-time (``--budget-s``: each model stops at the first step past it, and the learning rate schedule
-spans ``--steps``). Test bits per character are scored with overlapping windows, so every scored
-byte has at least half a window of context. gzip -9, bz2 -9 and xz -9 compress the same test
-bytes in the same run. With ``--seeds N`` every model trains N times (seed s: its start and its
+time (``--budget-s``: each model stops at the first step past it, and the learning rate follows
+the same one-cycle schedule over the budget's seconds, or over ``--steps`` if they run out
+first). Test bits per character are scored with overlapping windows, so every scored byte has
+at least half a window of context. gzip -9, bz2 -9 and xz -9 compress the same test bytes in the
+same run. With ``--seeds N`` every model trains N times (seed s: its start and its
 windows); rows give mean ± std and the difference to the plain Transformer seed by seed.
 """
 
@@ -212,6 +213,18 @@ def bits_per_char(model, data: torch.Tensor, seq_len: int, bf16: bool, limit: in
     return total / count / math.log(2)
 
 
+def one_cycle(peak: float, done: float, warmup: float = 0.05) -> tuple[float, float]:
+    """OneCycleLR's schedule as a function of the fraction of training done, so that a run cut
+    by time ends annealed: the learning rate rises from peak/25 to peak and falls to peak/25e4
+    (cosine), Adam's beta1 falls from 0.95 to 0.85 and rises back, as OneCycleLR cycles it."""
+    if done < warmup:
+        t, lr, beta = done / warmup, (peak / 25, peak), (0.95, 0.85)
+    else:
+        t, lr, beta = min(1.0, (done - warmup) / (1 - warmup)), (peak, peak / 25e4), (0.85, 0.95)
+    w = (1 + math.cos(math.pi * t)) / 2
+    return lr[1] + (lr[0] - lr[1]) * w, beta[1] + (beta[0] - beta[1]) * w
+
+
 def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)  # the same windows for every model of a seed
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -221,9 +234,15 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
     high = len(train_data) - args.seq_len
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
-        if args.budget_s and time.perf_counter() - start > args.budget_s:
+        elapsed = time.perf_counter() - start
+        if args.budget_s and elapsed > args.budget_s:
             print(f"    budget of {args.budget_s:.0f} s spent at step {step}", flush=True)
             break
+        if args.budget_s:  # the schedule follows whichever runs out first, steps or seconds
+            done = max(step / max(1, args.steps - 1), elapsed / args.budget_s)
+            lr, beta1 = one_cycle(args.lr, done)
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = lr, (beta1, group["betas"][1])
         ids = windows(
             train_data, torch.randint(0, high, (args.batch,), generator=gen), args.seq_len
         )
@@ -233,7 +252,8 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
+        if not args.budget_s:
+            sched.step()
         losses.append(loss.item())
         if (step + 1) % max(1, args.steps // 10) == 0:
             recent = sum(losses[-50:]) / len(losses[-50:]) / math.log(2)
