@@ -232,7 +232,7 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
         opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
     )
     high = len(train_data) - args.seq_len
-    losses, start = [], time.perf_counter()
+    losses, start, report_at = [], time.perf_counter(), 0.1
     for step in range(args.steps):
         elapsed = time.perf_counter() - start
         if args.budget_s and elapsed > args.budget_s:
@@ -255,9 +255,14 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
         if not args.budget_s:
             sched.step()
         losses.append(loss.item())
-        if (step + 1) % max(1, args.steps // 10) == 0:
+        seconds = time.perf_counter() - start
+        progress = (step + 1) / args.steps
+        if args.budget_s:
+            progress = max(progress, seconds / args.budget_s)
+        if progress >= report_at:  # every tenth of the steps or of the budget
+            report_at = math.floor(progress * 10 + 1) / 10
             recent = sum(losses[-50:]) / len(losses[-50:]) / math.log(2)
-            print(f"    step {step + 1:>5}/{args.steps}: train {recent:.3f} bpc", flush=True)
+            print(f"    step {step + 1:>5} ({seconds:.0f} s): train {recent:.3f} bpc", flush=True)
     return {
         "train_seconds": time.perf_counter() - start,
         "final_train_bpc": losses[-1] / math.log(2),
