@@ -42,6 +42,7 @@ ENWIK8_BYTES = 100_000_000
 GENSIM_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE = Path(os.environ.get("ENIGMA_CACHE", Path.home() / ".cache" / "enigma"))
 MODELS = ("enigma", "enigma-random", "enigma-rev", "transformer")
+WARMUP = 0.05  # of the steps or the budget
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -213,24 +214,24 @@ def bits_per_char(model, data: torch.Tensor, seq_len: int, bf16: bool, limit: in
     return total / count / math.log(2)
 
 
-def one_cycle(peak: float, done: float, warmup: float = 0.05) -> tuple[float, float]:
-    """OneCycleLR's schedule as a function of the fraction of training done, so that a run cut
-    by time ends annealed: the learning rate rises from peak/25 to peak and falls to peak/25e4
-    (cosine), Adam's beta1 falls from 0.95 to 0.85 and rises back, as OneCycleLR cycles it."""
-    if done < warmup:
-        t, lr, beta = done / warmup, (peak / 25, peak), (0.95, 0.85)
+def one_cycle(peak: float, now: float, end: float, warmup_end: float) -> tuple[float, float]:
+    """OneCycleLR's learning rate and Adam beta1 at ``now`` of ``end`` (steps, or fractions of a
+    time budget, so that a run cut by time ends annealed): the rate rises from peak/25 to peak
+    until ``warmup_end`` and falls to peak/25e4 by ``end`` while beta1 falls from 0.95 to 0.85
+    and rises back, both on cosines; the same arithmetic as OneCycleLR, so equal to it in steps."""
+    low = peak / 25
+    if now <= warmup_end:
+        pct, lr, beta = now / warmup_end, (low, peak), (0.95, 0.85)
     else:
-        t, lr, beta = min(1.0, (done - warmup) / (1 - warmup)), (peak, peak / 25e4), (0.85, 0.95)
-    w = (1 + math.cos(math.pi * t)) / 2
-    return lr[1] + (lr[0] - lr[1]) * w, beta[1] + (beta[0] - beta[1]) * w
+        pct = (now - warmup_end) / (end - warmup_end)
+        lr, beta = (peak, low / 1e4), (0.85, 0.95)
+    cos_out = math.cos(math.pi * pct) + 1
+    return lr[1] + (lr[0] - lr[1]) / 2.0 * cos_out, beta[1] + (beta[0] - beta[1]) / 2.0 * cos_out
 
 
 def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)  # the same windows for every model of a seed
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05
-    )
     high = len(train_data) - args.seq_len
     losses, start, report_at = [], time.perf_counter(), 0.1
     for step in range(args.steps):
@@ -238,11 +239,13 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
         if args.budget_s and elapsed > args.budget_s:
             print(f"    budget of {args.budget_s:.0f} s spent at step {step}", flush=True)
             break
-        if args.budget_s:  # the schedule follows whichever runs out first, steps or seconds
+        if args.budget_s:  # fractions of the steps or of the seconds, whichever run out first
             done = max(step / max(1, args.steps - 1), elapsed / args.budget_s)
-            lr, beta1 = one_cycle(args.lr, done)
-            for group in opt.param_groups:
-                group["lr"], group["betas"] = lr, (beta1, group["betas"][1])
+            lr, beta1 = one_cycle(args.lr, done, 1.0, WARMUP)
+        else:
+            lr, beta1 = one_cycle(args.lr, step, args.steps - 1, WARMUP * args.steps - 1)
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr, (beta1, group["betas"][1])
         ids = windows(
             train_data, torch.randint(0, high, (args.batch,), generator=gen), args.seq_len
         )
@@ -252,8 +255,6 @@ def train(model, train_data: torch.Tensor, args, seed: int) -> dict:
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if not args.budget_s:
-            sched.step()
         losses.append(loss.item())
         seconds = time.perf_counter() - start
         progress = (step + 1) / args.steps
