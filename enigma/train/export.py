@@ -109,6 +109,19 @@ def _training(info: dict) -> list[str]:
     ]
 
 
+FRONT_MATTER = [
+    "---",
+    f"license: {LICENCE.lower()}",
+    "library_name: transformers",
+    "pipeline_tag: text-generation",
+    "tags: [enigma, invertible, reversible, custom_code]",
+    "---",
+]
+INTRO = [
+    "A causal language model whose embeddings pass through the Enigma machine: an exact,",
+    "position-dependent invertible network (plugboard, RevBlocks, rotors stepping with the",
+    "position, a reflector, and the way back), followed by Transformer layers.",
+]
 LOADING = [
     "The modelling code is in this directory; only `torch` and `transformers` are needed.",
     "",
@@ -126,9 +139,6 @@ LOADING = [
 def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
     """The model card (``README.md``) of an export from ``step`` with val loss ``val_loss``."""
     preset = (info.get("config") or {}).get("preset", "custom")
-    front = ["---", f"license: {LICENCE.lower()}", "library_name: transformers"]
-    front += ["pipeline_tag: text-generation"]
-    front += ["tags: [enigma, invertible, reversible, custom_code]"]
     sections = [
         ("Result", [_result(val_loss, step)]),
         ("Architecture", _architecture(model)),
@@ -137,12 +147,7 @@ def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
         ("Loading", LOADING),
         ("Licence", [f"The code and the weights: {LICENCE}; the training text keeps its terms."]),
     ]
-    lines = [*front, "---", "", f"# EnigmaLM `{preset}`, step {step}", ""]
-    lines += [
-        "A causal language model whose embeddings pass through the Enigma machine: an exact,",
-        "position-dependent invertible network (plugboard, RevBlocks, rotors stepping with the",
-        "position, a reflector, and the way back), followed by Transformer layers.",
-    ]
+    lines = [*FRONT_MATTER, "", f"# EnigmaLM `{preset}`, step {step}", "", *INTRO]
     for title, body in sections:
         lines += ["", f"## {title}", "", *body]
     return "\n".join(lines) + "\n"
