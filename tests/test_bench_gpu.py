@@ -49,13 +49,28 @@ def test_every_check_runs_on_the_cpu():
     lines = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(lines[-1][len("RESULT ") :])
-    assert set(results) == {"throughput", "zero2_bf16", "zero3_export", "exactness", "memory"}
+    checks = {"throughput", "machine_cost", "zero2_bf16", "zero3_export", "exactness", "memory"}
+    assert set(results) == checks
     t = results["throughput"]
     assert t["enigma_eager"]["tokens_per_sec"] > 0 and t["plain"]["tokens_per_sec"] > 0
     assert abs(t["plain"]["mfu"] - t["plain"]["model_tflops"] / 1.0) < 0.01  # --peak-tflops 1
     modes = {(p["layers"], p["mode"]) for p in results["memory"]["points"]}
     assert modes == {(n, m) for n in (2, 4) for m in ("plain", "checkpointing", "reversible")}
-    for name in ("zero2_bf16", "zero3_export", "exactness", "memory"):
+    # FLOPs counted op by op: the plain model's near 6 N + attention, the machine's on top.
+    counted = {k: t[k]["counted_mflops_per_token"] * 1e6 for k in ("plain", "enigma_eager")}
+    assert (
+        0.8
+        < counted["plain"] / (t["plain"]["model_tflops"] * 1e12 / t["plain"]["tokens_per_sec"])
+        < 1.2
+    )
+    assert abs(t["flops_ratio"] - counted["plain"] / counted["enigma_eager"]) < 1e-3
+    assert t["flops_ratio"] < 1
+    parts = results["machine_cost"]["parts"]
+    assert set(parts) == {"machine", "plugboard", "rotors", "rev_block", "reflector"}
+    assert parts["plugboard"]["ops"] > 0 and parts["machine"]["busy_ms"] is None  # no GPU here
+    # Every operation of the machine is one of its parts' (the chain adds bookkeeping only).
+    assert 0.8 < results["machine_cost"]["ops_in_parts"] / parts["machine"]["ops"] < 1.2
+    for name in ("zero2_bf16", "zero3_export", "exactness", "memory", "machine_cost"):
         assert results[name]["ok"], (name, results[name])
     assert results["zero2_bf16"]["optimizer"].startswith("torch AdamW")
     assert results["zero3_export"]["logits_max_rel_diff"] <= 1e-3

@@ -5,16 +5,20 @@ box (see the README for the wheels to carry). In order:
 
 1. **Throughput**: EnigmaLM (``--preset``, default ``base``) against the plain Transformer of the
    same shape (``core="none"``), bf16 autocast with fp32 weights and torch's fused AdamW, with
-   the machine eager and compiled (as training runs it on GPUs):
-   training tokens/s, peak GPU memory, and MFU = model FLOPs/s over the GPU's peak dense bf16
-   FLOP/s (:data:`PEAK_BF16_TFLOPS`, or ``--peak-tflops``). Model FLOPs per token are
-   ``6 N + 12 L d T`` (weights forward and backward, plus attention scores; PaLM's appendix B).
-2. **DeepSpeed**, one process, world size 1, activation checkpointing on through DeepSpeed's API:
+   the machine eager, compiled (as training runs it on GPUs) and compiled with CUDA graphs
+   (``mode="reduce-overhead"``): training tokens/s, peak GPU memory, and MFU = model FLOPs/s over
+   the GPU's peak dense bf16 FLOP/s (:data:`PEAK_BF16_TFLOPS`, or ``--peak-tflops``). Model FLOPs
+   per token are ``6 N + 12 L d T`` (weights forward and backward, plus attention scores; PaLM's
+   appendix B). Each model's FLOPs are also counted op by op (``flops_ratio``: the ratio EnigmaLM
+   would reach if its FLOPs ran at the plain model's rate).
+2. **The machine's cost** alone and by part (:mod:`.machine_cost`): operations launched,
+   milliseconds per forward + backward, and how much of that the GPU was busy.
+3. **DeepSpeed**, one process, world size 1, activation checkpointing on through DeepSpeed's API:
    ZeRO-2 bf16 with the optimizer that :mod:`enigma.train.optimizer` chooses, ``--steps`` steps
    with the loss falling; ``zero2_fp16.json`` with dynamic loss scaling; ZeRO-3 bf16, exported
    with ``save_pretrained`` and reloaded, with the same logits as the engine.
-3. **Exactness** of the machine trained in 2, on the GPU, in fp32 and under bf16 autocast.
-4. **Memory by depth**, as ``enigma bench memory`` measures it on the CPU: one EnigmaLM step
+4. **Exactness** of the machine trained in 3, on the GPU, in fp32 and under bf16 autocast.
+5. **Memory by depth**, as ``enigma bench memory`` measures it on the CPU: one EnigmaLM step
    (forward + backward, bf16 autocast) at 2, 4, 8 and 16 layers for plain autograd, activation
    checkpointing and reversible layers, with peak CUDA memory (``max_memory_allocated``) and
    tokens/s, then the deepest reversible model within the plain 4-layer model's peak.
@@ -37,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..lm_config import PRESET_SEQ_LEN
 from . import meta
 
 # Dense bf16 tensor throughput with fp32 accumulation, TFLOP/s, from the vendors' data sheets;
@@ -53,6 +58,9 @@ PEAK_BF16_TFLOPS = {
     "RTX 4090": 165.2,
     "RTX 3090": 71.0,
 }
+# torch.compile modes of the machine's passes; "reduce-overhead" also records CUDA graphs, so a
+# step launches the machine's kernels in two replays instead of one by one from the host.
+COMPILE_MODES = {"enigma_compiled": "default", "enigma_graphs": "reduce-overhead"}
 CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 BOUNDS = {"fp32": 1e-5, "bf16_autocast": 1e-2}  # relative reconstruction error of the machine
 
@@ -68,7 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-compile", dest="compile", action="store_false", help="skip the compiled machine"
     )
     p.add_argument(
-        "--only", choices=["throughput", "memory"], default=None, help="run this check alone"
+        "--only",
+        choices=["throughput", "machine", "memory"],
+        default=None,
+        help="run this check alone",
     )
     p.add_argument("--memory-layers", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument(
@@ -95,6 +106,22 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * n + 12 * c.num_transformer_layers * c.d * seq_len
 
 
+def counted_flops_per_token(model, ids: torch.Tensor, device: torch.device) -> float:
+    """FLOPs of one training step (forward + backward, bf16 autocast) per token, counted by torch
+    op by op: the machine's included, which ``6 N`` counts once where the involutive machine runs
+    its blocks twice."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.to(device).train()
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.to("cpu")
+    return counter.get_total_flops() / ids.numel()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,13 +131,16 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def timed_pass(model, ids: torch.Tensor, rounds: int, device: torch.device) -> dict:
-    """Warm up, then ``rounds`` training steps; seconds per step and the peak memory."""
+def timed_pass(model, ids, rounds: int, device: torch.device, graphs: bool = False) -> dict:
+    """Warm up, then ``rounds`` training steps; seconds per step and the peak memory. ``graphs``:
+    the machine replays CUDA graphs, so each step tells them where a new step begins."""
     model.to(device).train()
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         with autocast(device):
             loss = model(ids, labels=ids).loss
@@ -135,9 +165,10 @@ def timed_pass(model, ids: torch.Tensor, rounds: int, device: torch.device) -> d
 def throughput(args: argparse.Namespace, device: torch.device) -> dict:
     """EnigmaLM and the plain Transformer in alternating passes (E, P, E, P; each pass holds one
     model on the GPU, so its peak memory is its own), then EnigmaLM with its machine compiled, as
-    training compiles it on GPUs (``compile_machine``); the fastest pass of each counts."""
+    training compiles it on GPUs (``compile_machine``), and on CUDA compiled with CUDA graphs; the
+    fastest pass of each counts, and ``ratio`` is the fastest EnigmaLM's."""
     from ..lm import EnigmaLM
-    from ..lm_config import PRESET_SEQ_LEN, EnigmaConfig
+    from ..lm_config import EnigmaConfig
 
     seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
     shape = dict(max_len=max(2048, seq_len))
@@ -148,11 +179,16 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict:
     order = [("enigma_eager", enigma), ("plain", plain)] * 2
     if args.compile:
         order += [("enigma_compiled", enigma)] * 2
+        if device.type == "cuda":
+            order += [("enigma_graphs", enigma)] * 2
+    counted = {m: counted_flops_per_token(m, ids, device) for m in (enigma, plain)}
     passes: dict[str, list[dict]] = {}
     for name, model in order:
-        if name == "enigma_compiled" and name not in passes:
-            enigma.machine.compile()
-        passes.setdefault(name, []).append(timed_pass(model, ids, args.rounds, device))
+        if name not in passes and name in COMPILE_MODES:
+            torch._dynamo.reset()
+            enigma.machine.compile(mode=COMPILE_MODES[name])
+        graphs = name == "enigma_graphs"
+        passes.setdefault(name, []).append(timed_pass(model, ids, args.rounds, device, graphs))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the pass's optimizer state is gone: free its memory
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", None)
@@ -168,13 +204,28 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict:
             "peak_memory_mb": max((p["peak_mb"] or 0) for p in runs) or None,
             "model_tflops": round(model_flops / 1e12, 2),
             "mfu": round(model_flops / (peak * 1e12), 4) if peak else None,
+            "counted_mflops_per_token": round(counted[model] / 1e6, 2),
         }
+    # The ratio EnigmaLM would reach if its every FLOP ran at the plain Transformer's rate.
+    out["flops_ratio"] = round(counted[plain] / counted[enigma], 4)
     rate = {name: out[name]["tokens_per_sec"] for name in passes}
     out["ratio_eager"] = rate["enigma_eager"] / rate["plain"]
-    best = "enigma_compiled" if args.compile else "enigma_eager"
-    out["ratio"] = rate[best] / rate["plain"]
+    out["ratio"] = max(r for name, r in rate.items() if name != "plain") / rate["plain"]
+    if "enigma_graphs" in passes:  # graphs a compiled graph could not use (each logs why)
+        from torch._dynamo.utils import counters
+
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     out["ok"] = out["ratio"] >= 0.85
     return out
+
+
+def machine_parts(args: argparse.Namespace, device: torch.device) -> dict:
+    """The machine's forward + backward alone and by part (:mod:`.machine_cost`), at the
+    throughput check's shape."""
+    from .machine_cost import machine_cost
+
+    seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
+    return machine_cost(args.preset, args.batch, seq_len, args.rounds, device)
 
 
 @contextlib.contextmanager
@@ -366,11 +417,14 @@ def run_checks(args: argparse.Namespace, device: torch.device) -> dict:
     if only == "memory":
         check("memory", results, memory, args, device)
         return results
-    check("throughput", results, throughput, args, device)
-    if only == "throughput":
+    if only in (None, "throughput"):
+        check("throughput", results, throughput, args, device)
+    if only in (None, "machine"):
+        check("machine_cost", results, machine_parts, args, device)
+    if only is not None:
         return results
     torch.manual_seed(1)
-    seq_len = results["throughput"].get("seq_len") or args.seq_len or 256
+    seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
     ids = torch.randint(0, 21128, (8, seq_len), device=device)
     with process_group(device):
         check("zero2_bf16", results, zero2, args, device, ids, "zero2_bf16.json", args.steps)

@@ -453,6 +453,7 @@ def section_gpu(r: dict) -> tuple[str, list[str]]:
     title = f"One GPU (`enigma bench gpu`: {r['gpu']}{shape}, bf16 autocast)"
     names = {"plain": "plain Transformer", "enigma_eager": "EnigmaLM, machine eager"}
     names["enigma_compiled"] = "EnigmaLM, machine compiled"
+    names["enigma_graphs"] = "EnigmaLM, machine compiled, CUDA graphs"
     rows = []
     for key, label in names.items():
         if key in t:
@@ -462,13 +463,26 @@ def section_gpu(r: dict) -> tuple[str, list[str]]:
             memory = f"{m['peak_memory_mb']:,.0f}" if m.get("peak_memory_mb") else "n/a"
             rows.append([label, _rate(m["tokens_per_sec"]), f"{ratio:.2f}", mfu, memory])
     lines = table(["model", "tokens/s", "vs plain", "MFU", "peak MB"], rows) if rows else []
-    shown = {k: c for k, c in checks.items() if k not in ("throughput", "memory")}
+    if checks.get("machine_cost", {}).get("parts"):
+        lines += machine_cost_lines(checks["machine_cost"])
+    shown = {k: c for k, c in checks.items() if k not in ("throughput", "memory", "machine_cost")}
     if shown:
         lines += table(["check", "result"], [[k, _check(c)] for k, c in shown.items()])
     m = checks.get("memory")
     if m and m.get("points"):
         lines += memory_lm_lines(m, peak_key="peak_mb", what="peak CUDA memory", plot=False)
     return title, lines
+
+
+def machine_cost_lines(c: dict) -> list[str]:
+    """The machine's forward + backward by part: operations, ms, GPU-busy ms."""
+    rows = []
+    for name, p in c["parts"].items():
+        busy = f"{p['busy_ms']:.2f}" if p.get("busy_ms") is not None else "n/a"
+        rows.append([name, p["uses"], p["ops"], f"{p['ms']:.2f}", busy])
+    head = ["machine part (fwd + bwd)", "uses per pass", "ops", "ms", "GPU-busy ms"]
+    shape = f"B={c['batch']}, L={c['seq_len']}, d={c['d']}"
+    return table(head, rows) + [f"The machine's cost by part at {shape}, bf16 autocast.", ""]
 
 
 def _check(c: dict) -> str:
