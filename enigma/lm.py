@@ -59,6 +59,7 @@ def build_machine(config: EnigmaConfig) -> Enigma:
         memory_efficient=config.reversible_backward,
         dynamic=config.use_dynamic_conv1x1,
         seed=config.machine_seed,
+        rotor_matmul=config.rotor_matmul,
     )
 
 

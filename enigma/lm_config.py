@@ -16,6 +16,7 @@ PRESETS: dict[str, dict] = {
 PRESET_SEQ_LEN = {"tiny": 128, "small": 256, "base": 256, "large": 256}
 CORES = ("enigma", "none")
 ROTOR_OFFSETS = ("zero", "random")
+ROTOR_MATMULS = ("fp32", "bf16")
 
 
 def preset_fields(name: str) -> dict:
@@ -24,7 +25,7 @@ def preset_fields(name: str) -> dict:
     return dict(PRESETS[name])
 
 
-def _check_shape(d, num_heads, core, rotor_offset, vocab_size, max_len) -> None:
+def _check_shape(d, num_heads, core, rotor_offset, rotor_matmul, vocab_size, max_len) -> None:
     if d % num_heads:
         raise InputError(
             f"d={d} is not divisible by num_heads={num_heads}; each head gets d / num_heads "
@@ -34,6 +35,8 @@ def _check_shape(d, num_heads, core, rotor_offset, vocab_size, max_len) -> None:
         raise InputError(f"core={core!r} is not one of {CORES}")
     if rotor_offset not in ROTOR_OFFSETS:
         raise InputError(f"rotor_offset={rotor_offset!r} is not one of {ROTOR_OFFSETS}")
+    if rotor_matmul not in ROTOR_MATMULS:
+        raise InputError(f"rotor_matmul={rotor_matmul!r} is not one of {ROTOR_MATMULS}")
     for name, value in (("vocab_size", vocab_size), ("max_len", max_len)):
         if value < 1:
             raise InputError(f"{name}={value} must be positive")
@@ -80,6 +83,10 @@ class EnigmaConfig(PretrainedConfig):
             ``"random"`` (each sequence at a random position in ``[0, period)``, so every
             setting is trained). Generation starts at 0 either way; attention (ALiBi distances,
             learned 0-based positions) is unaffected.
+        rotor_matmul: Precision of the rotors' per-token products: ``"fp32"`` (the machine
+            inverts itself to about 1e-7) or ``"bf16"`` (tensor cores on a GPU, several times
+            faster than fp32 there; the matrices are still formed and inverted in fp32, and the
+            machine inverts itself to about 1e-3).
         core: ``"enigma"`` (the machine before the layers) or ``"none"`` (the plain Transformer).
         coupling: ``"additive"`` (volume-preserving) or ``"affine"`` RevBlock coupling.
         reversible_layers: The Transformer layers couple two streams RevNet-style
@@ -126,6 +133,7 @@ class EnigmaConfig(PretrainedConfig):
         use_dynamic_conv1x1: bool = True,
         rotor_positions: int = 16,
         rotor_offset: str = "zero",
+        rotor_matmul: str = "fp32",
         core: str = "enigma",
         coupling: str = "additive",
         reversible_layers: bool = False,
@@ -144,13 +152,13 @@ class EnigmaConfig(PretrainedConfig):
     ):
         if "conv1x1_positions" in kwargs:  # a config saved before the rename
             rotor_positions = kwargs.pop("conv1x1_positions")
-        _check_shape(d, num_heads, core, rotor_offset, vocab_size, max_len)
+        _check_shape(d, num_heads, core, rotor_offset, rotor_matmul, vocab_size, max_len)
         self.vocab_size, self.d, self.max_len = vocab_size, d, max_len
         self.num_rev_blocks, self.num_rotors = num_rev_blocks, num_rotors
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
         self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
         self.rotor_positions, self.core, self.coupling = rotor_positions, core, coupling
-        self.rotor_offset = rotor_offset
+        self.rotor_offset, self.rotor_matmul = rotor_offset, rotor_matmul
         reversible_backward = _resolve_backward(
             reversible_layers, reversible_backward, machine_memory_efficient,
             activation_checkpointing,

@@ -52,7 +52,9 @@ def test_every_check_runs_on_the_cpu():
     checks = {"throughput", "machine_cost", "zero2_bf16", "zero3_export", "exactness", "memory"}
     assert set(results) == checks
     t = results["throughput"]
-    assert t["enigma_eager"]["tokens_per_sec"] > 0 and t["plain"]["tokens_per_sec"] > 0
+    for name in ("enigma_eager", "enigma_eager_bf16_rotors", "plain"):
+        assert t[name]["tokens_per_sec"] > 0
+    assert t["ratio_bf16_rotors"] > 0 and t["fastest"].startswith("enigma_")
     assert abs(t["plain"]["mfu"] - t["plain"]["model_tflops"] / 1.0) < 0.01  # --peak-tflops 1
     modes = {(p["layers"], p["mode"]) for p in results["memory"]["points"]}
     assert modes == {(n, m) for n in (2, 4) for m in ("plain", "checkpointing", "reversible")}
@@ -75,3 +77,4 @@ def test_every_check_runs_on_the_cpu():
     assert results["zero2_bf16"]["optimizer"].startswith("torch AdamW")
     assert results["zero3_export"]["logits_max_rel_diff"] <= 1e-3
     assert results["exactness"]["fp32"] <= 1e-5
+    assert 1e-6 < results["exactness"]["bf16_rotors"] <= 1e-2  # bf16 products: rounded, bounded

@@ -124,6 +124,35 @@ def test_bf16_autocast_reconstructs(trained):
         assert rel_err(y, machine(x)) < 5e-2, "autocast output is close to the fp32 output"
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["autograd", "rebuild"])
+def test_bf16_rotor_products_follow_fp32_to_bf16_rounding(trained, memory_efficient):
+    """``rotor_matmul="bf16"``: the rotors' per-token products in bf16, their matrices in fp32.
+    The trained machine still inverts itself and follows the fp32 one to bf16's rounding, forward
+    and backward (through autograd and through the rebuild); fp64 input keeps fp64 products."""
+    _, machine = trained
+    low = Enigma(512, 4, 2, rotor_matmul="bf16", memory_efficient=memory_efficient)
+    low.load_state_dict(machine.state_dict())
+    exact = copy.deepcopy(machine)
+    exact.memory_efficient = memory_efficient
+    x = torch.randn(2, 64, 512)
+    with torch.no_grad():
+        y = low(x)
+        assert 1e-5 < rel_err(low.inverse(y), x) <= 2e-3, "bf16 rounding, and only that"
+        assert rel_err(low(y), x) <= 2e-3
+        assert rel_err(y, exact(x)) <= 2e-3
+    grads = []
+    for m in (exact, low):
+        xx = x.clone().requires_grad_(True)
+        (m(xx) * torch.linspace(-1, 1, 512)).sum().backward()
+        grads.append((xx.grad, m.rotors.lower.grad, m.blocks[0].f[0].weight.grad))
+    for want, got in zip(*grads, strict=True):
+        assert rel_err(got, want) <= 2e-2
+    wide = copy.deepcopy(low).double()
+    x64 = x.double()
+    with torch.no_grad():
+        assert rel_err(wide.inverse(wide(x64)), x64) <= 1e-12
+
+
 def test_bf16_autocast_backward_runs_rotor_solves_in_fp32():
     machine = _moved(Enigma(64, 2, 2, rotor_positions=8))
     x = torch.randn(2, 16, 64, requires_grad=True)
@@ -141,6 +170,7 @@ def test_bf16_autocast_backward_runs_rotor_solves_in_fp32():
         ({"d": 20, "rotor_positions": 16}, "rotor_positions=16"),
         ({"d": 16, "num_rotors": -1}, "num_rotors"),
         ({"d": 16, "coupling": "spline"}, "coupling"),
+        ({"d": 16, "rotor_matmul": "fp8"}, "matmul"),
     ],
 )
 def test_bad_construction_names_the_parameter(kwargs, name):

@@ -451,13 +451,10 @@ def section_gpu(r: dict) -> tuple[str, list[str]]:
     t = checks.get("throughput", {})
     shape = f", {t['preset']}, B={t['batch']}, L={t['seq_len']}" if t else ""
     title = f"One GPU (`enigma bench gpu`: {r['gpu']}{shape}, bf16 autocast)"
-    names = {"plain": "plain Transformer", "enigma_eager": "EnigmaLM, machine eager"}
-    names["enigma_compiled"] = "EnigmaLM, machine compiled"
-    names["enigma_graphs"] = "EnigmaLM, machine compiled, CUDA graphs"
     rows = []
-    for key, label in names.items():
-        if key in t:
-            m = t[key]
+    for key in [k for k in t if k == "plain"] + [k for k in t if k.startswith("enigma_")]:
+        if isinstance(t[key], dict):
+            m, label = t[key], gpu_variant_label(key)
             ratio = m["tokens_per_sec"] / t["plain"]["tokens_per_sec"]
             mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
             memory = f"{m['peak_memory_mb']:,.0f}" if m.get("peak_memory_mb") else "n/a"
@@ -474,6 +471,17 @@ def section_gpu(r: dict) -> tuple[str, list[str]]:
     return title, lines
 
 
+def gpu_variant_label(key: str) -> str:
+    """The row label of a throughput pass: ``enigma_graphs_bf16_rotors`` reads "EnigmaLM,
+    machine compiled + CUDA graphs, bf16 rotor products"."""
+    if key == "plain":
+        return "plain Transformer"
+    modes = {"eager": "eager", "compiled": "compiled", "graphs": "compiled + CUDA graphs"}
+    mode = key.removeprefix("enigma_").removesuffix("_bf16_rotors")
+    low = ", bf16 rotor products" if key.endswith("_bf16_rotors") else ""
+    return f"EnigmaLM, machine {modes.get(mode, mode)}{low}"
+
+
 def machine_cost_lines(c: dict) -> list[str]:
     """The machine's forward + backward by part: operations, ms, GPU-busy ms."""
     rows = []
@@ -488,7 +496,7 @@ def machine_cost_lines(c: dict) -> list[str]:
 def _check(c: dict) -> str:
     mark = "ok" if c.get("ok") else "FAILED"
     keys = ("optimizer", "first_loss", "last_loss", "loss_scale", "logits_max_rel_diff", "fp32",
-            "bf16_autocast", "summary", "error")  # fmt: skip
+            "bf16_autocast", "bf16_rotors", "summary", "error")  # fmt: skip
     shown = [f"{k} {c[k]:.4g}" if isinstance(c[k], float) else f"{k}: {c[k]}" for k in keys
              if k in c]  # fmt: skip
     return f"{mark}: " + "; ".join(shown)

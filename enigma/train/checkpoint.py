@@ -130,12 +130,14 @@ def write_model_dir(model, out: Path, tokenizer_dir: str | None, card: str | Non
 # ---------------------------------------------------------------------------------------------
 # Which checkpoint a run resumes from, checked before any worker starts
 
-# Knobs of how training runs (backward, rotor start): they change no weight and no data position.
+# Knobs of how training runs (backward, rotor start and precision): they change no weight and no
+# data position.
 UNCHECKED_MODEL_KEYS = {
     "activation_checkpointing",
     "machine_memory_efficient",
     "reversible_backward",
     "rotor_offset",
+    "rotor_matmul",
 }
 
 

@@ -58,6 +58,7 @@ def _architecture(model) -> list[str]:
         ("Transformer layers", f"{c.num_transformer_layers}"),
         ("machine", machine),
         ("rotor start", c.rotor_offset),
+        ("rotor products", c.rotor_matmul),
         ("reversible layers", str(c.reversible_layers)),
         ("vocabulary", f"{c.vocab_size:,}"),
         ("context", f"{c.max_len:,} positions"),

@@ -32,7 +32,7 @@ def run_hparams(cfg, zero_stage: int) -> dict:
     """What the HPARAMS tab shows of a run: the model's shape and knobs, and how it trained."""
     model = cfg.model_config()
     keys = ("d", "num_heads", "num_transformer_layers", "num_rev_blocks", "num_rotors")
-    keys += ("rotor_offset", "reversible_layers")
+    keys += ("rotor_offset", "rotor_matmul", "reversible_layers")
     values = {k: getattr(model, k) for k in keys}
     values.update(preset=cfg.preset, lr=cfg.lr, micro_batch=cfg.micro_batch)
     values.update(grad_accum=cfg.grad_accum, workers=cfg.workers, seq_len=cfg.resolved_seq_len)
