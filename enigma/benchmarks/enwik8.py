@@ -5,14 +5,15 @@ with its standard 90M/5M/5M split; offline, the enwik8-format Wikipedia dump tha
 ships (about 6 MB, the same XML and first pages), split 90/5/5 the same way.
 
 EnigmaLM (``enigma``; ``enigma-random`` with ``rotor_offset="random"``; ``enigma-rev`` with
-reversible layers) and a parameter-matched plain Transformer (no machine; a wider MLP makes up the
-machine's parameters) train for the same steps on the same random windows, or for the same wall
-time (``--budget-s``: each model stops at the first step past it, and the learning rate follows
-the same one-cycle schedule over the budget's seconds, or over ``--steps`` if they run out
-first). Test bits per character are scored with overlapping windows, so every scored byte has
-at least half a window of context. gzip -9, bz2 -9 and xz -9 compress the same test bytes in the
-same run. With ``--seeds N`` every model trains N times (seed s: its start and its
-windows); rows give mean ± std and the difference to the plain Transformer seed by seed.
+reversible layers; ``enigma-bf16-rotors`` with ``rotor_matmul="bf16"``) and a parameter-matched
+plain Transformer (no machine; a wider MLP makes up the machine's parameters) train for the
+same steps on the same random windows, or for the same wall time (``--budget-s``: each model
+stops at the first step past it, and the learning rate follows the same one-cycle schedule over
+the budget's seconds, or over ``--steps`` if they run out first). Test bits per character are
+scored with overlapping windows, so every scored byte has at least half a window of context.
+gzip -9, bz2 -9 and xz -9 compress the same test bytes in the same run. With ``--seeds N``
+every model trains N times (seed s: its start and its windows); rows give mean ± std and the
+difference to the plain Transformer seed by seed.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 GENSIM_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE = Path(os.environ.get("ENIGMA_CACHE", Path.home() / ".cache" / "enigma"))
-MODELS = ("enigma", "enigma-random", "enigma-rev", "transformer")
+MODELS = ("enigma", "enigma-random", "enigma-rev", "enigma-bf16-rotors", "transformer")
 WARMUP = 0.05  # of the steps or the budget
 
 
@@ -157,6 +158,7 @@ def build_models(args, names: list[str], seed: int) -> dict[str, nn.Module]:
     )  # fmt: skip
     variants = {"enigma": {}, "enigma-random": {"rotor_offset": "random"}}
     variants["enigma-rev"] = {"reversible_layers": True}
+    variants["enigma-bf16-rotors"] = {"rotor_matmul": "bf16"}
     models = {}
     for name in names:
         torch.manual_seed(seed)
