@@ -60,7 +60,7 @@ def _low(m: Tensor, bf16: bool) -> Tensor:
 
 
 def _plus_product(z: Tensor, a: Tensor, m: Tensor, bf16: bool) -> Tensor:
-    """``z + a m``; with ``bf16`` (``a`` and ``m`` given in bf16) the product alone is bf16."""
+    """``z + a m``; with ``bf16`` (``m`` given in bf16) the product alone runs in bf16."""
     return z + (a.to(torch.bfloat16) @ m).to(z.dtype) if bf16 else torch.addmm(z, a, m)
 
 
@@ -101,6 +101,8 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
     ``d`` and loses fp32 exactness. The off-diagonal factors are scaled by ``1/sqrt(d)``, so an
     optimiser step moves ``W`` by an operator-norm amount that does not grow with ``d``: this keeps
     ``L`` and ``U`` well conditioned through training.
+
+    ``matmul="bf16"`` runs the per-token products in bf16 (see the module docstring).
     """
 
     def __init__(

@@ -84,6 +84,7 @@ def notes(r: dict) -> list[str]:
 MODEL_NAMES = {"enigma": "EnigmaLM", "transformer": "plain Transformer", "lstm": "LSTM"}
 MODEL_NAMES["enigma-random"] = "EnigmaLM, random rotor offsets"
 MODEL_NAMES["enigma-rev"] = "EnigmaLM, reversible layers"
+MODEL_NAMES["enigma-bf16-rotors"] = "EnigmaLM, bf16 rotor products"
 
 
 def _rate(x: float) -> str:
