@@ -381,6 +381,7 @@ def section_enwik8(r: dict) -> tuple[str, list[str]]:
                   f"test {sizes.get('test', 0):,}.", ""]  # fmt: skip
     rows = sorted(r["models"], key=lambda m: m["bpc"])
     many = len(r.get("seeds", [0])) > 1
+    paired = many and any("bpc_vs_transformer" in m for m in rows)
 
     def bpc(m: dict) -> str:
         spread = f" ± {m['bpc_std']:.3f}" if many and "bpc_std" in m else ""
@@ -394,11 +395,11 @@ def section_enwik8(r: dict) -> tuple[str, list[str]]:
     cells = [
         [MODEL_NAMES.get(m["model"], m["model"]), bpc(m),
          f"{m['params']:,}" if m["params"] else "", m["steps"] or "", m.get("train_seconds", "")]
-        + ([delta(m)] if many else [])
+        + ([delta(m)] if paired else [])
         for m in rows
     ]  # fmt: skip
     head = ["model", "test bpc", "params", "steps", "train s"]
-    lines += table(head + (["bpc − plain Transformer"] if many else []), cells)
+    lines += table(head + (["bpc − plain Transformer"] if paired else []), cells)
     seeds = f", mean ± std over {len(r['seeds'])} seeds" if many else ""
     budget = f", {r['budget_s'] / 60:.0f} min of training per model" if r.get("budget_s") else ""
     title = f"enwik8-style bits per character (`enigma bench enwik8`, {r['source']}{seeds}{budget})"
