@@ -109,6 +109,8 @@ def machine_cost(preset: str, batch: int, seq_len: int, rounds: int, device) -> 
     busy = whole["busy_ms"]
     out["busy_fraction"] = round(busy / whole["ms"], 3) if busy is not None else None
     each = [p["uses"] * p["ops"] for k, p in out["parts"].items() if k != "machine"]
-    out["ops_in_parts"] = sum(each)  # the rest of the machine's ops: the chain's own bookkeeping
+    # Near the whole machine's count: the difference is the chain's own bookkeeping, and weight
+    # casts that autocast caches between a block's two passes.
+    out["ops_in_parts"] = sum(each)
     out["ok"] = whole["ops"] > 0 and whole["ms"] > 0
     return out
