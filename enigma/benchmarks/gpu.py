@@ -83,7 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, help="DeepSpeed ZeRO-2 steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     p.add_argument(
-        "--no-compile", dest="compile", action="store_false", help="skip the compiled machine"
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="time the machine eager only (no compiled or CUDA-graph passes)",
     )
     p.add_argument(
         "--only",
