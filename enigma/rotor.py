@@ -241,12 +241,13 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
             z, g = out.detach().reshape(-1, d).to(dtype), grad_out.reshape(-1, d).to(dtype)
             if shifts is not None:  # the step ends by turning back from the last frame
                 z, g = (_turn(t, offsets[-1], self.rotor_positions) for t in (z, g))
-            grad_mats = torch.zeros(mats.shape, dtype=dtype, device=mats.device)
+            grad_mats = torch.zeros_like(step, requires_grad=False)
             for k in reversed(range(len(order))):
                 i = order[k]
                 z = _plus_product(z, z, undo[i], bf16)  # this layer's input
-                grad_mats[i] = _low(g, bf16).T @ _low(z, bf16)
-                g = _plus_product(g, g, mats[i], bf16)
+                g_low = _low(g, bf16)  # cast once: the matrices' gradient and g's both use it
+                grad_mats[i] = g_low.T @ _low(z, bf16)
+                g = _plus_product(g, g_low, mats[i], bf16)
                 if shifts is not None:
                     z, g = (_turn(t, -shifts[k], self.rotor_positions) for t in (z, g))
         slot = 1 if reverse else 0

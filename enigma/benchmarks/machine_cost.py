@@ -17,6 +17,8 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .gpu import autocast, sync
+
 # Operations that make views or aliases: no kernel runs for them.
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "split",
           "split_with_sizes", "chunk", "unsqueeze", "squeeze", "permute", "detach", "alias",
@@ -41,11 +43,6 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _busy_ms(step, rounds: int, device: torch.device) -> float | None:
     """GPU kernel time per call from the profiler (None off CUDA)."""
     if device.type != "cuda":
@@ -55,7 +52,7 @@ def _busy_ms(step, rounds: int, device: torch.device) -> float | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(rounds):
             step()
-        _sync(device)
+        sync(device)
     total_us = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
     return round(total_us / rounds / 1e3, 3)
 
@@ -64,7 +61,7 @@ def measure(fn, x: torch.Tensor, rounds: int, device: torch.device) -> dict:
     """Operations, ms per call and busy ms of ``fn(x)`` forward + backward under bf16 autocast."""
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device):
             out = fn(x)
         out.float().square().mean().backward()
 
@@ -72,11 +69,11 @@ def measure(fn, x: torch.Tensor, rounds: int, device: torch.device) -> dict:
         step()
     with OpCounter() as ops:
         step()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(rounds):
         step()
-    _sync(device)
+    sync(device)
     ms = (time.perf_counter() - start) / rounds * 1e3
     return {"ops": ops.total, "ms": round(ms, 3), "busy_ms": _busy_ms(step, rounds, device)}
 
