@@ -41,8 +41,10 @@ def invert_chain(steps: Sequence[Step]) -> list[Step]:
 def run_chain(steps: Sequence[Step], x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """Apply the steps with ordinary autograd; returns ``(y, total log-det)``."""
     log_det = None
+    shared: dict = {}  # what a step forms once for all its uses in the chain (rotor matrices)
     for module, reverse in steps:
-        x, step_log_det = module(x, positions, reverse=reverse, with_log_det=True)
+        extra = {"shared": shared} if getattr(module, "shares_matrices", False) else {}
+        x, step_log_det = module(x, positions, reverse=reverse, with_log_det=True, **extra)
         log_det = step_log_det if log_det is None else log_det + step_log_det
     if log_det is None:
         log_det = x.new_zeros(())

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import solve_triangular
 
-from .invertible import InvertibleModule
+from .invertible import InvertibleModule, resolve_positions
 
 
 def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,10 +171,25 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
     def _inverse_deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``A = W - I`` and ``B = W^-1 - I = -U^-1 L^-1 P^T A`` by triangular solves."""
         deviation, lower, upper = self._deviation(dtype)
+        return deviation, self._solve_inverse(deviation, lower, upper)
+
+    def _solve_inverse(self, deviation: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
         back = torch.argsort(self.pivot, dim=-1)[:, :, None].expand(-1, -1, self.num_channels)
         rhs = deviation.gather(1, back)  # P^T A
         inv = solve_triangular(lower, rhs, upper=False, unitriangular=True)
-        return deviation, -solve_triangular(upper, inv, upper=True)
+        return -solve_triangular(upper, inv, upper=True)
+
+    def _matrices(self, dtype: torch.dtype, reverse: bool, shared: dict | None) -> Tensor:
+        """``A = W - I``, or ``B = W^-1 - I`` for ``reverse``, each formed at most once per
+        ``shared`` dict (one chain's, see :meth:`forward`); the inverse reuses ``A``."""
+        made = {} if shared is None else shared.setdefault((id(self), dtype), {})
+        if "factors" not in made:
+            made["factors"] = self._deviation(dtype)
+        if not reverse:
+            return made["factors"][0]
+        if "inverse" not in made:
+            made["inverse"] = self._solve_inverse(*made["factors"])
+        return made["inverse"]
 
     def inverse_weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """All ``W^-1`` (no ``torch.inverse``)."""
@@ -182,7 +197,28 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
             self.num_channels, dtype=dtype, device=self.lower.device
         )
 
-    def _rotate(self, x: Tensor, positions: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+    # A chain passes every use of this stack the same ``shared`` dict (see :meth:`forward`).
+    shares_matrices = True
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | int | None = None,
+        *,
+        reverse: bool = False,
+        with_log_det: bool = False,
+        shared: dict | None = None,
+    ):
+        """As :meth:`InvertibleModule.forward`. ``shared``: a dict that one chain passes to each
+        of its uses of this stack, so the rotor matrices are formed once for all of them (the
+        involutive machine uses the stack in ``F`` and again, inverted, in ``F^-1``)."""
+        positions = resolve_positions(x, positions)
+        out, log_det = self._rotate(x, positions, reverse, shared)
+        return (out, log_det) if with_log_det else out
+
+    def _rotate(
+        self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None = None
+    ) -> tuple[Tensor, Tensor]:
         batch_shape = x.shape[:-1]
         dtype = _solve_dtype(x.dtype)
         if self.num_layers == 0:
@@ -195,7 +231,7 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         with torch.autocast(x.device.type, enabled=False):
             # Rotors stay near the identity, so apply z + z A^T with A = W - I (or W^-1 - I):
             # rounding then scales with the small deviation, not with z.
-            mats = self._inverse_deviation(dtype)[1] if reverse else self._deviation(dtype)[0]
+            mats = self._matrices(dtype, reverse, shared)
             bf16 = self._bf16(dtype)
             mats = _low(mats, bf16).transpose(1, 2)
             z = x.reshape(-1, self.num_channels).to(dtype)

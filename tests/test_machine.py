@@ -163,6 +163,47 @@ def test_bf16_autocast_backward_runs_rotor_solves_in_fp32():
     assert torch.isfinite(x.grad).all() and machine.rotors.lower.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_one_machine_call_forms_its_rotor_matrices_once(monkeypatch, memory_efficient):
+    """``F`` and ``F^-1`` share the rotor matrices: one ``W - I`` and one solve per call, and the
+    gradients are those of the stack used twice (the rebuild forms its own, once, in backward)."""
+    from enigma.rotor import DynamicInvertibleConv1x1Stack as Stack
+
+    machine = _moved(Enigma(32, 2, 2, rotor_positions=4, memory_efficient=memory_efficient))
+    calls = {"_deviation": 0, "_solve_inverse": 0}
+    for name in calls:
+        original = getattr(Stack, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(Stack, name, counted)
+    x = torch.randn(2, 8, 32, dtype=torch.float64, requires_grad=True)
+    y = machine.double()(x)
+    assert calls == {"_deviation": 1, "_solve_inverse": 1}
+    grads = torch.autograd.grad(y.square().sum(), [x, machine.rotors.lower])
+    once = {name: 1 + memory_efficient for name in calls}  # the rebuild: once more, in backward
+    assert calls == once
+    # Against the parts called one by one: each rotor call forms its own matrices.
+    pos, rotors = torch.arange(8), machine.rotors
+    z = rotors(machine.plugboard(x, pos), pos)
+    for block in machine.blocks:
+        z = block(z, pos)
+    z = machine.reflector(z, pos)
+    for block in reversed(machine.blocks):
+        z = block(z, pos, reverse=True)
+    z = machine.plugboard(rotors(z, pos, reverse=True), pos, reverse=True)
+    assert calls == {
+        "_deviation": once["_deviation"] + 2,
+        "_solve_inverse": once["_solve_inverse"] + 1,
+    }
+    torch.testing.assert_close(z, y, rtol=0, atol=1e-12)
+    expected = torch.autograd.grad(z.square().sum(), [x, rotors.lower])
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
