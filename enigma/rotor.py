@@ -89,6 +89,30 @@ def _lu_orthogonal(n: int, d: int, seed: int, off_scale: float) -> dict[str, Ten
     }
 
 
+class _InverseDeviation(torch.autograd.Function):
+    """``B = W^-1 - I = -U^-1 L^-1 P^T A`` from ``A = W - I`` by triangular solves, with the
+    backward of a matrix inverse: ``dW^-1 = -W^-1 dW W^-1`` and ``dW = dA`` give
+    ``dL/dA = -(I + B)^T G (I + B)^T``, two products where differentiating the solves costs two
+    more solves and two products. ``B`` depends on the parameters through ``W`` alone, so ``A``
+    carries the whole gradient and the factors (``W = P L U``) get none of their own."""
+
+    @staticmethod
+    def forward(ctx, deviation: Tensor, lower: Tensor, upper: Tensor, back: Tensor) -> Tensor:
+        rhs = deviation.gather(1, back)  # P^T A
+        inv = solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        inverse = -solve_triangular(upper, inv, upper=True)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):  # as exact as the forward
+            inverse_t = inverse.transpose(1, 2)
+            left = torch.baddbmm(grad, inverse_t, grad)  # (I + B)^T G
+            return -torch.baddbmm(left, left, inverse_t), None, None, None
+
+
 class DynamicInvertibleConv1x1Stack(InvertibleModule):
     """``num_layers`` rotors that step with the token position (see the module docstring).
 
@@ -175,9 +199,7 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def _solve_inverse(self, deviation: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
         back = torch.argsort(self.pivot, dim=-1)[:, :, None].expand(-1, -1, self.num_channels)
-        rhs = deviation.gather(1, back)  # P^T A
-        inv = solve_triangular(lower, rhs, upper=False, unitriangular=True)
-        return -solve_triangular(upper, inv, upper=True)
+        return _InverseDeviation.apply(deviation, lower, upper, back)
 
     def _matrices(self, dtype: torch.dtype, reverse: bool, shared: dict | None) -> Tensor:
         """``A = W - I``, or ``B = W^-1 - I`` for ``reverse``, each formed at most once per
