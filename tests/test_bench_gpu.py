@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-from enigma.benchmarks.gpu import flops_per_token, peak_tflops
+from enigma.benchmarks.gpu import flops_per_token, peak_tflops, tf32_matmuls
 from enigma.cli import main
 
 
@@ -30,6 +30,15 @@ def test_peak_table_and_model_flops():
     n = sum(p.numel() for p in model.parameters())
     c = model.config
     assert flops_per_token(model, 128) == 6 * n + 12 * c.num_transformer_layers * c.d * 128
+
+
+def test_tf32_block_restores_the_flag():
+    import torch
+
+    assert not torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cuda.matmul.allow_tf32
 
 
 SCRIPT = """
@@ -76,4 +85,5 @@ def test_every_check_runs_on_the_cpu():
     assert results["zero2_bf16"]["optimizer"].startswith("torch AdamW")
     assert results["zero3_export"]["logits_max_rel_diff"] <= 1e-3
     assert results["exactness"]["fp32"] <= 1e-5
+    assert results["exactness"]["fp32_tf32"] == results["exactness"]["fp32"]  # no TF32 on a CPU
     assert 1e-6 < results["exactness"]["bf16_rotors"] <= 1e-2  # bf16 products: rounded, bounded

@@ -362,6 +362,17 @@ def zero3_export(args, device: torch.device, ids: torch.Tensor) -> dict:
             "ok": diff <= 1e-3}  # fmt: skip
 
 
+@contextlib.contextmanager
+def tf32_matmuls():
+    """CUDA fp32 matmuls on TF32 tensor cores inside the block (no effect off CUDA)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def exactness(trained: dict, device: torch.device, ids: torch.Tensor) -> dict:
     """‖E⁻¹(E(x)) − x‖/‖x‖ of the machine trained by DeepSpeed, in fp32 and bf16 autocast."""
     from ..lm import EnigmaLM
@@ -374,6 +385,9 @@ def exactness(trained: dict, device: torch.device, ids: torch.Tensor) -> dict:
     plain = contextlib.nullcontext
     modes = {"fp32": ("fp32", plain), "bf16_autocast": ("fp32", lambda: autocast(device))}
     modes["bf16_rotors"] = ("bf16", plain)
+    # Reported, not bounded: what the fp32 machine keeps when a script turns TF32 on for its
+    # matmuls (the rotor matrices' products then round to 10 bits; the solves do not).
+    modes["fp32_tf32"] = ("fp32", tf32_matmuls)
     with torch.no_grad():
         x = model.embed(ids).float()
         for mode, (matmul, context) in modes.items():

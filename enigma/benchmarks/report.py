@@ -498,7 +498,7 @@ def machine_cost_lines(c: dict) -> list[str]:
 def _check(c: dict) -> str:
     mark = "ok" if c.get("ok") else "FAILED"
     keys = ("optimizer", "first_loss", "last_loss", "loss_scale", "logits_max_rel_diff", "fp32",
-            "bf16_autocast", "bf16_rotors", "summary", "error")  # fmt: skip
+            "bf16_autocast", "bf16_rotors", "fp32_tf32", "summary", "error")  # fmt: skip
     shown = [f"{k} {c[k]:.4g}" if isinstance(c[k], float) else f"{k}: {c[k]}" for k in keys
              if k in c]  # fmt: skip
     return f"{mark}: " + "; ".join(shown)
