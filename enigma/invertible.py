@@ -72,10 +72,16 @@ class InvertibleModule(nn.Module):
         *,
         reverse: bool = False,
         with_log_det: bool = False,
+        shared: dict | None = None,
     ):
+        """``shared``: a dict one chain passes to every use of a module that forms something once
+        per chain (``shares_matrices``: the rotors' matrices); the others ignore it."""
         positions = resolve_positions(x, positions)
-        out, log_det = self._inverse(x, positions) if reverse else self._forward(x, positions)
+        out, log_det = self._run(x, positions, reverse, shared)
         return (out, log_det) if with_log_det else out
+
+    def _run(self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None):
+        return self._inverse(x, positions) if reverse else self._forward(x, positions)
 
     def inverse(self, y: Tensor, positions: Tensor | int | None = None) -> Tensor:
         return self(y, positions, reverse=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import solve_triangular
 
-from .invertible import InvertibleModule, resolve_positions
+from .invertible import InvertibleModule
 
 
 def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,7 +203,7 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def _matrices(self, dtype: torch.dtype, reverse: bool, shared: dict | None) -> Tensor:
         """``A = W - I``, or ``B = W^-1 - I`` for ``reverse``, each formed at most once per
-        ``shared`` dict (one chain's, see :meth:`forward`); the inverse reuses ``A``."""
+        ``shared`` dict (one chain's); the inverse reuses ``A``."""
         made = {} if shared is None else shared.setdefault((id(self), dtype), {})
         if "factors" not in made:
             made["factors"] = self._deviation(dtype)
@@ -219,24 +219,13 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
             self.num_channels, dtype=dtype, device=self.lower.device
         )
 
-    # A chain passes every use of this stack the same ``shared`` dict (see :meth:`forward`).
+    # A chain passes every use of this stack the same ``shared`` dict (see :meth:`_matrices`).
     shares_matrices = True
 
-    def forward(
-        self,
-        x: Tensor,
-        positions: Tensor | int | None = None,
-        *,
-        reverse: bool = False,
-        with_log_det: bool = False,
-        shared: dict | None = None,
-    ):
-        """As :meth:`InvertibleModule.forward`. ``shared``: a dict that one chain passes to each
-        of its uses of this stack, so the rotor matrices are formed once for all of them (the
-        involutive machine uses the stack in ``F`` and again, inverted, in ``F^-1``)."""
-        positions = resolve_positions(x, positions)
-        out, log_det = self._rotate(x, positions, reverse, shared)
-        return (out, log_det) if with_log_det else out
+    def _run(self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None):
+        # The involutive machine uses the stack in F and again, inverted, in F^-1: one chain's
+        # ``shared`` dict lets both uses form the matrices once.
+        return self._rotate(x, positions, reverse, shared)
 
     def _rotate(
         self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None = None
