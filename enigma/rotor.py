@@ -8,7 +8,9 @@ token position ``t`` (an odometer), so the stack is periodic in ``t`` with perio
 
 All tokens go through each rotor in one GEMM: the per-token shift is a gather over channel blocks,
 and the shifts of consecutive rotors compose, so ``n`` rotors cost ``n`` GEMMs and ``n + 1``
-gathers. The inverse is computed once per call by triangular solves and shared by every token.
+gathers. The inverse is computed once per call by triangular solves and shared by every token;
+one chain (the machine's ``F`` and ``F^-1``) forms the matrices once for all its uses of the
+stack, and the inverse's backward is a matrix inverse's (two products), not the solves'.
 Each rotor is applied as ``z + z A^T`` with ``A = W - I`` formed directly, so fp32 rounding scales
 with how far the rotor has moved from the identity rather than with the activations.
 
