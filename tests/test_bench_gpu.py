@@ -32,6 +32,23 @@ def test_peak_table_and_model_flops():
     assert flops_per_token(model, 128) == 6 * n + 12 * c.num_transformer_layers * c.d * 128
 
 
+def test_throughput_with_bf16_weights_as_deepspeed_holds_them():
+    import argparse
+
+    import torch
+
+    from enigma.benchmarks.gpu import throughput
+    from enigma.benchmarks.report import section_gpu
+
+    args = argparse.Namespace(preset="tiny", batch=2, seq_len=32, rounds=1, peak_tflops=1.0,
+                              compile=False, weights="bf16")  # fmt: skip
+    t = throughput(args, torch.device("cpu"))
+    assert t["weights"] == "bf16" and t["param_dtypes"] == ["torch.bfloat16"]
+    assert t["plain"]["tokens_per_sec"] > 0 and t["enigma_eager"]["tokens_per_sec"] > 0
+    title, _ = section_gpu({"gpu": "cpu", "checks": {"throughput": t}})
+    assert title.endswith("B=2, L=32, bf16 weights)")
+
+
 def test_tf32_block_restores_the_flag():
     import torch
 
@@ -46,7 +63,8 @@ import argparse, json, sys, torch
 from enigma.benchmarks.gpu import run_checks
 args = argparse.Namespace(preset="tiny", batch=4, seq_len=64, rounds=2, steps=12,
                           peak_tflops=1.0, json_out=None, compile=False, only=None,
-                          memory_layers=[2, 4], memory_shape=[32, 32, 2], deepest_up_to=8)
+                          memory_layers=[2, 4], memory_shape=[32, 32, 2], deepest_up_to=8,
+                          weights="autocast")
 print("RESULT " + json.dumps(run_checks(args, torch.device("cpu"))))
 """
 

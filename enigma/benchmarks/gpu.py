@@ -83,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, help="DeepSpeed ZeRO-2 steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     p.add_argument(
+        "--weights", choices=["autocast", "bf16"], default="autocast",
+        help="throughput: fp32 weights under bf16 autocast, or bf16 weights without autocast "
+        "(as a DeepSpeed bf16 engine holds the model)",
+    )  # fmt: skip
+    p.add_argument(
         "--no-compile",
         dest="compile",
         action="store_false",
@@ -144,10 +149,14 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def timed_pass(model, ids, rounds: int, device: torch.device, graphs: bool = False) -> dict:
+def timed_pass(
+    model, ids, rounds: int, device: torch.device, graphs: bool = False, bf16_weights=False
+) -> dict:
     """Warm up, then ``rounds`` training steps; seconds per step and the peak memory. ``graphs``:
-    the machine replays CUDA graphs, so each step tells them where a new step begins."""
+    the machine replays CUDA graphs, so each step tells them where a new step begins.
+    ``bf16_weights``: the model is already in bf16 and runs without autocast."""
     model.to(device).train()
+    precision = contextlib.nullcontext if bf16_weights else lambda: autocast(device)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
 
@@ -155,7 +164,7 @@ def timed_pass(model, ids, rounds: int, device: torch.device, graphs: bool = Fal
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
-        with autocast(device):
+        with precision():
             loss = model(ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -213,6 +222,9 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict:
     enigma = EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape))
     plain = EnigmaLM(EnigmaConfig.from_preset(args.preset, **shape, core="none"))
     ids = torch.randint(0, enigma.config.vocab_size, (args.batch, seq_len)).to(device)
+    bf16_weights = args.weights == "bf16"
+    if bf16_weights:  # as DeepSpeed's bf16 mode holds the module (its fp32 master copy aside)
+        enigma, plain = enigma.to(torch.bfloat16), plain.to(torch.bfloat16)
     variants = enigma_variants(args, device)
     order = [(variants[0], enigma), ("plain", plain)] * 2
     order += [(name, enigma) for name in variants[1:] for _ in range(2)]
@@ -224,7 +236,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict:
             set_variant(enigma.machine, name)
         graphs = VARIANTS.get(name, (None,))[0] == "reduce-overhead"
         before = skips["cudagraph_skips"]
-        passes.setdefault(name, []).append(timed_pass(model, ids, args.rounds, device, graphs))
+        timed = timed_pass(model, ids, args.rounds, device, graphs, bf16_weights)
+        passes.setdefault(name, []).append(timed)
         passes[name][-1]["cudagraph_skips"] = skips["cudagraph_skips"] - before
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the pass's optimizer state is gone: free its memory
@@ -232,6 +245,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict:
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", None)
     peak = args.peak_tflops or peak
     out = {"preset": args.preset, "batch": args.batch, "seq_len": seq_len, "peak_tflops": peak}
+    out["weights"] = args.weights
+    out["param_dtypes"] = sorted({str(p.dtype) for m in (enigma, plain) for p in m.parameters()})
     for name, runs in passes.items():
         model = plain if name == "plain" else enigma
         tokens_per_sec = args.batch * seq_len / min(p["seconds"] for p in runs)

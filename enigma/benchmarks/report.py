@@ -452,7 +452,8 @@ def section_gpu(r: dict) -> tuple[str, list[str]]:
     checks = r["checks"]
     t = checks.get("throughput", {})
     shape = f", {t['preset']}, B={t['batch']}, L={t['seq_len']}" if t else ""
-    title = f"One GPU (`enigma bench gpu`: {r['gpu']}{shape}, bf16 autocast)"
+    precision = "bf16 weights" if t.get("weights") == "bf16" else "bf16 autocast"
+    title = f"One GPU (`enigma bench gpu`: {r['gpu']}{shape}, {precision})"
     rows = []
     for key in [k for k in t if k == "plain"] + [k for k in t if k.startswith("enigma_")]:
         if isinstance(t[key], dict):
