@@ -74,8 +74,8 @@ class InvertibleModule(nn.Module):
         with_log_det: bool = False,
         shared: dict | None = None,
     ):
-        """``shared``: a dict one chain passes to every use of a module that forms something once
-        per chain (``shares_matrices``: the rotors' matrices); the others ignore it."""
+        """``shared``: a dict one chain passes to all its steps, for what a module forms once per
+        chain however often the chain uses it (the rotors' matrices); most modules ignore it."""
         positions = resolve_positions(x, positions)
         out, log_det = self._run(x, positions, reverse, shared)
         return (out, log_det) if with_log_det else out

@@ -43,7 +43,7 @@ def run_chain(steps: Sequence[Step], x: Tensor, positions: Tensor) -> tuple[Tens
     log_det = None
     shared: dict = {}  # what a step forms once for all its uses in the chain (rotor matrices)
     for module, reverse in steps:
-        extra = {"shared": shared} if getattr(module, "shares_matrices", False) else {}
+        extra = {"shared": shared} if isinstance(module, InvertibleModule) else {}
         x, step_log_det = module(x, positions, reverse=reverse, with_log_det=True, **extra)
         log_det = step_log_det if log_det is None else log_det + step_log_det
     if log_det is None:

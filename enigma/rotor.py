@@ -221,9 +221,6 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
             self.num_channels, dtype=dtype, device=self.lower.device
         )
 
-    # A chain passes every use of this stack the same ``shared`` dict (see :meth:`_matrices`).
-    shares_matrices = True
-
     def _run(self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None):
         # The involutive machine uses the stack in F and again, inverted, in F^-1: one chain's
         # ``shared`` dict lets both uses form the matrices once.
