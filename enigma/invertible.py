@@ -102,3 +102,30 @@ class InvertibleModule(nn.Module):
 def zero_log_det(x: Tensor) -> Tensor:
     """Log-det of a volume-preserving map: zeros of shape ``x.shape[:-1]``, without a copy."""
     return x.new_zeros(()).expand(x.shape[:-1])
+
+
+class _Permute(torch.autograd.Function):
+    """``x.gather(dim, index)`` for an ``index`` that permutes along ``dim``. The gradient of a
+    permutation is the permutation back, one more gather with ``back``; autograd's backward of
+    ``gather`` would zero-fill and scatter-add instead (atomics on a GPU, and a kernel that
+    compiled code cannot fuse)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, index: Tensor, back: Tensor | None) -> Tensor:
+        ctx.save_for_backward(index, back)
+        ctx.dim = dim
+        return x.gather(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        index, back = ctx.saved_tensors
+        if back is None:  # an involution: the way back is the same
+            return _Permute.apply(grad, ctx.dim, index, None), None, None, None
+        return _Permute.apply(grad, ctx.dim, back, index), None, None, None
+
+
+def permute(x: Tensor, dim: int, index: Tensor, back: Tensor | None = None) -> Tensor:
+    """``x.gather(dim, index)`` where ``index`` permutes along ``dim`` and ``back`` is its
+    inverse (``x.gather(dim, index).gather(dim, back) == x``), both shaped as ``x``; no ``back``
+    when ``index`` is its own inverse."""
+    return _Permute.apply(x, dim, index, back)

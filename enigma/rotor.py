@@ -8,9 +8,10 @@ token position ``t`` (an odometer), so the stack is periodic in ``t`` with perio
 
 All tokens go through each rotor in one GEMM: the per-token shift is a gather over channel blocks,
 and the shifts of consecutive rotors compose, so ``n`` rotors cost ``n`` GEMMs and ``n + 1``
-gathers. The inverse is computed once per call by triangular solves and shared by every token;
-one chain (the machine's ``F`` and ``F^-1``) forms the matrices once for all its uses of the
-stack, and the inverse's backward is a matrix inverse's (two products), not the solves'.
+gathers; a turn's gradient is the turn back, one more gather. The inverse is computed once per
+call by triangular solves and shared by every token; one chain (the machine's ``F`` and
+``F^-1``) forms the matrices and the turns' indices once for all its uses of the stack, and the
+inverse's backward is a matrix inverse's (two products), not the solves'.
 Each rotor is applied as ``z + z A^T`` with ``A = W - I`` formed directly, so fp32 rounding scales
 with how far the rotor has moved from the identity rather than with the activations.
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import solve_triangular
 
-from .invertible import InvertibleModule
+from .invertible import InvertibleModule, permute
 
 
 def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,14 +45,24 @@ def rotor_offsets(positions: Tensor, num_rotors: int, rotor_positions: int) -> T
     return torch.div(positions.unsqueeze(0), scale, rounding_mode="floor") % rotor_positions
 
 
-def _turn(z: Tensor, shift: Tensor, rotor_positions: int) -> Tensor:
-    """Per-row cyclic shift of the channels by ``shift * d / rotor_positions`` (a block gather)."""
+def _turn_indices(offsets: Tensor, rotor_positions: int, d: int) -> list[tuple[Tensor, Tensor]]:
+    """The gather indices of one pass through the stack in layer order, from its ``offsets``
+    ``(num_layers, n)``: turn to rotor 0's offset, on by the difference before each later rotor,
+    and back from the last. Each turn comes with the index of the turn back (its inverse, its
+    gradient), all in one pass, so a machine call makes them once for both its uses and both
+    directions of autograd."""
+    shifts = torch.cat([offsets[:1], offsets[1:] - offsets[:-1], -offsets[-1:]])
+    ring = torch.arange(rotor_positions, device=offsets.device)
+    both = (ring - torch.cat([shifts, -shifts])[..., None]) % rotor_positions
+    both = both[..., None].expand(*both.shape, d // rotor_positions)
+    turns = len(shifts)
+    return [(both[k], both[turns + k]) for k in range(turns)]
+
+
+def _turn(z: Tensor, index: Tensor, back: Tensor) -> Tensor:
+    """Per-row cyclic shift of ``z``'s channels by whole blocks, as :func:`_turn_indices` says."""
     n, d = z.shape
-    block = d // rotor_positions
-    ring = torch.arange(rotor_positions, device=z.device)
-    index = (ring - shift[:, None]) % rotor_positions
-    index = index[:, :, None].expand(n, rotor_positions, block)
-    return z.view(n, rotor_positions, block).gather(1, index).view(n, d)
+    return permute(z.view(n, index.shape[1], -1), 1, index, back).view(n, d)
 
 
 MATMULS = ("fp32", "bf16")
@@ -174,8 +185,9 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         """The map repeats after this many token positions."""
         return self.rotor_positions**self.num_layers
 
-    def _deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """``A = W - I`` and the factors ``L``, ``U``; ``A`` never adds ``I`` to small terms."""
+    def _deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``A = W - I``, the factors ``L``, ``U`` and the row index of ``P^T`` (which undoes
+        the pivot); ``A`` never adds ``I`` to small terms."""
         eye = torch.eye(self.num_channels, dtype=dtype, device=self.lower.device)
         strict_lower = self.lower.to(dtype).tril(-1) * self.off_scale
         log_s, sign = self.log_s.to(dtype), self.sign.to(dtype)
@@ -185,8 +197,9 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         # L U - I = (U - I) + (L - I) U
         lu_minus_eye = upper_minus_eye + strict_lower @ (upper_minus_eye + eye)
         rows = self.pivot[:, :, None].expand(-1, -1, self.num_channels)
-        deviation = (lu_minus_eye + eye).gather(1, rows) - eye
-        return deviation, strict_lower + eye, upper_minus_eye + eye
+        back = torch.argsort(self.pivot, dim=-1)[:, :, None].expand(-1, -1, self.num_channels)
+        deviation = permute(lu_minus_eye + eye, 1, rows, back) - eye
+        return deviation, strict_lower + eye, upper_minus_eye + eye, back
 
     def weights(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """All rotor matrices ``W``, shape ``(num_layers, d, d)``."""
@@ -196,17 +209,16 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def _inverse_deviation(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``A = W - I`` and ``B = W^-1 - I = -U^-1 L^-1 P^T A`` by triangular solves."""
-        deviation, lower, upper = self._deviation(dtype)
-        return deviation, self._solve_inverse(deviation, lower, upper)
+        factors = self._deviation(dtype)
+        return factors[0], self._solve_inverse(*factors)
 
-    def _solve_inverse(self, deviation: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-        back = torch.argsort(self.pivot, dim=-1)[:, :, None].expand(-1, -1, self.num_channels)
+    def _solve_inverse(self, deviation: Tensor, lower: Tensor, upper: Tensor, back: Tensor):
         return _InverseDeviation.apply(deviation, lower, upper, back)
 
-    def _matrices(self, dtype: torch.dtype, reverse: bool, shared: dict | None) -> Tensor:
+    def _matrices(self, dtype: torch.dtype, reverse: bool, store: dict | None) -> Tensor:
         """``A = W - I``, or ``B = W^-1 - I`` for ``reverse``, each formed at most once per
-        ``shared`` dict (one chain's); the inverse reuses ``A``."""
-        made = {} if shared is None else shared.setdefault((id(self), dtype), {})
+        ``store`` (this stack's part of one chain's shared dict); the inverse reuses ``A``."""
+        made = {} if store is None else store
         if "factors" not in made:
             made["factors"] = self._deviation(dtype)
         if not reverse:
@@ -223,8 +235,25 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def _run(self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None):
         # The involutive machine uses the stack in F and again, inverted, in F^-1: one chain's
-        # ``shared`` dict lets both uses form the matrices once.
+        # ``shared`` dict lets both uses form the matrices and the turns once.
         return self._rotate(x, positions, reverse, shared)
+
+    def _turns(
+        self, positions: Tensor, batch_shape: torch.Size, reverse: bool, store: dict | None
+    ) -> list[tuple[Tensor, Tensor]]:
+        """``(index, back)`` for each turn of one pass (see :func:`_turn_indices`), kept in
+        ``store`` for the same positions. The inverse pass makes the same turns backwards: its
+        turns are the forward pass's turns back, in reverse order."""
+        made = None if store is None else store.get("turns")
+        if made is None or made[0] is not positions or made[1] != batch_shape:
+            flat = positions.expand(batch_shape).reshape(-1)
+            offsets = rotor_offsets(flat, self.num_layers, self.rotor_positions)
+            turns = _turn_indices(offsets, self.rotor_positions, self.num_channels)
+            made = (positions, batch_shape, turns)
+            if store is not None:
+                store["turns"] = made
+        turns = made[2]
+        return [(b, a) for a, b in reversed(turns)] if reverse else turns
 
     def _rotate(
         self, x: Tensor, positions: Tensor, reverse: bool, shared: dict | None = None
@@ -233,27 +262,23 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         dtype = _solve_dtype(x.dtype)
         if self.num_layers == 0:
             return x, x.new_zeros((), dtype=dtype).expand(batch_shape)
+        store = None if shared is None else shared.setdefault((id(self), dtype), {})
         stepping = self.rotor_positions > 1
-        if stepping:
-            flat = positions.expand(batch_shape).reshape(-1)
-            offsets = rotor_offsets(flat, self.num_layers, self.rotor_positions)
+        turns = self._turns(positions, batch_shape, reverse, store) if stepping else None
         order = reversed(range(self.num_layers)) if reverse else range(self.num_layers)
         with torch.autocast(x.device.type, enabled=False):
             # Rotors stay near the identity, so apply z + z A^T with A = W - I (or W^-1 - I):
             # rounding then scales with the small deviation, not with z.
-            mats = self._matrices(dtype, reverse, shared)
+            mats = self._matrices(dtype, reverse, store)
             bf16 = self._bf16(dtype)
             mats = _low(mats, bf16).transpose(1, 2)
             z = x.reshape(-1, self.num_channels).to(dtype)
-            frame = None  # the shift currently applied to z; consecutive shifts compose
-            for i in order:
+            for k, i in enumerate(order):
                 if stepping:
-                    shift = offsets[i] if frame is None else offsets[i] - frame
-                    z = _turn(z, shift, self.rotor_positions)
-                    frame = offsets[i]
+                    z = _turn(z, *turns[k])
                 z = _plus_product(z, z, mats[i], bf16)
             if stepping:
-                z = _turn(z, -frame, self.rotor_positions)
+                z = _turn(z, *turns[-1])
             log_det = self.log_s.to(dtype).sum()
         log_det = -log_det if reverse else log_det
         return z.to(x.dtype).reshape(x.shape), log_det.expand(batch_shape)
@@ -276,17 +301,14 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
                 mats = self._inverse_deviation(dtype)  # (W - I, W⁻¹ - I), with their graph
             entry = pending[id(self)] = {"mats": mats, "grads": [None, None], "log_det": 0.0}
         step, back = (entry["mats"][1], entry["mats"][0]) if reverse else entry["mats"]
-        shifts = None
-        if self.rotor_positions > 1:
-            flat = positions.expand(shape[:-1]).reshape(-1)
-            offsets = rotor_offsets(flat, self.num_layers, self.rotor_positions)[order]
-            shifts = torch.cat([offsets[:1], offsets[1:] - offsets[:-1]])  # turn before each
+        stepping = self.rotor_positions > 1
+        turns = self._turns(positions, shape[:-1], reverse, entry) if stepping else None
         with torch.autocast(out.device.type, enabled=False), torch.no_grad():
             bf16 = self._bf16(dtype)
             mats, undo = _low(step.detach(), bf16), _low(back.detach(), bf16).transpose(1, 2)
             z, g = out.detach().reshape(-1, d).to(dtype), grad_out.reshape(-1, d).to(dtype)
-            if shifts is not None:  # the step ends by turning back from the last frame
-                z, g = (_turn(t, offsets[-1], self.rotor_positions) for t in (z, g))
+            if stepping:  # the pass ended by turning back from the last frame: undo that
+                z, g = (_turn(t, *turns[-1][::-1]) for t in (z, g))
             grad_mats = torch.zeros_like(step, requires_grad=False)
             for k in reversed(range(len(order))):
                 i = order[k]
@@ -294,8 +316,8 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
                 g_low = _low(g, bf16)  # cast once: the matrices' gradient and g's both use it
                 grad_mats[i] = g_low.T @ _low(z, bf16)
                 g = _plus_product(g, g_low, mats[i], bf16)
-                if shifts is not None:
-                    z, g = (_turn(t, -shifts[k], self.rotor_positions) for t in (z, g))
+                if stepping:
+                    z, g = (_turn(t, *turns[k][::-1]) for t in (z, g))
         slot = 1 if reverse else 0
         done = entry["grads"][slot]
         entry["grads"][slot] = grad_mats if done is None else done + grad_mats

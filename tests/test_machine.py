@@ -163,6 +163,20 @@ def test_bf16_autocast_backward_runs_rotor_solves_in_fp32():
     assert torch.isfinite(x.grad).all() and machine.rotors.lower.grad.abs().sum() > 0
 
 
+def test_compiled_machine_is_one_graph():
+    """Training compiles the machine on GPUs (``compile_machine``) when it backpropagates by
+    plain autograd: its forward and the custom backward of every part (the rotors' inverse, the
+    permutations) trace into one graph. A break would put a Python round trip into every call
+    and split the fused kernels around it."""
+    torch._dynamo.reset()
+    machine = _moved(Enigma(32, 2, 2, rotor_positions=4, memory_efficient=False))
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    explained = torch._dynamo.explain(machine)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), [
+        str(b.reason).splitlines()[0] for b in explained.break_reasons
+    ]
+
+
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_one_machine_call_forms_its_rotor_matrices_once(monkeypatch, memory_efficient):
     """``F`` and ``F^-1`` share the rotor matrices: one ``W - I`` and one solve per call, and the
