@@ -189,6 +189,27 @@ def test_train_config_round_trips_through_json():
     assert changed.workers == 3 and cfg.workers == 2 and changed.model is not cfg.model
 
 
+@pytest.mark.parametrize("reversible_backward", [False, True])
+def test_auto_compiles_the_machine_only_where_it_traces_into_one_graph(reversible_backward):
+    """``compile_machine=auto``: on CUDA below ZeRO-3, and only when the machine backpropagates
+    by plain autograd; the reversible backward's rebuild breaks the graph (checked here)."""
+    from enigma.train.config import build_config, compiles_machine
+
+    sets = [f"reversible_backward={str(reversible_backward).lower()}"]
+    cfg = build_config("tiny", sets=sets)
+    machine = EnigmaLM(EnigmaConfig.from_preset("tiny", **cfg.model)).machine
+    assert machine.memory_efficient == reversible_backward
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, machine.d, requires_grad=True)
+    one_graph = torch._dynamo.explain(machine)(x).graph_break_count == 0
+    rebuilds = machine.memory_efficient
+    assert compiles_machine(cfg, True, 2, rebuilds) == one_graph == (not reversible_backward)
+    assert not compiles_machine(cfg, True, 3, rebuilds)  # ZeRO-3's parameter hooks
+    assert not compiles_machine(cfg, False, 2, False)  # nothing to gain on a CPU
+    assert compiles_machine(cfg.replace(compile_machine="on"), False, 3, rebuilds)
+    assert not compiles_machine(cfg.replace(compile_machine="off"), True, 0, False)
+
+
 def test_report_check_fails_when_a_table_differs_from_its_json(tmp_path, capsys):
     import shutil
 

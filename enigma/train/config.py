@@ -54,8 +54,9 @@ class TrainConfig:
     shuffle_buffer: int = 256  # blocks, per worker
     activation_checkpointing: bool = True  # the standard layers; reversible ones need none
     # torch.compile the machine (its many small ops are launch-bound on a GPU): "auto" compiles
-    # on CUDA workers below ZeRO-3 (whose parameter hooks a compiled graph would break), "on",
-    # "off".
+    # on CUDA workers below ZeRO-3 (whose parameter hooks a compiled graph would break) when the
+    # machine backpropagates by plain autograd (the reversible backward's rebuild calls autograd
+    # itself and cannot be traced), "on", "off".
     compile_machine: str = "auto"
     workers: int = 2
     cpus_per_worker: int = 1
@@ -207,10 +208,11 @@ def build_config(
     return cfg
 
 
-def compiles_machine(cfg: TrainConfig, on_cuda: bool, zero_stage: int) -> bool:
-    """Whether a worker compiles the machine (see ``TrainConfig.compile_machine``)."""
+def compiles_machine(cfg: TrainConfig, on_cuda: bool, zero_stage: int, rebuilds: bool) -> bool:
+    """Whether a worker compiles the machine (see ``TrainConfig.compile_machine``); ``rebuilds``:
+    the machine runs the reversible backward."""
     if cfg.compile_machine == "auto":
-        return on_cuda and zero_stage < 3
+        return on_cuda and zero_stage < 3 and not rebuilds
     return cfg.compile_machine == "on"
 
 

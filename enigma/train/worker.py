@@ -146,7 +146,8 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
         for leaf in getattr(model, "zero3_leaves", list)():
             set_z3_leaf_module(leaf, True)
     machine = getattr(model, "machine", None)  # EnigmaLM's; None in the plain Transformer
-    if machine is not None and compiles_machine(cfg, device.type == "cuda", stage):
+    on_cuda = device.type == "cuda"
+    if machine is not None and compiles_machine(cfg, on_cuda, stage, machine.memory_efficient):
         machine.compile()  # in place: parameter names and checkpoints stay the same
     choice = choose(ds_config, device, agree)
     engine, _, _, _ = deepspeed.initialize(
