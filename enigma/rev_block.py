@@ -32,7 +32,11 @@ class CouplingNet(nn.Sequential):
     def forward(self, h: Tensor) -> Tensor:
         # The net runs in its weights' precision (bf16 under DeepSpeed), the coupling stream stays
         # in the caller's (fp32): additive coupling is then exactly invertible whatever F's dtype.
-        return super().forward(h.to(self[0].weight.dtype)).to(h.dtype)
+        # A narrower output is left as it is: the coupling's add promotes it exactly, in the
+        # same kernel, where a cast would be one more pass over it.
+        out = super().forward(h.to(self[0].weight.dtype))
+        narrower = out.dtype.itemsize < h.dtype.itemsize  # both floating: bf16/fp16 < fp32 < fp64
+        return out if out.dtype == h.dtype or narrower else out.to(h.dtype)
 
 
 class RevBlock(InvertibleModule):
@@ -61,7 +65,7 @@ class RevBlock(InvertibleModule):
         self.g = CouplingNet(half, hidden, out, g)
 
     def _shift_scale(self, net: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
-        raw_s, t = net(h).chunk(2, dim=-1)
+        raw_s, t = net(h).to(h.dtype).chunk(2, dim=-1)
         return self.scale_bound * torch.tanh(raw_s / self.scale_bound), t
 
     def _forward(self, x: Tensor, positions: Tensor):
