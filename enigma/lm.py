@@ -143,9 +143,9 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         if input_ids is None:
             raise ValueError("EnigmaLM needs input_ids")
-        if not (self.training and input_ids.is_cuda):
-            # One host sync; skipped in GPU training, where it would stall the launch queue every
-            # step (the data pipeline checked the ids against the vocabulary already).
+        if not (self.training and input_ids.device.type != "cpu"):
+            # One host sync; skipped in training on an accelerator, where it would stall the
+            # launch queue every step (the data pipeline checked the ids against the vocabulary).
             self.check_token_ids(input_ids)
         _, length = input_ids.shape
         if use_cache and cache is None:
