@@ -242,17 +242,16 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         self, positions: Tensor, batch_shape: torch.Size, reverse: bool, store: dict | None
     ) -> list[tuple[Tensor, Tensor]]:
         """``(index, back)`` for each turn of one pass (see :func:`_turn_indices`), kept in
-        ``store`` for the same positions. The inverse pass makes the same turns backwards: its
-        turns are the forward pass's turns back, in reverse order."""
-        made = None if store is None else store.get("turns")
-        if made is None or made[0] is not positions or made[1] != batch_shape:
+        ``store`` (one chain call or one backward: the same positions and shape throughout).
+        The inverse pass makes the same turns backwards: its turns are the forward pass's turns
+        back, in reverse order."""
+        turns = None if store is None else store.get("turns")
+        if turns is None:
             flat = positions.expand(batch_shape).reshape(-1)
             offsets = rotor_offsets(flat, self.num_layers, self.rotor_positions)
             turns = _turn_indices(offsets, self.rotor_positions, self.num_channels)
-            made = (positions, batch_shape, turns)
             if store is not None:
-                store["turns"] = made
-        turns = made[2]
+                store["turns"] = turns
         return [(b, a) for a, b in reversed(turns)] if reverse else turns
 
     def _rotate(
