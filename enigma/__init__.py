@@ -1,25 +1,28 @@
 """Enigma: an exact, position-dependent invertible network modelled on the Enigma cipher machine.
 
-Exports resolve lazily, so ``enigma.data`` (used inside Ray Data workers) runs without importing
-torch or the models.
+The packages: ``invertible`` (the machine and its parts), ``models`` (EnigmaLM, its config and
+layers, EnigmaFlow), ``inference`` (generation and chat), ``train`` (pretraining, fine-tuning,
+sweeps), ``data``, ``cluster`` (Ray), ``storage`` (storage paths, locks, atomic replacement) and
+``benchmarks``. Exports resolve lazily, so ``enigma.data`` (used inside Ray Data workers) runs
+without importing torch or the models.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "DynamicInvertibleConv1x1Stack": "rotor",
-    "Enigma": "machine",
-    "EnigmaConfig": "lm_config",
-    "EnigmaFlow": "flow",
-    "EnigmaLM": "lm",
-    "InvertibleConv1x1": "rotor",
-    "InvertibleConv1x1Stack": "rotor",
-    "InvertibleModule": "invertible",
-    "PRESETS": "lm_config",
-    "Plugboard": "plugboard",
-    "Reflector": "reflector",
-    "RevBlock": "rev_block",
-    "ReversibleSequence": "reversible",
+    "DynamicInvertibleConv1x1Stack": "invertible.rotor",
+    "Enigma": "invertible.machine",
+    "EnigmaConfig": "models.lm_config",
+    "EnigmaFlow": "models.flow",
+    "EnigmaLM": "models.lm",
+    "InvertibleConv1x1": "invertible.rotor",
+    "InvertibleConv1x1Stack": "invertible.rotor",
+    "InvertibleModule": "invertible.base",
+    "PRESETS": "models.lm_config",
+    "Plugboard": "invertible.plugboard",
+    "Reflector": "invertible.reflector",
+    "RevBlock": "invertible.rev_block",
+    "ReversibleSequence": "invertible.reversible",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

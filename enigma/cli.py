@@ -16,11 +16,11 @@ from .errors import InputError
 
 # (path, help, module, add-arguments function, run function)
 COMMANDS = [
-    (("model", "info"), "parameter count per part", "model_cli", "add_info_arguments", "info"),
+    (("model", "info"), "parameter count per part", "models.cli", "add_info_arguments", "info"),
     (
         ("generate",),
         "stream a continuation of a prompt from a saved model",
-        "model_cli",
+        "inference.generate",
         "add_generate_arguments",
         "generate",
     ),

@@ -69,7 +69,7 @@ def ray_cluster():
     """A local 2-CPU Ray instance shared by one test module (starting one costs seconds)."""
     import ray
 
-    from enigma.ray_setup import init_ray
+    from enigma.cluster.ray_setup import init_ray
 
     init_ray(num_cpus=2)
     yield

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, SMALL_RUN
 
 from enigma.cli import main
-from enigma.locking import DirectoryLock
+from enigma.storage.locks import DirectoryLock
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -23,7 +23,7 @@ def _holder(lock_path, what="enigma train"):
     """A live process that holds ``lock_path`` until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from enigma.locking import DirectoryLock
+        from enigma.storage.locks import DirectoryLock
         with DirectoryLock({str(lock_path)!r}, {what!r}):
             print("held", flush=True)
             time.sleep(600)
@@ -64,7 +64,7 @@ EXPORT_CHILD = """
 import os, signal, sys, torch
 from pathlib import Path
 from enigma import EnigmaConfig, EnigmaLM
-from enigma import fsutil
+from enigma.storage import atomic as fsutil
 from enigma.train.checkpoint import write_model_dir
 
 out, when = Path(sys.argv[1]), sys.argv[2]
@@ -123,7 +123,7 @@ def test_damaged_model_file_is_one_line(tmp_path, capsys):
 def test_an_error_that_is_not_bad_input_keeps_its_traceback(monkeypatch):
     import torch.nn.functional as F
 
-    from enigma.lm import EnigmaLM
+    from enigma.models.lm import EnigmaLM
 
     def broken_forward(self, *args, **kwargs):  # a shape error deep in PyTorch (a ValueError)
         return F.cross_entropy(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
@@ -242,7 +242,7 @@ def test_workers_that_cannot_be_placed_fail_with_what_is_held(data, tmp_path, ca
     finally:
         remove_placement_group(holder)
     # The stopped run left nothing behind that would take the freed CPU and keep it.
-    from enigma.ray_setup import actor_placement_groups
+    from enigma.cluster.ray_setup import actor_placement_groups
 
     assert actor_placement_groups(dead_creator_only=False) == []
 

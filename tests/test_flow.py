@@ -7,7 +7,7 @@ import torch
 from conftest import perturb
 
 from enigma import Enigma, EnigmaFlow
-from enigma.flow import fit
+from enigma.models.flow import fit
 
 
 def _flow_2d(involutive: bool) -> EnigmaFlow:

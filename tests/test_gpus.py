@@ -12,7 +12,7 @@ from enigma.train.config import build_config
 def two_gpu_cluster():
     import ray
 
-    from enigma.ray_setup import init_ray
+    from enigma.cluster.ray_setup import init_ray
 
     init_ray(num_cpus=4, num_gpus=2)
     yield

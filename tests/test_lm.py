@@ -290,8 +290,8 @@ def test_random_rotor_offsets_reach_every_setting_in_one_demo_epoch(data):
     With ``rotor_offset="random"`` every setting of every rotor is reached within one epoch's
     draws, so generation past ``seq_len`` meets trained settings; with ``"zero"`` the slow rotor
     only ever sees 8 of its 16."""
-    from enigma.lm_config import PRESET_SEQ_LEN
-    from enigma.rotor import rotor_offsets
+    from enigma.invertible.rotor import rotor_offsets
+    from enigma.models.lm_config import PRESET_SEQ_LEN
 
     seq_len = PRESET_SEQ_LEN["tiny"]
     manifest = json.loads((data / "manifest.json").read_text())

@@ -181,7 +181,7 @@ def test_compiled_machine_is_one_graph():
 def test_one_machine_call_forms_its_rotor_matrices_once(monkeypatch, memory_efficient):
     """``F`` and ``F^-1`` share the rotor matrices: one ``W - I`` and one solve per call, and the
     gradients are those of the stack used twice (the rebuild forms its own, once, in backward)."""
-    from enigma.rotor import DynamicInvertibleConv1x1Stack as Stack
+    from enigma.invertible.rotor import DynamicInvertibleConv1x1Stack as Stack
 
     machine = _moved(Enigma(32, 2, 2, rotor_positions=4, memory_efficient=memory_efficient))
     calls = {"_deviation": 0, "_solve_inverse": 0}

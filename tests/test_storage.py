@@ -29,7 +29,7 @@ def bucket():
     import boto3
     import ray
 
-    from enigma.ray_setup import init_ray
+    from enigma.cluster.ray_setup import init_ray
 
     if ray.is_initialized():  # a session fixture's cluster, started without these variables
         ray.shutdown()

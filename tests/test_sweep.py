@@ -79,7 +79,7 @@ def test_asha_sweep_of_three_waves_never_stalls(data, tmp_path, capsys):
     third wave waits for ever (it did, before ended trials' groups were released)."""
     import ray
 
-    from enigma.ray_setup import orphaned_placement_groups
+    from enigma.cluster.ray_setup import orphaned_placement_groups
 
     out = tmp_path / "sweep"
     argv = sweep_argv(data, out, "--seeds", "3", "--max-steps", "6")

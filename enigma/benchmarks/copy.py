@@ -99,8 +99,8 @@ def params(model: nn.Module) -> int:
 
 
 def build_models(names: list[str], d: int, delay: int, seed: int = 0) -> dict[str, nn.Module]:
-    from enigma.lm import EnigmaLM
-    from enigma.lm_config import EnigmaConfig
+    from enigma.models.lm import EnigmaLM
+    from enigma.models.lm_config import EnigmaConfig
 
     from .lm import matched_plain_transformer
 

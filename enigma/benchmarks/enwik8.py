@@ -146,8 +146,8 @@ def compressor_bpc(test: bytes) -> dict[str, float]:
 
 
 def build_models(args, names: list[str], seed: int) -> dict[str, nn.Module]:
-    from enigma.lm import EnigmaLM
-    from enigma.lm_config import EnigmaConfig
+    from enigma.models.lm import EnigmaLM
+    from enigma.models.lm_config import EnigmaConfig
 
     from .lm import matched_plain_transformer
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..lm_config import PRESET_SEQ_LEN
+from ..models.lm_config import PRESET_SEQ_LEN
 from . import meta
 
 # Dense bf16 tensor throughput with fp32 accumulation, TFLOP/s, from the vendors' data sheets;
@@ -213,8 +213,8 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict:
     fastest EnigmaLM's with fp32 rotor products (the default), ``ratio_bf16_rotors`` with bf16."""
     from torch._dynamo.utils import counters
 
-    from ..lm import EnigmaLM
-    from ..lm_config import EnigmaConfig
+    from ..models.lm import EnigmaLM
+    from ..models.lm_config import EnigmaConfig
 
     seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
     shape = dict(max_len=max(2048, seq_len))
@@ -317,7 +317,7 @@ def process_group(device: torch.device):
 def engine_for(config_name: str, preset: str, batch: int, device: torch.device, **model_fields):
     """An EnigmaLM DeepSpeed engine from a shipped JSON, activation checkpointing through
     DeepSpeed; returns the engine, the model config and the optimizer line."""
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
     from ..train import deepspeed_json
     from ..train.config import TrainConfig
     from ..train.worker import make_engine
@@ -360,7 +360,7 @@ def zero2(args, device: torch.device, ids: torch.Tensor, config_name: str, steps
 
 def zero3_export(args, device: torch.device, ids: torch.Tensor) -> dict:
     """ZeRO-3 bf16: a few steps, export (parameters gathered), reload, compare logits."""
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
     from ..train.checkpoint import export_model
 
     engine, model_config, line = engine_for("zero3_bf16.json", args.preset, ids.shape[0], device)
@@ -392,7 +392,7 @@ def tf32_matmuls():
 def exactness(trained: dict, device: torch.device, ids: torch.Tensor) -> dict:
     """‖E⁻¹(E(x)) − x‖/‖x‖ of the machine trained by DeepSpeed: fp32, bf16 autocast, bf16 rotor
     products, and fp32 with TF32 matmuls."""
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
 
     model = EnigmaLM(trained["model_config"])
     model.load_state_dict(trained["state_dict"], strict=False)
@@ -447,7 +447,7 @@ def _fmt(v) -> str:
 def memory(args: argparse.Namespace, device: torch.device) -> dict:
     """Peak memory and tokens/s of one EnigmaLM step by depth and mode (on the CPU the peak is
     not measured: ``enigma bench memory`` does that in fresh processes)."""
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
     from .memory import depth_sweep, lm_config
 
     d, length, batch = args.memory_shape

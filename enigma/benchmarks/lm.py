@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from enigma.lm import EnigmaLM
-from enigma.lm_config import PRESET_SEQ_LEN, EnigmaConfig
+from enigma.models.lm import EnigmaLM
+from enigma.models.lm_config import PRESET_SEQ_LEN, EnigmaConfig
 
 from . import meta
 from .timing import interleaved

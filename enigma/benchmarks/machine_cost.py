@@ -80,8 +80,8 @@ def measure(fn, x: torch.Tensor, rounds: int, device: torch.device) -> dict:
 
 def machine_cost(preset: str, batch: int, seq_len: int, rounds: int, device) -> dict:
     """The machine of EnigmaLM ``preset`` and each of its parts at ``(batch, seq_len)``."""
-    from ..lm import EnigmaLM
-    from ..lm_config import EnigmaConfig
+    from ..models.lm import EnigmaLM
+    from ..models.lm_config import EnigmaConfig
 
     device = torch.device(device)
     torch.manual_seed(0)

@@ -59,10 +59,10 @@ def gradients(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def reconstruction(model, ids: torch.Tensor) -> float:
-    from enigma.rev_layers import LayerContext
-    from enigma.reversible import invert_chain, run_chain
+    from enigma.invertible.reversible import invert_chain, run_chain
+    from enigma.models.rev_layers import LayerContext
 
-    from ..attention import attention_bias
+    from ..models.attention import attention_bias
 
     config = model.config
     length = ids.shape[1]

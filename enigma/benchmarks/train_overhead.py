@@ -67,7 +67,7 @@ def plain_loop(cfg, blocks, steps: int, warmup: int, seed: int) -> float:
     """Seconds per timed step of a plain PyTorch training loop."""
     import torch
 
-    from enigma.lm import EnigmaLM
+    from enigma.models.lm import EnigmaLM
     from enigma.train.schedule import lr_at
 
     torch.manual_seed(seed)
@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> dict:
     import ray
     import torch
 
+    from enigma.cluster.ray_setup import init_ray
     from enigma.data.shards import read_blocks
-    from enigma.ray_setup import init_ray
     from enigma.train.driver import train
 
     init_ray()

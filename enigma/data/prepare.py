@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..locking import DirectoryLock
+from ..storage.locks import DirectoryLock
 from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, publish, staging_directory
 from .sources import DataError, Source
 from .tokenizer import load_tokenizer, vocab_hash
@@ -173,7 +173,7 @@ def prepare(
 def _prepare_locked(
     source, out, seq_len, val_fraction, test_fraction, tokenizer_name, force, shard_blocks, progress
 ) -> dict:
-    from ..ray_setup import init_ray
+    from ..cluster.ray_setup import init_ray
     from .shards import read_manifest
 
     tokenizer = load_tokenizer(tokenizer_name)

@@ -165,7 +165,7 @@ def read_blocks(directory: str | os.PathLike, split: str, verify: bool = True) -
 def staging_directory(out: Path) -> Path:
     """A fresh sibling of ``out`` to build in; leftovers of interrupted runs are removed (the
     caller holds ``out``'s lock, so none of them belongs to a live run)."""
-    from ..fsutil import remove_leftovers, staging_dir
+    from ..storage.atomic import remove_leftovers, staging_dir
 
     remove_leftovers(out, "tmp")
     return staging_dir(out, "tmp")
@@ -173,7 +173,7 @@ def staging_directory(out: Path) -> Path:
 
 def publish(staging: Path, out: Path, manifest: dict) -> None:
     """Write the manifest last, then swap the staging directory into place atomically."""
-    from ..fsutil import replace_dir
+    from ..storage.atomic import replace_dir
 
     tmp = staging / (MANIFEST + ".part")
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))

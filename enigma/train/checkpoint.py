@@ -93,7 +93,7 @@ def export_model(
         state = engine.module.state_dict() if rank == 0 else None
     if rank != 0:
         return
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
 
     model = EnigmaLM(model_config)
     state = {k: v.detach().float().cpu() for k, v in state.items()}
@@ -106,10 +106,10 @@ def export_model(
 def write_model_dir(model, out: Path, tokenizer_dir: str | None, card: str | None = None) -> None:
     """``save_pretrained`` (weights, config and the modelling code) + tokenizer + the model card
     (``README.md``) into a unique staging directory, then swapped in whole: a complete ``out``
-    exists at every instant (:func:`enigma.fsutil.replace_dir`)."""
+    exists at every instant (:func:`enigma.storage.atomic.replace_dir`)."""
     from transformers.utils import logging as hf_logging
 
-    from ..fsutil import remove_leftovers, replace_dir, staging_dir
+    from ..storage.atomic import remove_leftovers, replace_dir, staging_dir
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar for every export
     remove_leftovers(out)  # of exports killed before their swap

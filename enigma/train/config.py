@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
-from ..lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
+from ..models.lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
 
 
 @dataclass
@@ -221,7 +221,7 @@ def check_model(cfg: TrainConfig) -> None:
     layers reject is bad input named here, before any worker starts."""
     import torch
 
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
 
     config = cfg.model_config()
     try:

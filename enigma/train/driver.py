@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ..locking import DirectoryLock
+from ..storage.locks import DirectoryLock
+from ..storage.store import CHECKPOINT_PARTS, Storage
 from . import deepspeed_json
 from .checkpoint import CHECKPOINT_TMP, damage, fingerprint, mismatch, read_state
 from .config import TrainConfig, build_config
 from .export import data_summary
 from .plan import Faults, RunPlan, RunSpec
 from .progress import PlacementWatchdog, ProgressPrinter
-from .storage import CHECKPOINT_PARTS, Storage
 
 LOCK_FILE = ".lock"  # in the output directory: one training run writes it at a time
 
@@ -164,7 +164,7 @@ def prepare_run(
     from, and build what every worker gets. Raises :class:`InputError` before any worker starts;
     ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the worker count in
     messages; ``spec_fields`` go to the :class:`RunSpec` as they are."""
-    from ..ray_setup import init_ray
+    from ..cluster.ray_setup import init_ray
 
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
@@ -299,7 +299,7 @@ def release_orphans(wait_s: float = 15.0) -> None:
     """The killed controller's placement group outlives it (pending, it would be placed as soon
     as the resources free up and hold them for good): remove it once Ray marks its creator
     dead."""
-    from ..ray_setup import remove_orphaned_placement_groups
+    from ..cluster.ray_setup import remove_orphaned_placement_groups
 
     deadline = time.monotonic() + wait_s
     while not remove_orphaned_placement_groups() and time.monotonic() < deadline:
@@ -311,7 +311,7 @@ def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
     import torch
 
     from ..data.tokenizer import load_tokenizer
-    from ..model_cli import continue_text, load_model
+    from ..inference.generate import continue_text, load_model
 
     if not (model_dir / "config.json").is_file():
         return None

@@ -169,7 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:
-    from .storage import CHECKPOINT_PARTS
+    from ..storage.store import CHECKPOINT_PARTS
 
     root = run_dir.joinpath(*CHECKPOINT_PARTS)
     found = sorted(root.glob("step-*")) if root.is_dir() else []
@@ -187,7 +187,7 @@ def consolidated_weights(checkpoint: Path) -> dict:
 
 def export_run(run_dir: str, out: str, step: str = "best") -> dict:
     """Write ``out`` from a run's best model or one of its checkpoints; returns what was used."""
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
     from .checkpoint import STATE_FILE, TrainState, write_model_dir
     from .config import TrainConfig
 

@@ -97,7 +97,7 @@ class RunSpec:
 
     @property
     def storage(self):
-        from .storage import Storage
+        from ..storage.store import Storage
 
         return Storage(self.storage_path or self.output_dir)
 

@@ -174,7 +174,7 @@ class PlacementWatchdog(threading.Thread):
         self.stopped.set()
 
     def run(self) -> None:
-        from ..ray_setup import PlacementWatch, kill_train_controllers
+        from ..cluster.ray_setup import PlacementWatch, kill_train_controllers
 
         watch = PlacementWatch(self.timeout_s)
         while not self.stopped.wait(self.every_s):

@@ -24,7 +24,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from ..errors import InputError
-from ..locking import DirectoryLock
+from ..storage.locks import DirectoryLock
 from .config import (
     MODEL_KEYS,
     TRAIN_KEYS,
@@ -194,13 +194,13 @@ class ReleaseStoppedTrials(Callback):
     sweep, saying what is held, when some trial's workers cannot be placed for ``timeout_s``."""
 
     def __init__(self, timeout_s: float, every_s: float = 2.0):
-        from ..ray_setup import PlacementWatch
+        from ..cluster.ray_setup import PlacementWatch
 
         self.every_s, self.last, self.watch = every_s, 0.0, PlacementWatch(timeout_s)
 
     @staticmethod
     def _release() -> None:
-        from ..ray_setup import remove_orphaned_placement_groups
+        from ..cluster.ray_setup import remove_orphaned_placement_groups
 
         freed = remove_orphaned_placement_groups()
         if freed:
@@ -227,7 +227,7 @@ class ReleaseStoppedTrials(Callback):
 def release_leftovers(wait_s: float = 15.0) -> None:
     """After the last trial: no Train controller of this sweep may live on, and no placement
     group of a dead one may keep its CPUs (the last trials' controllers die after Tune is done)."""
-    from ..ray_setup import actor_placement_groups, kill_train_controllers
+    from ..cluster.ray_setup import actor_placement_groups, kill_train_controllers
 
     kill_train_controllers()
     deadline = time.monotonic() + wait_s

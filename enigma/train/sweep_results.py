@@ -20,7 +20,7 @@ from .sweep_trial import REPORTS, read_reports, trial_config, trial_label
 def count_params(cfg: TrainConfig) -> int:
     import torch
 
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
 
     with torch.device("meta"):
         model = EnigmaLM(cfg.model_config())

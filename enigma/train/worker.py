@@ -165,7 +165,7 @@ def build_engine(spec: RunSpec):
     assign_accelerator(spec.use_gpu)
     import deepspeed
 
-    from ..lm import EnigmaLM
+    from ..models.lm import EnigmaLM
 
     deepspeed.init_distributed()
     device = torch.device(deepspeed.get_accelerator().current_device_name())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .invertible import InvertibleModule, permute, zero_log_det
+from .base import InvertibleModule, permute, zero_log_det
 
 
 class Plugboard(InvertibleModule):

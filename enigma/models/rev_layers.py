@@ -11,7 +11,8 @@ After the last layer the streams merge as their mean, ``(y1 + y2) / 2``, which t
 LayerNorm reads. Each layer is invertible (``x2 = y2 - MLP(LN(y1))``, then
 ``x1 = y1 - Attention(LN(x2))``), and the split's left inverse is the mean of the two streams,
 so the embedding, the machine and every layer form one chain that the reversible backward
-(:mod:`enigma.reversible`) rebuilds from its output: nothing per layer is kept for backward.
+(:mod:`enigma.invertible.reversible`) rebuilds from its output: nothing per layer is kept for
+backward.
 
 The streams run in at least fp32 (like the machine's coupling stream) and each branch runs in its
 weights' precision, so bf16 weights leave the additions, and so the rebuild, fp32-exact up to
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .invertible import zero_log_det
-from .rev_block import additive_coupling, additive_rebuild_and_backprop
-from .reversible import apply_chain
+from ..invertible.base import zero_log_det
+from ..invertible.rev_block import additive_coupling, additive_rebuild_and_backprop
+from ..invertible.reversible import apply_chain
 
 
 @dataclass
@@ -93,8 +94,8 @@ class ReversibleStack(nn.Module):
 
 
 class LayerStep:
-    """One Transformer layer (:class:`enigma.lm.TransformerBlock`) as an additive coupling step
-    on the two streams, bound to one forward pass's :class:`LayerContext`."""
+    """One Transformer layer (:class:`enigma.models.lm.TransformerBlock`) as an additive coupling
+    step on the two streams, bound to one forward pass's :class:`LayerContext`."""
 
     rebuilds_with_vjp = True
 

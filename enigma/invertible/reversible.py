@@ -6,9 +6,9 @@ end: it rebuilds each step's input from its output with the inverse, runs that o
 autograd, and backpropagates through it alone. An additive coupling block does better (RevNet's
 algorithm): the vector-Jacobian products of its two nets are taken while they run for the
 rebuild, so each net runs once in backward (steps with ``rebuilds_with_vjp``: additive
-:class:`~enigma.rev_block.RevBlock` and EnigmaLM's reversible Transformer layers). Peak memory
-is one step's activations, whatever the depth. Gradient checkpointing cannot do this: it must
-keep every segment's input.
+:class:`~enigma.invertible.rev_block.RevBlock` and EnigmaLM's reversible Transformer layers).
+Peak memory is one step's activations, whatever the depth. Gradient checkpointing cannot do
+this: it must keep every segment's input.
 
 Each step's gradients come from ``torch.autograd.grad`` inside ``backward``; the chain's
 parameters are inputs of the autograd function, whose backward returns their gradients summed over
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .invertible import InvertibleModule
+from .base import InvertibleModule
 from .rotor import DynamicInvertibleConv1x1Stack
 
 Step = tuple[InvertibleModule, bool]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .errors import InputError
+from ..errors import InputError
 
 # name -> (model fields, training seq_len). Names are part of the interface.
 PRESETS: dict[str, dict] = {
@@ -91,8 +91,8 @@ class EnigmaConfig(PretrainedConfig):
         coupling: ``"additive"`` (volume-preserving) or ``"affine"`` RevBlock coupling.
         reversible_layers: The Transformer layers couple two streams RevNet-style
             (``y1 = x1 + Attention(LN(x2))``, ``y2 = x2 + MLP(LN(y1))``; see
-            :mod:`enigma.rev_layers`), so the machine and the layers form one invertible chain.
-            An architecture choice: the weights differ from the standard layers'.
+            :mod:`enigma.models.rev_layers`), so the machine and the layers form one invertible
+            chain. An architecture choice: the weights differ from the standard layers'.
         reversible_backward: Backward rebuilds the activations of the machine (and of the
             reversible layers) from the chain's output instead of storing them. ``None``: on
             with ``reversible_layers``, else ``machine_memory_efficient``. Changes no result:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .invertible import InvertibleModule, check_even_dim
+from .base import InvertibleModule, check_even_dim
 from .plugboard import Plugboard
 from .reflector import Reflector
 from .rev_block import RevBlock
@@ -23,7 +23,7 @@ class Enigma(InvertibleModule):
     volume-preserving (additive coupling). ``num_rev_blocks=0`` or ``num_rotors=0`` leave that part
     out. ``dynamic=False`` keeps the rotors still (no stepping). ``rotor_matmul="bf16"`` runs the
     rotors' per-token products in bf16 (faster on GPUs, invertible to about 1e-3; see
-    :mod:`enigma.rotor`).
+    :mod:`enigma.invertible.rotor`).
     """
 
     def __init__(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import solve_triangular
 
-from .invertible import InvertibleModule, permute
+from .base import InvertibleModule, permute
 
 
 def _solve_dtype(dtype: torch.dtype) -> torch.dtype:

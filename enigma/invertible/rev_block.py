@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .invertible import InvertibleModule, check_even_dim, zero_log_det
+from .base import InvertibleModule, check_even_dim, zero_log_det
 
 COUPLINGS = ("additive", "affine")
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _alive(pid: int) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .invertible import InvertibleModule
+from ..invertible.base import InvertibleModule
 
 PRIORS = ("gaussian",)
 

@@ -1,4 +1,4 @@
-"""``enigma model info`` and ``enigma generate``."""
+"""``enigma generate``: a saved model continues a prompt, streamed to the terminal."""
 
 from __future__ import annotations
 
@@ -8,33 +8,8 @@ import os
 import torch
 from transformers import TextStreamer
 
-from .data.tokenizer import join_cjk
-from .errors import InputError
-
-
-def add_info_arguments(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset", help="one of tiny, small, base, large")
-    group.add_argument("--model", help="a directory written by save_pretrained")
-
-
-def info(args: argparse.Namespace) -> None:
-    from .lm import EnigmaLM
-    from .lm_config import EnigmaConfig
-
-    if args.preset:
-        model = EnigmaLM(EnigmaConfig.from_preset(args.preset))
-    else:
-        model = load_model(args.model)
-    c = model.config
-    print(
-        f"EnigmaLM d={c.d} layers={c.num_transformer_layers} heads={c.num_heads} "
-        f"rev_blocks={c.num_rev_blocks if c.has_machine else 0} "
-        f"rotors={c.num_rotors if c.has_machine else 0} rotor_positions={c.rotor_positions} "
-        f"alibi={c.use_alibi}"
-    )
-    for part, n in model.parameter_counts().items():
-        print(f"  {part:<12} {n:>14,}")
+from ..data.tokenizer import join_cjk
+from ..errors import InputError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +28,7 @@ def load_model(path: str):
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
-    from .lm import EnigmaLM
+    from ..models.lm import EnigmaLM
 
     hf_logging.disable_progress_bar()  # a bar for loading a few tensors is noise
 
@@ -67,7 +42,7 @@ def load_model(path: str):
 
 
 def generate(args: argparse.Namespace) -> str:
-    from .data.tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     model = load_model(args.model)
     saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))

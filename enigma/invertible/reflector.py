@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .invertible import InvertibleModule, zero_log_det
+from .base import InvertibleModule, zero_log_det
 
 
 class Reflector(InvertibleModule):

@@ -9,6 +9,8 @@ Transformer that every comparison uses.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,15 +19,16 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..invertible.machine import Enigma
 from .attention import CausalSelfAttention, attention_bias
 from .lm_config import EnigmaConfig
-from .machine import Enigma
+from .remote_code import AUTO_MAP, write_remote_code
 from .rev_layers import LayerContext, ReversibleStack
 
 
 class TransformerBlock(GradientCheckpointingLayer):
     """Pre-LN block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``. With ``reversible_layers`` the
-    same two branches couple two streams instead (:mod:`enigma.rev_layers`)."""
+    same two branches couple two streams instead (:mod:`enigma.models.rev_layers`)."""
 
     def __init__(self, config: EnigmaConfig, layer_idx: int):
         super().__init__()
@@ -69,6 +72,15 @@ class EnigmaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, plus the modelling code beside the weights and
+        ``auto_map`` naming it, so the directory loads without this project
+        (:mod:`enigma.models.remote_code`)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(Path(save_directory))
 
 
 class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
@@ -253,8 +265,3 @@ def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 # exported directory with trust_remote_code=True (its copy of this module).
 AutoConfig.register("enigma", EnigmaConfig, exist_ok=True)
 AutoModelForCausalLM.register(EnigmaConfig, EnigmaLM, exist_ok=True)
-# save_pretrained then copies this module and the modules it imports relatively next to the
-# weights, and names the classes in config.json's auto_map: the directory loads on its own with
-# trust_remote_code=True, without this project installed.
-EnigmaConfig.register_for_auto_class()
-EnigmaLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,1 @@
+"""Using a trained model: generation from a prompt, and chat."""
