@@ -1,9 +1,12 @@
 """Shared fixtures and helpers: invertible-module checks, one Ray cluster per test module, the
 prepared corpus and the small-run overrides of the end-to-end tests."""
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp32_zero2(tmp_path_factory) -> str:
-    """``zero2_bf16.json`` without bf16: fp32 runs, whose losses compare to 1e-4."""
+    """``zero2.json`` without bf16: fp32 runs, whose losses compare to 1e-4."""
     from enigma.benchmarks.train_overhead import fp32_ds_config
 
     return fp32_ds_config(tmp_path_factory.mktemp("ds"))
@@ -74,6 +77,60 @@ def ray_cluster():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server():
+    """moto's S3 server on loopback with a bucket ``runs``; the AWS_* variables point at it
+    while the block runs (set them before a Ray cluster starts, so its workers inherit them).
+    Yields a boto3 client."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="runs")
+                break
+            except Exception:  # the server is still starting
+                time.sleep(0.1)
+        yield client
+    finally:
+        server.terminate()
+        server.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_without_project(model_dirs, prompt: list, new_tokens: int, tmp_path) -> list[dict]:
+    """Each exported model loaded in a fresh Python where ``enigma``, ``deepspeed`` and ``ray``
+    cannot be imported (``tests/remote_load_probe.py``): its greedy ids and first logits."""
+    import json
+
+    probe = [sys.executable, str(ROOT / "tests" / "remote_load_probe.py"), json.dumps(prompt)]
+    env = {"PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+    done = subprocess.run([*probe, str(new_tokens), *map(str, model_dirs)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,7 +2,6 @@
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, SMALL_RUN
+from conftest import ROOT, SMALL_RUN, free_port
 
 from enigma.train.config import build_config
 
@@ -40,12 +39,6 @@ def test_two_nodes_one_cpu_each(data, tmp_path):
         cluster.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_cluster(temp_dir: Path) -> None:
     """Stop only the processes of the cluster this test started (found by its temp dir): SIGTERM,
     then SIGKILL for whatever is still there after 10 s; none may outlive the test."""
@@ -67,8 +60,11 @@ def _stop_cluster(temp_dir: Path) -> None:
 @pytest.mark.job_submit
 def test_ray_job_submit_end_to_end(data, tmp_path):
     temp_dir = Path("/tmp") / f"enigma-ray-{os.getpid()}"  # short: socket paths have a limit
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
+    port, dash = free_port(), free_port()
+    # The cluster's nodes run oneDNN capped at AVX2 (bf16's slow path on any CPU): the job's
+    # precision, "auto" in the shipped JSON, must come out fp32, decided on the nodes themselves.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1",
+           "ONEDNN_MAX_CPU_ISA": "AVX2"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     # Every port of its own: the agents' fixed defaults (52365, ...) collide with any other Ray
     # instance on the machine, and a job agent that cannot bind never registers.
@@ -77,7 +73,7 @@ def test_ray_job_submit_end_to_end(data, tmp_path):
     start = [RAY, "start", "--head", f"--port={port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
              f"--temp-dir={temp_dir}", "--disable-usage-stats",
-             *[f"--{name}={_free_port()}" for name in agents]]  # fmt: skip
+             *[f"--{name}={free_port()}" for name in agents]]  # fmt: skip
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
         address = f"--address=http://127.0.0.1:{dash}"
@@ -106,6 +102,8 @@ def test_ray_job_submit_end_to_end(data, tmp_path):
         logs = probe.stdout + probe.stderr
         assert "succeeded" in status.lower(), status + logs[-3000:]
         assert "=== done ===" in logs
+        assert "precision: fp32 (auto: ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN below" in logs
+        assert "DeepSpeed ZeRO-2 fp32;" in logs
         assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     finally:
         _stop_cluster(temp_dir)

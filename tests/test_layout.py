@@ -55,3 +55,43 @@ def test_training_modules_live_in_the_train_package():
     for module in ["config", "deepspeed_json", "driver", "worker", "checkpoint", "schedule",
                    "progress", "sweep", "sweep_trial", "sweep_results"]:  # fmt: skip
         assert (ROOT / "enigma" / "train" / f"{module}.py").is_file(), module
+
+
+def _imports(path, package: str) -> set[str]:
+    """The project modules ``path`` imports, at any depth of the file (function-level too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+            found |= {target, *(f"{target}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("enigma"):
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def test_no_import_circles():
+    """A name two modules share has one home: no module imports one that imports it back, at
+    any depth (a lazy import inside a function counts: it is a circle all the same)."""
+    modules = {}
+    for path in (ROOT / "enigma").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        modules[name] = (path, package)
+    graph = {
+        name: {m for m in _imports(path, package) if m in modules and m != name}
+        for name, (path, package) in modules.items()
+    }
+    circles = []
+
+    def visit(node, trail):
+        for nxt in graph[node]:
+            if nxt == trail[0]:
+                circles.append(" -> ".join([*trail, nxt]))
+            elif nxt not in trail and len(trail) < 6:
+                visit(nxt, [*trail, nxt])
+
+    for name in graph:
+        visit(name, [name])
+    assert not circles, circles[:5]

@@ -29,7 +29,7 @@ def shipped(name: str) -> dict:
 
 
 def test_cpu_workers_step_with_torch_adamw_and_say_why(tmp_path):
-    rc, out = probe(tmp_path, shipped("zero2_bf16"))
+    rc, out = probe(tmp_path, shipped("zero2"))
     assert rc == 0 and out["optimizer"] == "AdamW"
     assert out["line"].startswith("optimizer: torch AdamW (foreach): DeepSpeed's fused Adam")
     assert out["losses"][-1] < 0.7 * out["losses"][0]
@@ -75,7 +75,7 @@ def test_every_auto_is_filled_from_the_training_config(tmp_path):
     from enigma.train import deepspeed_json
     from enigma.train.config import TrainConfig
 
-    config = shipped("zero3_bf16")
+    config = shipped("zero3")
     config["bf16"]["enabled"] = "auto"
     zero = config["zero_optimization"]
     for key in deepspeed_json.ZERO_AUTO:

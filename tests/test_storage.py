@@ -2,63 +2,29 @@
 (moto's S3 server on loopback, reached through the standard AWS_* variables) and resumes from it
 on a machine that has never seen the run."""
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import UNINTERRUPTED
+from conftest import UNINTERRUPTED, moto_server
 
 from enigma.cli import main
 from enigma.train.config import build_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def bucket():
     """moto's S3 server with a bucket ``runs``; the AWS_* variables point at it before the
     module's Ray cluster starts, so its workers inherit them as a cluster's nodes would."""
-    import boto3
     import ray
 
     from enigma.cluster.ray_setup import init_ray
 
     if ray.is_initialized():  # a session fixture's cluster, started without these variables
         ray.shutdown()
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="runs")
-            break
-        except Exception:  # the server is still starting
-            time.sleep(0.1)
-    init_ray(num_cpus=2)
-    yield client
-    ray.shutdown()
-    server.terminate()
-    server.wait()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_server() as client:
+        init_ray(num_cpus=2)
+        yield client
+        ray.shutdown()
 
 
 def run(data, out, ds, *sets, storage=None):
@@ -109,3 +75,44 @@ def test_storage_that_cannot_be_written_stops_in_one_line(bucket, data, tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "s3://no-such-bucket/run is not writable" in err
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://AKIAEXAMPLE:wJalrSECRETKEY@runs/run", "s3://runs/run?secret_key=wJalrSECRETKEY"],
+)
+def test_credentials_in_the_uri_are_refused_without_repeating_them(data, tmp_path, capsys, uri):
+    argv = ["train", "--preset", "tiny", "--data", str(data), "--set", "seq_len=64",
+            "--output-dir", str(tmp_path), "--storage-path", uri]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "carries credentials" in err
+    assert "AWS_SECRET_ACCESS_KEY" in err and "SECRETKEY" not in err and "AKIA" not in err
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_sub_paths_go_before_the_query():
+    from enigma.storage.store import Storage
+
+    storage = Storage.of("s3://runs/run?scheme=http&endpoint_override=127.0.0.1:9000", "out")
+    assert storage.uri("ray", "train") == (
+        "s3://runs/run/ray/train?scheme=http&endpoint_override=127.0.0.1:9000"
+    )
+    fs, path = storage.filesystem("ray", "train")
+    assert path == "runs/run/ray/train" and type(fs).__name__ == "S3FileSystem"
+
+
+def test_an_error_in_the_file_system_layer_keeps_its_traceback(monkeypatch):
+    """Only what the project raises on purpose is one line: a bug below stays a bug."""
+    import pyarrow.fs as pafs
+
+    from enigma.storage.store import Storage
+
+    class Broken:
+        @staticmethod
+        def from_uri(uri):
+            raise KeyError("a bug in the storage layer")
+
+    monkeypatch.setattr(pafs, "FileSystem", Broken)
+    with pytest.raises(KeyError, match="a bug in the storage layer"):
+        Storage.of("s3://runs/run", "out").filesystem()

@@ -1,5 +1,9 @@
 """`enigma tune`, scaled down: a 2-trial sweep with its tables, plot, hparams and best.json (which
-`enigma train --config` accepts), and a sweep whose driver is killed and then restored."""
+`enigma train --config` accepts), and a sweep whose driver is killed and then restored.
+
+The module's cluster is shared with another job, as on a real cluster: a second driver holds a
+placement group whose creating actor it killed, and a request the cluster can never place. Every
+sweep and run here must finish (placement timeout 20 s) and leave that job's groups alone."""
 
 import csv
 import json
@@ -15,8 +19,25 @@ from conftest import ROOT, SMALL_RUN
 from enigma.cli import main
 from enigma.train.sweep import parse_grid, parse_lr, parse_ranges
 
-SETS = [*SMALL_RUN, "eval_steps=2", "log_steps=2", "lr=2e-3"]
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+SETS = [*SMALL_RUN, "eval_steps=2", "log_steps=2", "lr=2e-3", "placement_timeout_s=20"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def other_job():
+    """A 2-CPU cluster (plus the other job's resource) and the other job's driver on it."""
+    import ray
+
+    from enigma.benchmarks.other_job import RESOURCE, OtherJob
+    from enigma.cluster.ray_setup import init_ray
+
+    init_ray(num_cpus=2, resources={RESOURCE: 1})
+    with OtherJob(ray.get_runtime_context().gcs_address) as job:
+        yield job
+    ray.shutdown()
+
+
+def other_groups_intact(job) -> None:
+    assert job.intact() == {"created_group_kept": True, "pending_request_kept": True}
 
 
 def sweep_argv(data, out, *extra):
@@ -25,7 +46,7 @@ def sweep_argv(data, out, *extra):
     return argv + [x for s in SETS for x in ("--set", s)]
 
 
-def test_three_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys):
+def test_three_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys, other_job):
     """6 trials, 2 at a time: three waves, each placed after the one before has ended."""
     out = tmp_path / "sweep"
     assert main(sweep_argv(data, out, "--scheduler", "fifo", "--seeds", "3")) == 0
@@ -68,18 +89,19 @@ def test_three_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys):
     winner = min(rows, key=lambda r: float(r["best_val_ppl"]))
     assert best["model"]["num_rev_blocks"] == int(winner["num_rev_blocks"])
     capsys.readouterr()
-    argv = ["train", "--config", str(out / "best.json"), "--max-steps", "2"]
+    argv = ["train", "--config", str(out / "best.json"), "--max-steps", "8"]
+    start = time.monotonic()
     assert main([*argv, "--output-dir", str(tmp_path / "best")]) == 0
     assert "=== done ===" in capsys.readouterr().out
+    assert time.monotonic() - start > 25, "long enough for the watch to have judged (20 s)"
     assert (tmp_path / "best" / "model" / "model.safetensors").is_file()
+    other_groups_intact(other_job)
 
 
-def test_asha_sweep_of_three_waves_never_stalls(data, tmp_path, capsys):
+def test_asha_sweep_of_three_waves_never_stalls(data, tmp_path, capsys, other_job):
     """ASHA stops trials mid-run; their Train workers' placement groups must be freed, or the
     third wave waits for ever (it did, before ended trials' groups were released)."""
-    import ray
-
-    from enigma.cluster.ray_setup import orphaned_placement_groups
+    from enigma.cluster.placement import job_groups, orphaned_placement_groups
 
     out = tmp_path / "sweep"
     argv = sweep_argv(data, out, "--seeds", "3", "--max-steps", "6")
@@ -94,8 +116,9 @@ def test_asha_sweep_of_three_waves_never_stalls(data, tmp_path, capsys):
     assert stopped, "ASHA stopped the slow-warmup trials at a rung"
     assert "released" in capsys.readouterr().out
     assert time.monotonic() - start < 480
-    held = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    held = job_groups()
     assert not held and not orphaned_placement_groups(), "every trial's workers were released"
+    other_groups_intact(other_job)
 
 
 def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, tmp_path):

@@ -1,7 +1,7 @@
 """One DeepSpeed rank (a shipped ZeRO config without bf16, gloo, CPU) training tiny EnigmaLMs from
 the same start with backward storing activations, then rebuilding them: the memory-efficient
 machine, and reversible layers; 10 steps, each rank its own batches. Usage: ``RANK=r WORLD_SIZE=n
-zero_probe.py zero3_bf16.json``, one process per rank. Rank 0 prints one JSON line with its
+zero_probe.py zero3.json``, one process per rank. Rank 0 prints one JSON line with its
 losses, keyed ``machine-stored``, ``machine-rebuilt``, ``layers-stored``, ``layers-rebuilt``."""
 
 import json

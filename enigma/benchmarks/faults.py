@@ -1,17 +1,22 @@
 """``enigma bench faults``: a training run that is shot at, against the same run left alone.
 
 Both runs are the same ``enigma train`` command (tiny, 2 workers, ZeRO-2 fp32, a checkpoint every
-few steps), each in a fresh process with its own local Ray. The faulty one gets seeded faults:
+few steps), each in a fresh driver process, on a local Ray cluster this command starts and shares
+with another job (:mod:`.other_job`: a placement group whose creator died, and a request the
+cluster can never place; placement timeout 20 s). The faulty run gets seeded faults:
 
 - worker kills at random steps (the last rank exits; Ray Train restarts the group from the last
   checkpoint),
-- a SIGTERM to the driver at a random step, then the same command run again (it resumes),
-- before that rerun, the newest checkpoint is truncated (the rerun must pass over it).
+- a SIGTERM to the driver at a random step in the first half, then the same command again,
+- before that rerun, the newest checkpoint is truncated (the rerun must set it aside and resume
+  from the one before, and go on past its step),
+- a second SIGTERM two checkpoints later, and before the last rerun the newest checkpoint loses
+  its model states (what an upload cut short leaves: the rerun must pass over it too).
 
-Reported: faults injected and survived, steps missing from or logged twice in the final curve,
-steps trained again after restarts, and the largest per-step difference of the training loss
-against the undisturbed run. In fp32 with the data position in every checkpoint the two curves
-should agree to rounding.
+Reported: faults injected and survived, whether the other job's groups are intact, steps missing
+from or logged twice in the final curve, steps trained again after restarts, and the largest
+per-step difference of the training loss against the undisturbed run. In fp32 with the data
+position in every checkpoint the two curves should agree to rounding.
 """
 
 from __future__ import annotations
@@ -44,28 +49,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan_faults(args) -> dict:
-    """Distinct steps for the kills and the driver's SIGTERM, none on a checkpoint step (a kill
-    there would race the checkpoint it just wrote), and after the first checkpoint."""
-    free = [s for s in range(args.save_every + 1, args.steps) if s % args.save_every]
+    """Distinct steps for the kills and the first SIGTERM in the first half of the run, none on a
+    checkpoint step (a kill there would race the checkpoint it just wrote) nor before the first
+    checkpoint; the second SIGTERM two checkpoints after the first, so that the second invocation
+    writes checkpoints of its own (the newest of which the last rerun finds cut short)."""
+    every = args.save_every
+    free = [s for s in range(every + 1, args.steps // 2) if s % every]
     if len(free) < args.kills + 1:
         raise InputError(f"--steps {args.steps} leaves too few steps for {args.kills} kills")
     steps = random.Random(args.seed).sample(free, args.kills + 1)
-    return {"kill_at_steps": sorted(steps[:-1]), "sigterm_at_step": steps[-1]}
+    second = steps[-1] + 2 * every  # off the checkpoint steps, as the first is
+    if second >= args.steps:
+        raise InputError(f"--steps {args.steps} is too few for two restarts; use {second + every}")
+    return {"kill_at_steps": sorted(steps[:-1]), "sigterm_at_steps": [steps[-1], second]}
 
 
 def train_command(args, data: str, out: Path, ds_config: str) -> list[str]:
     sets = ["seq_len=64", "micro_batch=4", "grad_accum=2", "eval_batches=2", "log_steps=1",
             "shuffle_buffer=0", f"eval_steps={args.steps}", f"save_steps={args.save_every}",
-            f"max_failures={args.kills + 1}", "sample_tokens=4"]  # fmt: skip
+            f"max_failures={args.kills + 1}", "sample_tokens=4",
+            "placement_timeout_s=20"]  # fmt: skip
     cmd = [sys.executable, "-m", "enigma.cli", "train", "--preset", "tiny", "--data", data]
     cmd += ["--workers", "2", "--gpus-per-worker", "0", "--ds-config", ds_config]
     cmd += ["--output-dir", str(out), "--max-steps", str(args.steps)]
     return cmd + [x for s in sets for x in ("--set", s)]
 
 
-def _env(faults: dict | None) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)  # each run starts (and ends) its own local cluster
+def _env(address: str, faults: dict | None) -> dict:
+    """Every run joins the shared cluster at ``address``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
     if faults:
         env["ENIGMA_FAULTS"] = json.dumps({"kill_at_steps": faults["kill_at_steps"]})
     return env
@@ -97,10 +109,23 @@ def corrupt_latest(out: Path) -> str:
     return latest.name
 
 
+def cut_short(out: Path) -> str:
+    """Remove the newest checkpoint's model states, as an upload cut short leaves it (the
+    optimizer shards there, the model states not); returns the checkpoint's name."""
+    latest = sorted((out / "ray" / "train").glob("step-*"))[-1]
+    for f in (latest / "ds").glob("*model_states.pt"):
+        f.unlink()
+    return latest.name
+
+
 def losses(out: Path) -> dict[int, list[float]]:
     """Every ``train/loss`` event that survives TensorBoard's purge of re-run steps, by step."""
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # Each purge of re-run steps is a warning while reading; they are expected here.
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     acc = EventAccumulator(str(out / "tensorboard" / out.name), size_guidance={"scalars": 0})
     acc.Reload()
     by_step: dict[int, list[float]] = {}
@@ -133,30 +158,53 @@ def _data(args, work: Path) -> str:
         return str(Path(args.data).resolve())
     out = work / "sanguo-64"
     cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", "--seq-len", "64", "--out"]
-    subprocess.run([*cmd, str(out)], check=True, env=_env(None), capture_output=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([*cmd, str(out)], check=True, env=env, capture_output=True)
     return str(out)
 
 
-def faulty_run(args, cmd: list[str], out: Path, faults: dict) -> dict:
-    """Kills and a SIGTERM in the first invocation, a truncated checkpoint, then the rerun."""
-    log = out.parent / "faulty.log"
-    first = run_until(cmd, _env(faults), log, faults["sigterm_at_step"])
-    corrupted = corrupt_latest(out)
-    second = run_until(cmd, _env(faults), log, None)
+def faulty_run(cmd: list[str], out: Path, faults: dict, address: str) -> dict:
+    """Kills and a SIGTERM, a truncated checkpoint and a rerun with a second SIGTERM, a
+    checkpoint cut short and the last rerun."""
+    log, env = out.parent / "faulty.log", _env(address, faults)
+    first, second = faults["sigterm_at_steps"]
+    codes = [run_until(cmd, env, log, first)]
+    truncated = corrupt_latest(out)
+    codes.append(run_until(cmd, env, log, second))
+    short = cut_short(out)
+    codes.append(run_until(cmd, env, log, None))
     kills = sorted(int(p.name.rsplit("-", 1)[1]) for p in out.glob(".fault-injected-*"))
     text = log.read_text()
     return {
-        "first_exit_code": first,
-        "second_exit_code": second,
+        "exit_codes": codes,
         "kills_done": kills,
-        "corrupted_checkpoint": corrupted,
-        "fell_back": f"checkpoint {corrupted} is damaged" in text,
-        "finished": "=== done ===" in text,
+        "corrupted_checkpoint": truncated,
+        "fell_back": f"checkpoint {truncated} is damaged" in text,
+        "checkpoint_without_model_states": short,
+        "passed_over_missing_model_states": f"checkpoint {short} is damaged (ds/" in text,
+        "finished": codes[-1] == 0 and "=== done ===" in text,
         "steps_trained_again": restarts_in(log),
     }
 
 
+def shared_cluster():
+    """A local 2-CPU cluster in this process, with the other job's resource; its address."""
+    import ray
+
+    from ..cluster.ray_setup import init_ray
+    from .other_job import RESOURCE
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2, resources={RESOURCE: 1})
+    return ray.get_runtime_context().gcs_address
+
+
 def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    from .other_job import OtherJob
+
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-faults-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for old in ("reference", "faulty", "reference.log", "faulty.log"):  # an earlier run's
@@ -165,17 +213,25 @@ def run(args: argparse.Namespace) -> dict:
     data, ds_config = _data(args, work), fp32_ds_config(work)
     faults = plan_faults(args)
     print(
-        f"faults: kills at {faults['kill_at_steps']}, driver SIGTERM at step "
-        f"{faults['sigterm_at_step']}, then the newest checkpoint truncated",
+        f"faults: kills at {faults['kill_at_steps']}, driver SIGTERM at steps "
+        f"{faults['sigterm_at_steps']} (the newest checkpoint truncated before the first rerun, "
+        "its model states removed before the second), on a cluster shared with another job",
         flush=True,
     )
     start = time.perf_counter()
     ref_out, faulty_out = work / "reference", work / "faulty"
-    ref_code = run_until(train_command(args, data, ref_out, ds_config), _env(None),
-                         work / "reference.log", None)  # fmt: skip
-    if ref_code != 0:
-        raise RuntimeError(f"the undisturbed run failed; see {work / 'reference.log'}")
-    outcome = faulty_run(args, train_command(args, data, faulty_out, ds_config), faulty_out, faults)
+    address = shared_cluster()
+    try:
+        with OtherJob(address) as other:
+            ref_code = run_until(train_command(args, data, ref_out, ds_config),
+                                 _env(address, None), work / "reference.log", None)  # fmt: skip
+            if ref_code != 0:
+                raise RuntimeError(f"the undisturbed run failed; see {work / 'reference.log'}")
+            cmd = train_command(args, data, faulty_out, ds_config)
+            outcome = faulty_run(cmd, faulty_out, faults, address)
+            outcome["other_job"] = other.intact()
+    finally:
+        ray.shutdown()
     result = summarize(args, faults, outcome, losses(ref_out), losses(faulty_out))
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     meta.save(result, args.json_out, args.command_line)
@@ -183,10 +239,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summarize(args, faults: dict, outcome: dict, reference: dict, faulty: dict) -> dict:
-    survived = len(outcome["kills_done"]) * outcome["finished"]
-    survived += int(outcome["finished"] and outcome["first_exit_code"] != 0)  # the SIGTERM
-    survived += int(outcome["finished"] and outcome["fell_back"])
-    injected = len(outcome["kills_done"]) + 1 + 1
+    finished = outcome["finished"]
+    injected = len(outcome["kills_done"]) + 2 + 2  # the kills, two SIGTERMs, two bad checkpoints
+    survived = len(outcome["kills_done"]) * finished
+    survived += sum(finished and code != 0 for code in outcome["exit_codes"][:2])  # SIGTERMs
+    survived += int(finished and outcome["fell_back"])
+    survived += int(finished and outcome["passed_over_missing_model_states"])
     result = {
         "benchmark": "faults",
         "steps": args.steps,
@@ -199,8 +257,10 @@ def summarize(args, faults: dict, outcome: dict, reference: dict, faulty: dict) 
         **outcome,
         **compare(reference, faulty, args.steps),
     }
-    print(f"faults injected {injected}, survived {survived}; steps lost "
-          f"{len(result['steps_lost'])}, logged twice {len(result['steps_logged_twice'])}; "
-          f"trained again after restarts {outcome['steps_trained_again']}; largest per-step "
-          f"loss difference {result['max_loss_diff']}")  # fmt: skip
+    intact = all(outcome["other_job"].values())
+    print(f"faults injected {injected}, survived {survived}; the other job's groups "
+          f"{'intact' if intact else 'TOUCHED'}; steps lost {len(result['steps_lost'])}, logged "
+          f"twice {len(result['steps_logged_twice'])}; trained again after restarts "
+          f"{outcome['steps_trained_again']}; largest per-step loss difference "
+          f"{result['max_loss_diff']}")  # fmt: skip
     return result

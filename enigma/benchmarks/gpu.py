@@ -43,6 +43,7 @@ import torch
 from ..errors import InputError
 from ..models.lm_config import PRESET_SEQ_LEN
 from . import meta
+from .timing import autocast, sync
 
 # Dense bf16 tensor throughput with fp32 accumulation, TFLOP/s, from the vendors' data sheets;
 # the longest name contained in ``torch.cuda.get_device_name()`` wins.
@@ -138,15 +139,6 @@ def counted_flops_per_token(model, ids: torch.Tensor, device: torch.device) -> f
     model.zero_grad(set_to_none=True)
     model.to("cpu")
     return counter.get_total_flops() / ids.numel()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def timed_pass(
@@ -320,11 +312,14 @@ def engine_for(config_name: str, preset: str, batch: int, device: torch.device, 
     from ..models.lm import EnigmaLM
     from ..train import deepspeed_json
     from ..train.config import TrainConfig
+    from ..train.precision import check_agreement
     from ..train.worker import make_engine
 
+    raw = deepspeed_json.load(str(CONFIGS / config_name))
+    chosen = check_agreement("auto", raw, config_name) or "bf16"  # GPUs train in bf16
     cfg = TrainConfig(preset=preset, micro_batch=batch, grad_accum=1, lr=1e-3, warmup_ratio=0)
-    cfg = cfg.replace(model=model_fields, activation_checkpointing=True)
-    ds = deepspeed_json.fill_auto(deepspeed_json.load(str(CONFIGS / config_name)), cfg, 1)
+    cfg = cfg.replace(model=model_fields, activation_checkpointing=True, precision=chosen)
+    ds = deepspeed_json.fill_auto(raw, cfg, 1)
     torch.manual_seed(0)
     model_config = cfg.model_config()
     engine, line = make_engine(EnigmaLM(model_config), cfg, ds, device)
@@ -361,9 +356,9 @@ def zero2(args, device: torch.device, ids: torch.Tensor, config_name: str, steps
 def zero3_export(args, device: torch.device, ids: torch.Tensor) -> dict:
     """ZeRO-3 bf16: a few steps, export (parameters gathered), reload, compare logits."""
     from ..models.lm import EnigmaLM
-    from ..train.checkpoint import export_model
+    from ..train.export import export_model
 
-    engine, model_config, line = engine_for("zero3_bf16.json", args.preset, ids.shape[0], device)
+    engine, model_config, line = engine_for("zero3.json", args.preset, ids.shape[0], device)
     losses = train_steps(engine, ids, 5)
     with torch.no_grad():
         engine.eval()
@@ -512,7 +507,7 @@ def run_checks(args: argparse.Namespace, device: torch.device) -> dict:
     seq_len = args.seq_len or PRESET_SEQ_LEN.get(args.preset, 256)
     ids = torch.randint(0, 21128, (8, seq_len), device=device)
     with process_group(device):
-        check("zero2_bf16", results, zero2, args, device, ids, "zero2_bf16.json", args.steps)
+        check("zero2_bf16", results, zero2, args, device, ids, "zero2.json", args.steps)
         if device.type == "cuda":
             check("zero2_fp16", results, zero2, args, device, ids, "zero2_fp16.json", 10)
         check("zero3_export", results, zero3_export, args, device, ids)

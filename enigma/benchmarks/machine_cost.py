@@ -17,7 +17,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .gpu import autocast, sync
+from .timing import autocast, sync
 
 # Operations that make views or aliases: no kernel runs for them.
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "split",

@@ -434,16 +434,29 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
         f"Faults survived (`enigma bench faults`: tiny, {r['workers']} workers, {r['steps']} "
         f"steps, {r['precision']}, a checkpoint every {r['save_every']} steps)"
     )
+    sigterms = plan.get("sigterm_at_steps") or [plan["sigterm_at_step"]]
     rows = [
         ["worker kills at steps", ", ".join(map(str, plan["kill_at_steps"]))],
-        ["driver SIGTERM at step, then the same command again", plan["sigterm_at_step"]],
-        ["newest checkpoint truncated before the rerun", r["corrupted_checkpoint"]],
+        [
+            "driver SIGTERM at steps, each followed by the same command",
+            ", ".join(map(str, sigterms)),
+        ],
+        ["newest checkpoint truncated before the first rerun", r["corrupted_checkpoint"]],
+    ]
+    if "checkpoint_without_model_states" in r:
+        rows.append(["newest checkpoint's model states removed before the second rerun",
+                     r["checkpoint_without_model_states"]])  # fmt: skip
+    if "other_job" in r:
+        kept = all(r["other_job"].values())
+        rows.append(["another job's placement groups (one orphaned, one pending) afterwards",
+                     "intact" if kept else "removed or changed"])  # fmt: skip
+    rows += [
         ["faults injected / survived", f"{r['faults_injected']} / {r['faults_survived']}"],
         ["steps missing from the final curve", len(r["steps_lost"])],
         ["steps logged twice in the final curve", len(r["steps_logged_twice"])],
         ["steps trained again after restarts", r["steps_trained_again"]],
         ["largest per-step loss difference vs the undisturbed run", r["max_loss_diff"]],
-        ["wall s (both runs)", r["wall_seconds"]],
+        ["wall s (all runs)", r["wall_seconds"]],
     ]
     return title, table(["", ""], rows)
 

@@ -50,15 +50,15 @@ def _data_dir(args, work: Path) -> str:
     return str(out)
 
 
-def fp32_ds_config(work: Path, source: str = "zero2_bf16.json") -> str:
-    """A shipped config (``zero2_bf16.json`` by default) without bf16, written into ``work``:
-    fp32 runs compare exactly."""
+def fp32_ds_config(work: Path, source: str = "zero2.json") -> str:
+    """A shipped config (``zero2.json`` by default) without bf16, written into ``work``: fp32
+    runs compare exactly, on any CPU."""
     from enigma.train import deepspeed_json
 
     root = Path(__file__).resolve().parents[2]
     config = deepspeed_json.load(str(root / "ds_configs" / source))
     config.pop("bf16", None)
-    path = work / source.replace("bf16", "fp32")
+    path = work / source.replace(".json", "_fp32.json")
     path.write_text(json.dumps(config, indent=2))
     return str(path)
 

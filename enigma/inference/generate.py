@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 from transformers import TextStreamer
@@ -22,23 +23,64 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_saved_model(path: str) -> None:
+    """A saved model directory as ``from_pretrained`` needs it: ``config.json`` an EnigmaLM's,
+    every weights file whole (its header parses and its tensors fit in it). What is wrong is
+    bad input, one line naming the file; a loader error after this check is a bug."""
+    import json
+
+    from ..models.lm_config import EnigmaConfig
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise InputError(f"{path} is not a saved model directory (no config.json in it)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InputError(f"{config} is damaged ({err}); export the model again") from None
+    if model_type != EnigmaConfig.model_type:
+        raise InputError(f"{path} holds a {model_type!r} model, not EnigmaLM")
+    weights = sorted(Path(path).glob("*.safetensors"))
+    if not weights:
+        raise InputError(f"{path} has no weights (*.safetensors); export the model again")
+    for f in weights:
+        problem = _safetensors_problem(f)
+        if problem:
+            raise InputError(f"{path} holds a damaged model ({f.name}: {problem}); export it again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file (its 8-byte header length, JSON header, and the
+    tensors' byte ranges against the file's size), or None."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than its header"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"a {length:,}-byte header in a {size:,}-byte file"
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"its header is not JSON ({err})"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) > size:
+        return f"truncated: its tensors need {8 + length + max(ends):,} bytes, it has {size:,}"
+    return None
+
+
 def load_model(path: str):
-    """``EnigmaLM.from_pretrained(path)`` in eval mode; a missing or damaged directory is one
-    line naming the file, not a loader traceback."""
-    from safetensors import SafetensorError
+    """``EnigmaLM.from_pretrained(path)`` in eval mode, after :func:`check_saved_model`."""
     from transformers.utils import logging as hf_logging
 
     from ..models.lm import EnigmaLM
 
     hf_logging.disable_progress_bar()  # a bar for loading a few tensors is noise
-
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{path} is not a saved model directory (no config.json in it)")
-    try:
-        return EnigmaLM.from_pretrained(path).eval()
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path} holds a damaged model ({first}); export it again") from None
+    check_saved_model(path)
+    return EnigmaLM.from_pretrained(path).eval()
 
 
 def generate(args: argparse.Namespace) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 
 def default_positions(x: Tensor) -> Tensor:
     """``arange(L)`` along dim -2 for input with 3 or more dims, 0 for ``(N, d)`` input."""
@@ -45,7 +47,7 @@ def resolve_positions(x: Tensor, positions: Tensor | int | None) -> Tensor:
 
 def check_even_dim(d: int, what: str = "d") -> None:
     if d <= 0 or d % 2:
-        raise ValueError(
+        raise InputError(
             f"{what}={d} must be a positive even number: the coupling blocks split channels in "
             f"half; use {what}={d + 1 if d > 0 else 2}"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import InvertibleModule, check_even_dim
 from .plugboard import Plugboard
 from .reflector import Reflector
@@ -47,9 +48,9 @@ class Enigma(InvertibleModule):
         check_even_dim(d)
         for name, value in (("num_rev_blocks", num_rev_blocks), ("num_rotors", num_rotors)):
             if value < 0:
-                raise ValueError(f"{name}={value} must be >= 0 (0 leaves the part out)")
+                raise InputError(f"{name}={value} must be >= 0 (0 leaves the part out)")
         if dynamic and num_rotors and (rotor_positions < 1 or d % rotor_positions):
-            raise ValueError(
+            raise InputError(
                 f"d={d} is not divisible by rotor_positions={rotor_positions}: each rotor step "
                 f"turns the wiring by d / rotor_positions channels; choose a divisor of d"
             )

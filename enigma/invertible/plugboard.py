@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .base import InvertibleModule, permute, zero_log_det
 
 
@@ -19,10 +20,10 @@ class Plugboard(InvertibleModule):
     def __init__(self, d: int, num_plugs: int | None = None, seed: int = 0):
         super().__init__()
         if d < 2:
-            raise ValueError(f"d={d}: the plugboard needs at least 2 channels")
+            raise InputError(f"d={d}: the plugboard needs at least 2 channels")
         num_plugs = d // 2 if num_plugs is None else num_plugs
         if not 0 <= num_plugs <= d // 2:
-            raise ValueError(
+            raise InputError(
                 f"num_plugs={num_plugs} must be between 0 and d // 2 = {d // 2} "
                 "(each plug swaps two distinct channels)"
             )

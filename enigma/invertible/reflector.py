@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import InvertibleModule, zero_log_det
 
 
@@ -19,7 +20,7 @@ class Reflector(InvertibleModule):
     def __init__(self, d: int, num_reflections: int = 1, seed: int = 0):
         super().__init__()
         if not 1 <= num_reflections <= d:
-            raise ValueError(f"num_reflections={num_reflections} must be between 1 and d={d}")
+            raise InputError(f"num_reflections={num_reflections} must be between 1 and d={d}")
         g = torch.Generator().manual_seed(seed)
         self.d, self.num_reflections = d, num_reflections
         self.vectors = nn.Parameter(torch.randn(d, num_reflections, generator=g))

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .base import InvertibleModule, check_even_dim, zero_log_det
 
 COUPLINGS = ("additive", "affine")
@@ -55,7 +56,7 @@ class RevBlock(InvertibleModule):
         super().__init__()
         check_even_dim(d)
         if coupling not in COUPLINGS:
-            raise ValueError(f"coupling={coupling!r} is not one of {COUPLINGS}")
+            raise InputError(f"coupling={coupling!r} is not one of {COUPLINGS}")
         half = d // 2
         hidden = d if hidden is None else hidden
         out = half if coupling == "additive" else 2 * half

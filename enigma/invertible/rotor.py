@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.linalg import solve_triangular
 
+from ..errors import InputError
 from .base import InvertibleModule, permute
 
 
@@ -154,18 +155,18 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         super().__init__()
         d, n = num_channels, num_layers
         if matmul not in MATMULS:
-            raise ValueError(f"matmul={matmul!r} is not one of {MATMULS}")
+            raise InputError(f"matmul={matmul!r} is not one of {MATMULS}")
         self.matmul = matmul
         if d < 1:
-            raise ValueError(f"num_channels={d} must be positive")
+            raise InputError(f"num_channels={d} must be positive")
         if rotor_positions < 1 or d % rotor_positions:
             divisors = [p for p in (1, 2, 4, 8, 16, 32, 64) if d % p == 0]
-            raise ValueError(
+            raise InputError(
                 f"rotor_positions={rotor_positions} must divide num_channels={d}: a rotor turns "
                 f"by num_channels / rotor_positions channels per step; pick one of {divisors}"
             )
         if n < 0:
-            raise ValueError(f"num_layers={n} must be >= 0")
+            raise InputError(f"num_layers={n} must be >= 0")
         self.num_channels, self.num_layers, self.rotor_positions = d, n, rotor_positions
         self.off_scale = 1.0 / math.sqrt(d)
         if init == "identity":
@@ -173,7 +174,7 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
         elif init == "orthogonal":
             lu = _lu_orthogonal(n, d, seed, self.off_scale)
         else:
-            raise ValueError(f"init={init!r} is not one of 'identity', 'orthogonal'")
+            raise InputError(f"init={init!r} is not one of 'identity', 'orthogonal'")
         self.lower = nn.Parameter(lu["lower"])
         self.upper = nn.Parameter(lu["upper"])
         self.log_s = nn.Parameter(lu["log_s"])
@@ -328,7 +329,10 @@ class DynamicInvertibleConv1x1Stack(InvertibleModule):
 
     def parameter_grads(self, entry: dict, params: list[Tensor], log_det_grad) -> tuple:
         """The gradients of ``params`` from what :meth:`rebuild_and_backprop` gathered, plus
-        ``log_det_grad`` (the summed gradient of ``sum(log_s)``, the log-det) on ``log_s``."""
+        ``log_det_grad`` (the summed gradient of ``sum(log_s)``, the log-det) on ``log_s``. A
+        frozen stack (no ``params``) has none to give."""
+        if not params:
+            return ()
         pairs = [
             (m, g) for m, g in zip(entry["mats"], entry["grads"], strict=True) if g is not None
         ]

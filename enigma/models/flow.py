@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..invertible.base import InvertibleModule
 
 PRIORS = ("gaussian",)
@@ -27,7 +28,7 @@ class EnigmaFlow(nn.Module):
     def __init__(self, enigma_model: InvertibleModule, prior: str = "gaussian"):
         super().__init__()
         if prior not in PRIORS:
-            raise ValueError(f"prior={prior!r} is not one of {PRIORS}")
+            raise InputError(f"prior={prior!r} is not one of {PRIORS}")
         self.machine, self.prior = enigma_model, prior
         self.d = enigma_model.d
 

@@ -123,12 +123,6 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed = value
 
-    def use_deepspeed_checkpointing(self) -> None:
-        """Checkpoint the Transformer blocks through DeepSpeed's API (configured by the caller)."""
-        import deepspeed
-
-        self._set_gradient_checkpointing(True, deepspeed.checkpointing.checkpoint)
-
     def check_token_ids(self, input_ids: Tensor) -> None:
         vocab = self.config.vocab_size
         if input_ids.dtype.is_floating_point:

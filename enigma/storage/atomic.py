@@ -1,11 +1,18 @@
-"""Durable, atomic replacement of a whole directory (an exported model, a prepared dataset).
+"""Durable replacement of a whole directory (an exported model, a prepared dataset).
 
 The new directory is built in a unique sibling, every file and the directory itself are fsynced,
-and then it takes the old one's place. On Linux the two are exchanged with one
-``renameat2(RENAME_EXCHANGE)``, so a complete directory exists under the name at every instant,
-whatever kills the process; the old contents are removed afterwards. Where the exchange is not
-available, the old directory is renamed aside first and removed only once the new one is in
-place.
+and then it takes the old one's place:
+
+- Where the file system can exchange two names (``renameat2(RENAME_EXCHANGE)``: ext4, xfs, btrfs,
+  tmpfs), one call swaps them, so a complete directory exists under the name at every instant,
+  whatever kills the process; the old contents are removed afterwards.
+- Where it cannot (NFS, overlayfs, CIFS, FUSE refuse the exchange), the old directory is renamed
+  aside to ``.NAME.old-PID``, then the new one into place. Between the two renames the name is
+  missing for a moment. A process killed there leaves the previous complete copy aside, and the
+  next writer of the directory (:func:`recover`, called under its lock before any clean-up) puts
+  it back before removing leftovers, so a complete copy is never deleted.
+
+Callers hold the directory's lock (:mod:`enigma.storage.locks`) around a replacement.
 """
 
 from __future__ import annotations
@@ -52,15 +59,47 @@ def exchange(a: Path, b: Path) -> bool:
     return done == 0
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file of the directory ``out``: beside it, so it survives ``out``'s replacement."""
+    return out.parent / f".{out.name}.lock"
+
+
+def model_lock(out: Path, what: str, wait_s: float = 0.0):
+    """The lock every writer of the directory ``out`` holds (``wait_s``: how long to wait for a
+    holder on this host to finish)."""
+    from .locks import DirectoryLock
+
+    return DirectoryLock(lock_path(out), what, target=out, wait_s=wait_s)
+
+
 def staging_dir(out: Path, label: str = "staging") -> Path:
     """A fresh, unique sibling of ``out`` (same filesystem, so the swap is a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{label}-"))
 
 
+def _set_aside(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
+def recover(out: Path) -> bool:
+    """When ``out`` is missing but a previous complete copy was set aside (a replacement killed
+    between its two renames), put the copy back; True when it did. Call under the lock."""
+    aside = _set_aside(out)
+    if out.exists() or not aside:
+        return False
+    os.replace(aside[-1], out)
+    fsync_dir(out.parent)
+    print(f"note: {out} was restored from the copy a killed replacement set aside", flush=True)
+    return True
+
+
 def remove_leftovers(out: Path, label: str = "staging") -> None:
-    """Staging directories of ``out`` left by killed processes (call while holding its lock)."""
-    for stale in out.parent.glob(f".{out.name}.{label}-*"):
+    """What killed replacements of ``out`` left: first a complete copy set aside is put back
+    (:func:`recover`), then staging directories and copies set aside are removed. Call under the
+    lock of ``out``."""
+    recover(out)
+    for stale in [*out.parent.glob(f".{out.name}.{label}-*"), *_set_aside(out)]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -74,6 +113,7 @@ def replace_dir(staging: Path, out: Path) -> None:
     else:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
+        fsync_dir(out.parent)  # the copy aside is durable before the name is reused
         os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(out.parent)

@@ -6,7 +6,10 @@ the checkpoints (``ray/train/step-*``, written by Ray Train), the TensorBoard ev
 that has never seen it. Without it the output directory is the storage, with the same layout.
 Every access goes through pyarrow's file systems, which read an S3-compatible endpoint and its
 credentials from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), on the driver and on every node.
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), on the driver and on every node. A URI may
+carry pyarrow's options as a query (``?scheme=http&endpoint_override=host:port``), never
+credentials: those would be written into ``run.json``, the model card, the lock and every
+printed path.
 
 With remote storage, rank 0 writes TensorBoard events and the export into the output directory
 on its own node first and copies them up; the driver reads the model back from the storage.
@@ -17,28 +20,53 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import InputError
 
 CHECKPOINT_PARTS = ("ray", "train")  # Ray Train's storage_path is ROOT/ray, its run name "train"
+# Query options that are credentials (pyarrow's S3 and GCS URI options).
+SECRET_OPTIONS = {"access_key", "secret_key", "session_token", "access_token", "credentials"}
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (GOOGLE_APPLICATION_CREDENTIALS)"
+)
 
 
 def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def check_storage_path(value: str, flag: str = "--storage-path") -> None:
+    """Refuse credentials in a URI, in one line that does not repeat them."""
+    if not is_uri(value):
+        return
+    parts = urlsplit(value)
+    secret = [k for k, _ in parse_qsl(parts.query) if k.lower() in SECRET_OPTIONS]
+    if "@" in parts.netloc or secret:
+        where = "user:secret@ before the bucket" if "@" in parts.netloc else secret[0]
+        raise InputError(
+            f"{flag} {parts.scheme}://... carries credentials ({where}), which would be written "
+            f"into run.json, the model card and every printed path; remove them and set "
+            f"{CREDENTIAL_VARIABLES} instead"
+        )
+
+
 @dataclass(frozen=True)
 class Storage:
-    """The run's storage root: an absolute local path or a URI."""
+    """The run's storage root: an absolute local path or a URI (its query, if any, kept apart
+    so that sub-paths go before it)."""
 
     root: str
+    query: str = ""
 
     @classmethod
     def of(cls, storage_path: str, output_dir: str) -> Storage:
         if not storage_path:
             return cls(str(Path(output_dir).resolve()))
         if is_uri(storage_path):
-            return cls(storage_path.rstrip("/"))
+            check_storage_path(storage_path)
+            base, _, query = storage_path.partition("?")
+            return cls(base.rstrip("/"), query)
         return cls(str(Path(storage_path).resolve()))
 
     @property
@@ -46,10 +74,15 @@ class Storage:
         return is_uri(self.root)
 
     def uri(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        path = "/".join([self.root, *parts])
+        return f"{path}?{self.query}" if self.query else path
+
+    def __str__(self) -> str:
+        return self.uri()
 
     def filesystem(self, *parts: str):
         """``(pyarrow file system, path)`` of ``root/parts``."""
+        import pyarrow as pa
         import pyarrow.fs as pafs
 
         target = self.uri(*parts)
@@ -57,8 +90,8 @@ class Storage:
             return pafs.LocalFileSystem(), target
         try:
             return pafs.FileSystem.from_uri(target)
-        except Exception as err:  # pyarrow's errors for an unknown scheme or a bad URI
-            raise InputError(f"--storage-path {self.root}: {err}") from None
+        except pa.ArrowInvalid as err:  # an unknown scheme or option, a malformed URI
+            raise InputError(f"--storage-path {self.uri()}: {err}") from None
 
     def check(self) -> None:
         """Reachable and writable, before any worker starts: a file is written and removed."""
@@ -68,11 +101,19 @@ class Storage:
             with fs.open_output_stream(path) as f:
                 f.write(b"ok")
             fs.delete_file(path)
-        except Exception as err:  # OSError from pyarrow: no bucket, no credentials, no route
+        except OSError as err:  # pyarrow's errors: no bucket, no credentials, no route
             raise InputError(
-                f"--storage-path {self.root} is not writable from here ({err}); check the bucket "
-                "and the AWS_* variables (endpoint and credentials)"
+                f"--storage-path {self.uri()} is not writable from here ({err}); check the "
+                "bucket and the AWS_* variables (endpoint and credentials)"
             ) from None
+
+    def lock(self, what: str):
+        """The lock of this storage (see :mod:`enigma.storage.locks`)."""
+        from .locks import DirectoryLock, ObjectLock
+
+        if self.remote:
+            return ObjectLock(self.uri(), what)
+        return DirectoryLock(Path(self.root) / ".lock", what)
 
     def list_dirs(self, *parts: str) -> list[str]:
         """Names of the directories under ``root/parts`` (none when it does not exist)."""
@@ -81,6 +122,21 @@ class Storage:
         fs, path = self.filesystem(*parts)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def move_dir(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+        """Move the directory ``root/src`` to ``root/dst`` (a rename locally; on an object store,
+        a copy and then the deletion of the original)."""
+        import pyarrow.fs as pafs
+
+        fs, source = self.filesystem(*src)
+        _, target = self.filesystem(*dst)
+        if not self.remote:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(source).rename(target)
+            return
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(source, target, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(source)
 
     def upload(self, local: Path, *parts: str) -> None:
         """Copy the directory ``local`` to ``root/parts`` (files of the same name replaced)."""

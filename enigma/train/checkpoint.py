@@ -1,10 +1,16 @@
-"""Where a run's state is written and read back: checkpoints and the exported model.
+"""A checkpoint: what it holds, how every rank writes and reads it, and when it is complete.
 
-A checkpoint is DeepSpeed's sharded state (every rank writes its part under the tag ``ds``) plus
-``trainer_state.json`` from rank 0: the step, the epoch and the micro-batches consumed in it, the
-best val loss and the early-stop count. Resuming skips the consumed micro-batches of the epoch, so
-no batch repeats or is skipped. The exported model is ``save_pretrained`` of the full weights
-plus the tokenizer, the directory that ``from_pretrained`` and ``enigma generate`` read.
+A checkpoint is DeepSpeed's sharded state (every rank writes its part under the tag ``ds``),
+``run.json`` (the config, command and data summary that ``enigma export`` and the model card
+need) and ``trainer_state.json`` from rank 0: the step, the epoch and the micro-batches consumed
+in it, the best val loss, the early-stop count, the precision, the fingerprint a resume must
+match, and the size of every file every rank wrote. Resuming skips the consumed micro-batches of
+the epoch, so no batch repeats or is skipped.
+
+A checkpoint is complete when its state file parses, ``run.json`` is there, and every file in
+the state's list is there at its size and, for DeepSpeed's archives, readable: whatever the ZeRO
+stage and world size, an upload cut short (optimizer shards but no model states, say) fails
+this, so it is never chosen.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"  # what the model card and `enigma export` need
 DS_TAG = "ds"
 CHECKPOINT_TMP = ".checkpoint-tmp"  # under the output directory: where ranks stage checkpoints
 
@@ -37,7 +44,9 @@ class TrainState:
     last_val_step: int = 0  # the step of ``last_val``
     tokens: int = 0
     tokens_per_sec: float | None = None
-    fingerprint: dict | None = None  # what a resume must match (see :func:`fingerprint`)
+    fingerprint: dict | None = None  # what a resume must match (see enigma.train.resume)
+    precision: str | None = None  # bf16, fp16 or fp32: a resume keeps it
+    files: dict | None = None  # path under the checkpoint -> bytes, of every rank's files
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -48,27 +57,41 @@ class TrainState:
         return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
+def _written(local: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()
+    }
+
+
 def save(
     engine, state: TrainState, rank: int, tmp_root: str | None = None, run: dict | None = None
 ) -> str:
     """Write a checkpoint into a fresh local directory under ``tmp_root`` and return it; every
-    rank calls this. ``run`` (the config, command and data summary: what ``enigma export``
-    needs) goes beside the state. The directory is removed again if writing fails."""
+    rank calls this (it gathers every rank's file list: a collective). ``run`` goes beside the
+    state. The directory is removed again if writing fails."""
+    import torch.distributed as dist
+
     if tmp_root:
         Path(tmp_root).mkdir(parents=True, exist_ok=True)
-    local = tempfile.mkdtemp(prefix="enigma-ckpt-", dir=tmp_root)
+    local = Path(tempfile.mkdtemp(prefix="enigma-ckpt-", dir=tmp_root))
     try:
-        engine.save_checkpoint(local, tag=DS_TAG)
+        engine.save_checkpoint(str(local), tag=DS_TAG)
+        if rank == 0 and run is not None:
+            (local / RUN_FILE).write_text(json.dumps(run, ensure_ascii=False))
+        lists = [_written(local)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            lists = [None] * dist.get_world_size()
+            dist.all_gather_object(lists, _written(local))
         if rank == 0:
-            (Path(local) / STATE_FILE).write_text(state.to_json())
-            if run is not None:
-                from .export import RUN_FILE
-
-                (Path(local) / RUN_FILE).write_text(json.dumps(run, ensure_ascii=False))
+            files = {}
+            for listed in reversed(lists):  # rank 0's entry wins for a name several ranks write
+                files.update(listed)
+            state = dataclasses.replace(state, files=files)
+            (local / STATE_FILE).write_text(state.to_json())
     except BaseException:
         shutil.rmtree(local, ignore_errors=True)
         raise
-    return local
+    return str(local)
 
 
 def restore(engine, directory: str) -> TrainState:
@@ -81,130 +104,59 @@ def restore(engine, directory: str) -> TrainState:
     return state
 
 
-def export_model(
-    engine, model_config, out: Path, tokenizer_dir: str, rank: int, stage: int, card=None
-):
-    """Write the full weights with ``save_pretrained`` (+ tokenizer, + the model card that
-    ``card(model)`` renders), atomically. Under ZeRO-3 every rank takes part in gathering the
-    partitioned parameters."""
-    if stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
-        return
-    from ..models.lm import EnigmaLM
-
-    model = EnigmaLM(model_config)
-    state = {k: v.detach().float().cpu() for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
-    write_model_dir(model, out, tokenizer_dir, card(model) if card else None)
-
-
-def write_model_dir(model, out: Path, tokenizer_dir: str | None, card: str | None = None) -> None:
-    """``save_pretrained`` (weights, config and the modelling code) + tokenizer + the model card
-    (``README.md``) into a unique staging directory, then swapped in whole: a complete ``out``
-    exists at every instant (:func:`enigma.storage.atomic.replace_dir`)."""
-    from transformers.utils import logging as hf_logging
-
-    from ..storage.atomic import remove_leftovers, replace_dir, staging_dir
-
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for every export
-    remove_leftovers(out)  # of exports killed before their swap
-    staging = staging_dir(out)
-    try:
-        model.save_pretrained(staging)
-        if tokenizer_dir and Path(tokenizer_dir).is_dir():
-            for f in Path(tokenizer_dir).iterdir():
-                shutil.copy(f, staging / f.name)
-        if card is not None:
-            (staging / "README.md").write_text(card, encoding="utf-8")
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Which checkpoint a run resumes from, checked before any worker starts
-
-# Knobs of how training runs (backward, rotor start and precision): they change no weight and no
-# data position.
-UNCHECKED_MODEL_KEYS = {
-    "activation_checkpointing",
-    "machine_memory_efficient",
-    "reversible_backward",
-    "rotor_offset",
-    "rotor_matmul",
-}
-
-
-def fingerprint(model_config, manifest: dict, world_size: int) -> dict:
-    """What a checkpoint must match to be resumed: the model's shape, the data, the world size.
-    Backprop and memory knobs are left out: they change no weight or data position."""
-    import hashlib
-
-    from .config import MODEL_KEYS
-
-    values = model_config.to_dict()
-    model = {k: values[k] for k in MODEL_KEYS if k in values and k not in UNCHECKED_MODEL_KEYS}
-    data = {k: v for k, v in manifest.items() if k not in ("created", "seconds")}
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-    # As JSON would give it back, so a saved fingerprint compares equal to a fresh one.
-    return json.loads(json.dumps({"model": model, "data": digest[:16], "world_size": world_size}))
-
-
-def mismatch(saved: dict | None, current: dict) -> str | None:
-    """Why a checkpoint with fingerprint ``saved`` cannot be resumed here, or None."""
-    if not saved:
-        return None  # written before fingerprints existed: nothing to compare
-    model_a, model_b = saved.get("model", {}), current["model"]
-    keys = sorted(k for k in {*model_a, *model_b} if model_a.get(k) != model_b.get(k))
-    if keys:
-        diffs = ", ".join(f"{k} {model_a.get(k)!r} -> {model_b.get(k)!r}" for k in keys[:4])
-        return f"its model differs ({diffs})"
-    if saved.get("data") != current["data"]:
-        return "it was trained on other data (the data manifest differs)"
-    if saved.get("world_size") != current["world_size"]:
-        return (
-            f"it was written by {saved.get('world_size')} workers and this run has "
-            f"{current['world_size']}: each rank's data position is its own; resume with "
-            f"--workers {saved.get('world_size')}"
-        )
-    return None
-
-
 def damage(directory: str, fs=None) -> str | None:
     """What is missing or broken in a checkpoint directory (local, or on ``fs``: a pyarrow file
-    system), or None when it looks complete: the state file parses and every DeepSpeed file is
-    a readable archive, one optimizer shard per rank."""
-    import zipfile
-
+    system), or None when it is complete (see the module)."""
     import pyarrow.fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
     try:
         with fs.open_input_stream(f"{directory}/{STATE_FILE}") as f:
             state = json.loads(f.read())
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
     except (OSError, json.JSONDecodeError) as err:
         return f"{STATE_FILE}: {err}"
-    listing = fs.get_file_info(pafs.FileSelector(f"{directory}/{DS_TAG}", allow_not_found=True))
-    shards = sorted(i.path for i in listing if i.path.endswith(".pt"))
-    if not shards:
-        return f"no DeepSpeed files in {DS_TAG}/"
-    for path in shards:
+    if fs.get_file_info(f"{directory}/{RUN_FILE}").type == pafs.FileType.NotFound:
+        return f"{RUN_FILE} is missing"
+    files = state.get("files")
+    if files is None:  # written before the state listed its files
+        return _damage_unlisted(directory, fs, state)
+    for name, size in sorted(files.items()):
+        info = fs.get_file_info(f"{directory}/{name}")
+        if info.type == pafs.FileType.NotFound:
+            return f"{name} is missing"
+        if info.size != size:
+            return f"{name} holds {info.size:,} of its {size:,} bytes"
+    return _unreadable(directory, fs, [n for n in files if n.endswith(".pt")])
+
+
+def _unreadable(directory: str, fs, names: list[str]) -> str | None:
+    """The first of DeepSpeed's archives ``names`` whose zip directory cannot be read."""
+    import zipfile
+
+    for name in sorted(names):
         try:  # the archive's directory sits at its end: a random-access read, not a download
-            with fs.open_input_file(path) as f, zipfile.ZipFile(f):
+            with fs.open_input_file(f"{directory}/{name}") as f, zipfile.ZipFile(f):
                 pass
         except (OSError, zipfile.BadZipFile) as err:
-            return f"{path[len(directory) + 1 :]}: {err}"
+            return f"{name}: {err}"
+    return None
+
+
+def _damage_unlisted(directory: str, fs, state: dict) -> str | None:
+    """An older checkpoint's check: model states, one optimizer shard per rank, all readable."""
+    import pyarrow.fs as pafs
+
+    listing = fs.get_file_info(pafs.FileSelector(f"{directory}/{DS_TAG}", allow_not_found=True))
+    names = sorted(i.path[len(directory) + 1 :] for i in listing if i.path.endswith(".pt"))
+    if not [n for n in names if n.endswith("model_states.pt")]:
+        return f"no model states in {DS_TAG}/"
     ranks = (state.get("fingerprint") or {}).get("world_size")
-    optim = [p for p in shards if "optim_states" in p.rsplit("/", 1)[-1]]
+    optim = [n for n in names if n.endswith("optim_states.pt")]
     if ranks and len(optim) != ranks:
         return f"{len(optim)} optimizer shards for {ranks} ranks"
-    return None
+    return _unreadable(directory, fs, names)
 
 
 def read_state(directory: str, fs=None) -> TrainState:

@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 from ..models.lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
+from ..storage.store import check_storage_path
+from .precision import PRECISIONS
 
 
 @dataclass
@@ -30,7 +32,7 @@ class TrainConfig:
     run_name: str = ""
     # Checkpoints, TensorBoard and the model: a local/NFS path or s3:// / gs:// URI; "": output_dir
     storage_path: str = ""
-    ds_config: str = "ds_configs/zero2_bf16.json"
+    ds_config: str = "ds_configs/zero2.json"
     seq_len: int = 0  # 0: the preset's
     micro_batch: int = 16
     grad_accum: int = 2
@@ -39,7 +41,9 @@ class TrainConfig:
     weight_decay: float = 1e-3
     betas: tuple = (0.9, 0.95)
     adam_eps: float = 1e-8
-    precision: str = "bf16"  # what bf16/fp16 "enabled": "auto" in the DeepSpeed JSON become
+    # auto: bf16 where every worker runs it natively, else fp32 (enigma.train.precision); what
+    # bf16/fp16 "enabled": "auto" in the DeepSpeed JSON become
+    precision: str = "auto"
     warmup_ratio: float = 0.1
     max_epochs: int = 5
     max_steps: int = 0  # 0: max_epochs worth of steps
@@ -200,8 +204,9 @@ def build_config(
                 "reversible_layers=true rebuilds every layer in backward already; "
                 "activation_checkpointing=true would recompute them again: drop it"
             )
-    if cfg.precision not in ("bf16", "fp16", "fp32"):
-        raise InputError(f"precision={cfg.precision!r}: expected bf16, fp16 or fp32")
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"precision={cfg.precision!r}: expected {', '.join(PRECISIONS)}")
+    check_storage_path(cfg.storage_path)
     if cfg.compile_machine not in ("auto", "on", "off"):
         raise InputError(f"compile_machine={cfg.compile_machine!r}: expected auto, on or off")
     check_model(cfg)
@@ -218,16 +223,11 @@ def compiles_machine(cfg: TrainConfig, on_cuda: bool, zero_stage: int, rebuilds:
 
 def check_model(cfg: TrainConfig) -> None:
     """Build the model on the meta device (no memory, no compute), so a shape the machine or the
-    layers reject is bad input named here, before any worker starts."""
+    layers reject (they raise :class:`InputError` for it) stops the run here, before any worker
+    starts. Any other error is a bug and keeps its traceback."""
     import torch
 
     from ..models.lm import EnigmaLM
 
-    config = cfg.model_config()
-    try:
-        with torch.device("meta"):
-            EnigmaLM(config)
-    except InputError:
-        raise
-    except ValueError as err:
-        raise InputError(f"model config: {err}") from None
+    with torch.device("meta"):
+        EnigmaLM(cfg.model_config())

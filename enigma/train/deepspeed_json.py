@@ -1,14 +1,14 @@
 """DeepSpeed JSON: load, reject unknown keys by name, fill ``"auto"`` from the training config.
 
 ``"auto"`` follows the Hugging Face convention: batch sizes, accumulation, clipping, bf16/fp16
-``enabled`` (from ``precision``), the optimizer's lr, betas, eps and weight decay come from
-:class:`TrainConfig`, and the ZeRO bucket sizes and thresholds from the model width ``d``
-(``d²`` for the buckets, ``0.9 d²`` for the ZeRO-3 prefetch, ``10 d`` for its persistence
-threshold), so one JSON file serves every preset. An ``"auto"`` left anywhere else is an error
-naming the key, before any worker starts. A ``scheduler`` section is refused: the learning rate
-follows the training config (:mod:`enigma.train.schedule`), set at every step. ``torch_adam`` is
-left to each worker, which knows whether DeepSpeed's compiled Adam loads on its machine
-(:mod:`enigma.train.optimizer`).
+``enabled`` (from ``precision``, decided per run: :mod:`enigma.train.precision`), the
+optimizer's lr, betas, eps and weight decay come from :class:`TrainConfig`, and the ZeRO bucket
+sizes and thresholds from the model width ``d`` (``d²`` for the buckets, ``0.9 d²`` for the
+ZeRO-3 prefetch, ``10 d`` for its persistence threshold), so one JSON file serves every preset.
+An ``"auto"`` left anywhere else is an error naming the key, before any worker starts. A
+``scheduler`` section is refused: the learning rate follows the training config
+(:mod:`enigma.train.schedule`), set at every step. ``torch_adam`` is left to each worker, which
+knows whether DeepSpeed's compiled Adam loads on its machine (:mod:`enigma.train.optimizer`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ ZERO_AUTO = {
     "stage3_prefetch_bucket_size": lambda d: int(0.9 * d * d),
     "stage3_param_persistence_threshold": lambda d: 10 * d,
 }
+# Shipped configs whose names promised a precision, and their names since bf16 became "auto".
+RENAMED = {f"zero{n}_bf16.json": f"zero{n}.json" for n in (1, 2, 3)}
 WORKER_AUTO = {("optimizer", "params", "torch_adam")}  # resolved by each worker (optimizer.py)
 
 
@@ -70,7 +72,13 @@ def _close(key: str, known) -> str:
 def load(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+        now = RENAMED.get(p.name)
+        hint = (
+            f"; it is now {p.with_name(now)}, whose precision follows the hardware" if now else ""
+        )
+        raise DeepSpeedConfigError(
+            f"DeepSpeed config {path} does not exist (see ds_configs/){hint}"
+        )
     try:
         config = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -143,17 +151,20 @@ def precision(config: dict) -> str:
     return "fp32"
 
 
-def check_device(config: dict, path: str, use_gpu: bool) -> None:
-    if precision(config) == "fp16" and not use_gpu:
+def check_device(precision_name: str | None, path: str, use_gpu: bool) -> None:
+    """fp16 is refused on CPU workers (DeepSpeed does not support it there)."""
+    if precision_name == "fp16" and not use_gpu:
         raise DeepSpeedConfigError(
             f"{path} asks for fp16, which DeepSpeed does not support on CPU workers; use bf16 "
-            "instead (--ds-config ds_configs/zero2_bf16.json)"
+            "instead (--ds-config ds_configs/zero2.json)"
         )
 
 
 def fill_auto(config: dict, cfg: TrainConfig, world_size: int) -> dict:
     """A copy of ``config`` with every ``"auto"`` replaced (the optimizer's ``torch_adam`` is
     left to the workers); an ``"auto"`` this project cannot fill is an error naming it."""
+    if cfg.precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision {cfg.precision!r} must be decided before filling the JSON")
     out = copy.deepcopy(config)
     values = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,

@@ -20,12 +20,13 @@ from pathlib import Path
 from ..errors import InputError
 from ..storage.locks import DirectoryLock
 from ..storage.store import CHECKPOINT_PARTS, Storage
-from . import deepspeed_json
-from .checkpoint import CHECKPOINT_TMP, damage, fingerprint, mismatch, read_state
+from . import deepspeed_json, precision
+from .checkpoint import CHECKPOINT_TMP
 from .config import TrainConfig, build_config
 from .export import data_summary
 from .plan import Faults, RunPlan, RunSpec
 from .progress import PlacementWatchdog, ProgressPrinter
+from .resume import DATA_ORDER_KEYS, choose_resume, fingerprint
 
 LOCK_FILE = ".lock"  # in the output directory: one training run writes it at a time
 
@@ -36,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--config", default=None, help="a JSON training config (e.g. a sweep's best.json)"
     )
     p.add_argument("--data", default=None, help="a directory written by `enigma data prepare`")
-    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero2_bf16)")
+    p.add_argument(
+        "--ds-config", default=None, help="DeepSpeed JSON (default ds_configs/zero2.json)"
+    )
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--gpus-per-worker", type=int, default=None)
     p.add_argument("--output-dir", default=None, help="local: lock, staging (default runs/PRESET)")
@@ -104,44 +107,6 @@ def resolve_gpus(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(gpus_per_worker=0)
 
 
-def choose_resume(storage: Storage, explicit: str | None, current: dict) -> str | None:
-    """The checkpoint this run starts from, said aloud: ``--resume PATH``, or the newest complete
-    one of an earlier run in the same storage (the output directory, or ``--storage-path``), or
-    none. Damaged checkpoints are passed over (and named); one that does not match this run's
-    model, data or world size is refused."""
-    run = storage.uri(*CHECKPOINT_PARTS)
-    names = [n for n in storage.list_dirs(*CHECKPOINT_PARTS) if n.startswith("step-")]
-    existing = [storage.uri(*CHECKPOINT_PARTS, name) for name in reversed(names)]
-    if explicit and existing:
-        raise InputError(
-            f"{storage.root} already holds a run (latest {existing[0].rsplit('/', 1)[-1]}), which "
-            f"this command resumes; --resume {explicit} would be ignored: drop --resume, or use "
-            "another --output-dir"
-        )
-    candidates = [explicit] if explicit else existing
-    why = "--resume" if explicit else f"the newest complete checkpoint in {run}"
-    for path in candidates:
-        fs, fs_path = Storage(path).filesystem()
-        broken = damage(fs_path, fs)
-        if broken:
-            if explicit:
-                raise InputError(f"--resume {explicit} is damaged: {broken}")
-            name = path.rsplit("/", 1)[-1]
-            print(f"checkpoint {name} is damaged ({broken}); trying the one before", flush=True)
-            continue
-        state = read_state(fs_path, fs)
-        reason = mismatch(state.fingerprint, current)
-        if reason:
-            raise InputError(
-                f"cannot resume from {path}: {reason}; use another --output-dir for a new run"
-            )
-        print(f"resuming from {path} (step {state.step}): {why}", flush=True)
-        return path
-    if candidates:
-        raise InputError(f"every checkpoint in {run} is damaged; remove {run} to start over")
-    return None
-
-
 def check_fits(cfg: TrainConfig, workers_flag: str = "--workers") -> None:
     """The workers' CPUs and GPUs against what the cluster has in all, before anything waits."""
     import ray
@@ -160,38 +125,43 @@ def check_fits(cfg: TrainConfig, workers_flag: str = "--workers") -> None:
 def prepare_run(
     cfg: TrainConfig, resume: str | None = None, workers_flag: str = "--workers", **spec_fields
 ) -> RunSpec:
-    """Validate the inputs, join or start Ray, decide GPU or CPU, choose the checkpoint to start
-    from, and build what every worker gets. Raises :class:`InputError` before any worker starts;
-    ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the worker count in
-    messages; ``spec_fields`` go to the :class:`RunSpec` as they are."""
+    """Validate the inputs, join or start Ray, decide GPU or CPU and the precision, choose the
+    checkpoint to start from, and build what every worker gets. Raises :class:`InputError` before
+    any worker starts; ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the
+    worker count in messages; ``spec_fields`` go to the :class:`RunSpec` as they are."""
     from ..cluster.ray_setup import init_ray
 
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
-    ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
+    ds = deepspeed_json.load(cfg.ds_config)
+    fixed = precision.check_agreement(cfg.precision, ds, cfg.ds_config)
     manifest = check_data(cfg)
     if cfg.gpus_per_worker == 0:  # known before Ray starts: fail before starting it
-        deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=False)
+        deepspeed_json.check_device(fixed, cfg.ds_config, use_gpu=False)
+    storage = Storage.of(cfg.storage_path, str(Path(cfg.output_dir).resolve()))
+    if cfg.storage_path:
+        storage.check()
     init_ray()
     cfg = resolve_gpus(cfg)
     check_fits(cfg, workers_flag)
-    use_gpu = cfg.gpus_per_worker > 0
-    if use_gpu:
-        deepspeed_json.check_device(ds, cfg.ds_config, use_gpu=True)
-    stamp = fingerprint(cfg.model_config(), manifest, cfg.workers)
+    order = {k: getattr(cfg, k) for k in DATA_ORDER_KEYS}
+    stamp = fingerprint(cfg.model_config(), manifest, cfg.workers, order)
+    start = choose_resume(storage, resume, stamp)
+    resumed = start.state.precision if start else None
+    chosen, line = precision.resolve(cfg.precision, ds, cfg.ds_config, cfg.gpus_per_worker > 0,
+                                     resumed)  # fmt: skip
+    print(line, flush=True)
+    cfg = cfg.replace(precision=chosen)
+    deepspeed_json.check_device(chosen, cfg.ds_config, use_gpu=cfg.gpus_per_worker > 0)
     spec_fields.setdefault("data_summary", data_summary(manifest))
-    out = Path(cfg.output_dir).resolve()
-    storage = Storage.of(cfg.storage_path, str(out))
-    if cfg.storage_path:
-        storage.check()
-    spec_fields.setdefault("resume_from", choose_resume(storage, resume, stamp))
+    spec_fields.setdefault("resume_from", start.path if start else None)
     return RunSpec(
         train=cfg,
-        deepspeed_config=ds,
+        deepspeed_config=deepspeed_json.fill_auto(ds, cfg, cfg.workers),
         plan=RunPlan.from_manifest(cfg, manifest),
         data_dir=str(Path(cfg.data).resolve()),
-        output_dir=str(out),
-        storage_path=storage.root if cfg.storage_path else "",
+        output_dir=str(Path(cfg.output_dir).resolve()),
+        storage_path=storage.uri() if cfg.storage_path else "",
         fingerprint=stamp,
         **spec_fields,
     )
@@ -257,18 +227,26 @@ def train(
     cfg: TrainConfig, resume: str | None = None, faults: Faults | None = None, command: str = ""
 ) -> dict:
     """Run the training job; returns a summary (val perplexities, paths, sample). The output
-    directory is locked for the run: a second ``train`` into it is refused. ``command``: the
-    command line, for the model card."""
+    directory, and the storage path when it is elsewhere, are locked for the run: a second
+    ``train`` into either is refused. ``command``: the command line, for the model card."""
     if resume and not Path(resume).is_dir():
         raise InputError(f"--resume {resume}: no such checkpoint directory")
     resume = os.path.abspath(resume) if resume else None
     out = Path(cfg.output_dir).resolve()
     with DirectoryLock(out / LOCK_FILE, "enigma train"):
-        return _train_locked(cfg, resume, faults or Faults(), command)
+        storage = Storage.of(cfg.storage_path, str(out))
+        if storage.root == str(out):  # the output directory's lock covers it
+            return _train_locked(cfg, resume, faults or Faults(), command)
+        storage.check()
+        with storage.lock("enigma train"):
+            return _train_locked(cfg, resume, faults or Faults(), command)
 
 
 def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command: str) -> dict:
+    import ray.exceptions
     from ray.util.queue import Queue
+
+    from ..cluster.placement import release_orphans
 
     spec = prepare_run(cfg, resume, faults=faults, command=command)
     # Checkpoints staged by ranks that were killed mid-write (this directory is locked: none of
@@ -283,8 +261,8 @@ def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command:
     try:
         with watchdog:
             result = trainer.fit()
-    except Exception:
-        if watchdog.reason:  # the watchdog ended the run: its reason is the error
+    except ray.exceptions.RayActorError:
+        if watchdog.reason:  # the watchdog killed the controller: its reason is the error
             release_orphans()
             raise InputError(watchdog.reason) from None
         raise
@@ -293,17 +271,6 @@ def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command:
         printer.stopped.set()
         printer.join()
     return summarize(spec, result, printer)
-
-
-def release_orphans(wait_s: float = 15.0) -> None:
-    """The killed controller's placement group outlives it (pending, it would be placed as soon
-    as the resources free up and hold them for good): remove it once Ray marks its creator
-    dead."""
-    from ..cluster.ray_setup import remove_orphaned_placement_groups
-
-    deadline = time.monotonic() + wait_s
-    while not remove_orphaned_placement_groups() and time.monotonic() < deadline:
-        time.sleep(0.5)
 
 
 def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
@@ -348,6 +315,7 @@ def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
         "model_dir": storage.uri("model"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "tensorboard": storage.uri("tensorboard"),
+        "precision": spec.train.precision,
         "train_log": printer.trains,
     }
     sample = exported_sample(spec)
@@ -382,13 +350,12 @@ def save_summary(cfg: TrainConfig, summary: dict, seconds: float, args) -> None:
     """The run's figures as a benchmark JSON that ``enigma report`` renders."""
     from ..benchmarks import meta
 
-    ds = deepspeed_json.fill_auto(deepspeed_json.load(cfg.ds_config), cfg, cfg.workers)
-    stage = deepspeed_json.zero_stage(ds)
+    stage = deepspeed_json.zero_stage(deepspeed_json.load(cfg.ds_config))
     record = {
         "benchmark": "train",
         "name": Path(cfg.output_dir).name,
         "plan": f"{cfg.preset}, {cfg.workers} workers, ZeRO-{stage} "
-        f"{deepspeed_json.precision(ds)}, seq {cfg.resolved_seq_len}",
+        f"{summary['precision']}, seq {cfg.resolved_seq_len}",
         "wall_seconds": round(seconds, 1),
         "summary": {k: v for k, v in summary.items() if k != "train_log"},
         "config": cfg.to_dict(),

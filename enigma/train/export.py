@@ -16,6 +16,7 @@ a run that never finished exports all the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -23,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError
+from .checkpoint import DS_TAG, RUN_FILE, STATE_FILE, TrainState
 
-RUN_FILE = "run.json"  # in every checkpoint: what the model card needs
 LICENCE = "MIT"
 
 
@@ -125,6 +126,8 @@ INTRO = [
 ]
 LOADING = [
     "The modelling code is in this directory; only `torch` and `transformers` are needed.",
+    "`trust_remote_code=True` runs those Python files (`lm.py` and the modules beside it) in your",
+    "process: load this model only from a source you trust, or read the files first.",
     "",
     "```python",
     "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -154,6 +157,56 @@ def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def export_model(
+    engine, model_config, out: Path, tokenizer_dir: str, rank: int, stage: int, card=None
+):
+    """Write the full weights with ``save_pretrained`` (+ tokenizer, + the model card that
+    ``card(model)`` renders), atomically. Under ZeRO-3 every rank takes part in gathering the
+    partitioned parameters."""
+    if stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    from ..models.lm import EnigmaLM
+
+    model = EnigmaLM(model_config)
+    state = {k: v.detach().float().cpu() for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
+    write_model_dir(model, out, tokenizer_dir, card(model) if card else None, wait_s=600)
+
+
+def write_model_dir(
+    model, out: Path, tokenizer_dir: str | None, card: str | None = None, wait_s: float | None = 0
+) -> None:
+    """``save_pretrained`` (weights, config and the modelling code) + tokenizer + the model card
+    (``README.md``) into a unique staging directory, then put in place whole
+    (:func:`enigma.storage.atomic.replace_dir`), under the directory's lock, waited for up to
+    ``wait_s`` seconds (None: the caller holds it)."""
+    from transformers.utils import logging as hf_logging
+
+    from ..storage.atomic import model_lock, remove_leftovers, replace_dir, staging_dir
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for every export
+    with model_lock(out, "an export", wait_s) if wait_s is not None else contextlib.nullcontext():
+        remove_leftovers(out)  # of exports killed before their swap, a copy set aside restored
+        staging = staging_dir(out)
+        try:
+            model.save_pretrained(staging)
+            if tokenizer_dir and Path(tokenizer_dir).is_dir():
+                for f in Path(tokenizer_dir).iterdir():
+                    shutil.copy(f, staging / f.name)
+            if card is not None:
+                (staging / "README.md").write_text(card, encoding="utf-8")
+            replace_dir(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
 # ---------------------------------------------------------------------------------------------
 # enigma export
 
@@ -180,18 +233,23 @@ def consolidated_weights(checkpoint: Path) -> dict:
     """The full fp32 weights of a checkpoint, from DeepSpeed's shards (any ZeRO stage)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from .checkpoint import DS_TAG
-
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
 
 
 def export_run(run_dir: str, out: str, step: str = "best") -> dict:
-    """Write ``out`` from a run's best model or one of its checkpoints; returns what was used."""
+    """Write ``out`` from a run's best model or one of its checkpoints, holding ``out``'s lock
+    throughout; returns what was used."""
+    from ..storage.atomic import model_lock
+
+    with model_lock(Path(out), "enigma export"):
+        return _export_locked(Path(run_dir), out, step)
+
+
+def _export_locked(run: Path, out: str, step: str) -> dict:
     from ..models.lm import EnigmaLM
-    from .checkpoint import STATE_FILE, TrainState, write_model_dir
     from .config import TrainConfig
 
-    run = Path(run_dir)
+    run_dir = str(run)
     kept = checkpoints(run)
     if not kept:
         raise InputError(
@@ -223,7 +281,7 @@ def export_run(run_dir: str, out: str, step: str = "best") -> dict:
     card = render_card(model, info, val, at)
     with tempfile.TemporaryDirectory(prefix="enigma-tokenizer-") as tmp:
         tokenizer = _tokenizer_files(model_dir, Path(tmp))
-        write_model_dir(model, Path(out), tokenizer, card)
+        write_model_dir(model, Path(out), tokenizer, card, wait_s=None)
     return {"step": at, "val_loss": val, "out": str(Path(out).resolve())}
 
 

@@ -2,7 +2,10 @@
 whose :class:`ProgressPrinter` prints them (step, loss, ppl, tokens/s, ETA).
 
 The two meet in a Ray queue; each message is a dict with a ``kind`` of ``train``, ``eval``,
-``note``, ``error`` (any rank's failure, sent as it happens) or ``done``.
+``note``, ``tick`` (where rank 0 is, between log lines), ``error`` (any rank's failure, sent as
+it happens) or ``done``. Whatever ``log_steps`` is, the console hears from the run at least every
+:data:`HEARTBEAT_S` seconds: rank 0 ticks, and the printer says what it is waiting for when
+nothing has come (workers being placed, engines being built, a first step being compiled).
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+
+HEARTBEAT_S = 30.0  # the console hears from a run at least this often
+TICK_S = 20.0  # rank 0 says where it is this often between log lines
 
 # Every scalar sits under one of these prefixes, so TensorBoard groups them into five sections.
 TRAIN_SCALARS = {"loss": "train/loss", "ppl": "train/ppl", "lr": "train/lr"}
@@ -51,6 +57,7 @@ class Reporter:
         the run's storage (after each evaluation and at the end); ``hparams``: written at the
         end, with the final metrics, for the HPARAMS tab."""
         self.writer, self.queue = None, queue if rank == 0 else None
+        self.sent = time.monotonic()
         self.upload = upload if rank == 0 else None
         self.hparams = hparams
         if rank == 0:
@@ -91,6 +98,12 @@ class Reporter:
     def note(self, text: str) -> None:
         self._send({"kind": "note", "text": text})
 
+    def tick(self, step: int, total: int, tokens_per_sec: float) -> None:
+        if time.monotonic() - self.sent >= TICK_S:
+            self._send(
+                {"kind": "tick", "step": step, "total": total, "tokens_per_sec": tokens_per_sec}
+            )
+
     def done(self, summary: dict) -> None:
         if self.writer:
             self.write_hparams(summary["step"], summary["best_val"])
@@ -102,6 +115,7 @@ class Reporter:
     def _send(self, item: dict) -> None:
         if self.queue is not None:
             self.queue.put(item)
+            self.sent = time.monotonic()
 
 
 class ProgressPrinter(threading.Thread):
@@ -112,6 +126,7 @@ class ProgressPrinter(threading.Thread):
         self.queue, self.stopped = queue, threading.Event()
         self.start_time, self.trains, self.evals = time.perf_counter(), [], []
         self.errors: list[dict] = []
+        self.printed, self.step = time.monotonic(), None
 
     def run(self) -> None:
         from ray.util.queue import Empty
@@ -120,17 +135,38 @@ class ProgressPrinter(threading.Thread):
             try:
                 item = self.queue.get(timeout=0.5)
             except Empty:
+                self.heartbeat()
                 continue
             self.show(item)
+            self.printed = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """A line when nothing was printed for :data:`HEARTBEAT_S`, saying what the run waits
+        for."""
+        quiet = time.monotonic() - self.printed
+        if quiet < HEARTBEAT_S:
+            return
+        if self.step is None:
+            what = "starting: placing the workers, building their engines, the first step"
+        else:
+            what = f"at step {self.step}, nothing from rank 0 for {duration(quiet)}"
+        elapsed = duration(time.perf_counter() - self.start_time)
+        print(f"... still running ({elapsed} in): {what}", flush=True)
+        self.printed = time.monotonic()
 
     def show(self, item: dict) -> None:
-        if item["kind"] == "train":
-            self.trains.append(item)
+        if item["kind"] in ("train", "tick"):
+            self.step = item["step"]
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / max(item["step"], 1) * (item["total"] - item["step"])
+            progress = f"step {item['step']:>6}/{item['total']}"
+            rate = f"{item['tokens_per_sec']:>8,.0f} tok/s"
+            if item["kind"] == "tick":
+                print(f"{progress} | {rate} | ETA {duration(eta)}", flush=True)
+                return
+            self.trains.append(item)
             print(
-                f"step {item['step']:>6}/{item['total']} | loss {item['loss']:.4f} | "
-                f"ppl {item['ppl']:>9.2f} | {item['tokens_per_sec']:>8,.0f} tok/s | "
+                f"{progress} | loss {item['loss']:.4f} | ppl {item['ppl']:>9.2f} | {rate} | "
                 f"lr {item['lr']:.2e} | ETA {duration(eta)}",
                 flush=True,
             )
@@ -174,7 +210,7 @@ class PlacementWatchdog(threading.Thread):
         self.stopped.set()
 
     def run(self) -> None:
-        from ..cluster.ray_setup import PlacementWatch, kill_train_controllers
+        from ..cluster.placement import PlacementWatch, kill_train_controllers
 
         watch = PlacementWatch(self.timeout_s)
         while not self.stopped.wait(self.every_s):

@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="tiny, small, base or large")
     p.add_argument("--config", default=None, help="a JSON training config to start from")
     p.add_argument("--data", default=None, help="a directory written by `enigma data prepare`")
-    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default zero2_bf16)")
+    p.add_argument(
+        "--ds-config", default=None, help="DeepSpeed JSON (default ds_configs/zero2.json)"
+    )
     p.add_argument("--output-dir", default="runs/sweep")
     p.add_argument(
         "--grid",
@@ -194,13 +196,13 @@ class ReleaseStoppedTrials(Callback):
     sweep, saying what is held, when some trial's workers cannot be placed for ``timeout_s``."""
 
     def __init__(self, timeout_s: float, every_s: float = 2.0):
-        from ..cluster.ray_setup import PlacementWatch
+        from ..cluster.placement import PlacementWatch
 
         self.every_s, self.last, self.watch = every_s, 0.0, PlacementWatch(timeout_s)
 
     @staticmethod
     def _release() -> None:
-        from ..cluster.ray_setup import remove_orphaned_placement_groups
+        from ..cluster.placement import remove_orphaned_placement_groups
 
         freed = remove_orphaned_placement_groups()
         if freed:
@@ -227,7 +229,7 @@ class ReleaseStoppedTrials(Callback):
 def release_leftovers(wait_s: float = 15.0) -> None:
     """After the last trial: no Train controller of this sweep may live on, and no placement
     group of a dead one may keep its CPUs (the last trials' controllers die after Tune is done)."""
-    from ..cluster.ray_setup import actor_placement_groups, kill_train_controllers
+    from ..cluster.placement import actor_placement_groups, kill_train_controllers
 
     kill_train_controllers()
     deadline = time.monotonic() + wait_s

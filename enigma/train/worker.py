@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import checkpoint, deepspeed_json
 from .checkpoint import CHECKPOINT_TMP, TrainState
 from .config import TrainConfig
-from .export import render_card
+from .export import export_model, render_card
 from .plan import RunPlan, RunSpec
 from .progress import Reporter, run_hparams
 from .schedule import lr_at
@@ -138,7 +138,9 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
     checkpointing = cfg.activation_checkpointing and getattr(config, "activation_checkpointing", 0)
     if checkpointing and "activation_checkpointing" in ds_config:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-        model.use_deepspeed_checkpointing()
+        # Through DeepSpeed's API (configured above); the model's own code never imports
+        # DeepSpeed, so an exported model loads where it is not installed.
+        model._set_gradient_checkpointing(True, deepspeed.checkpointing.checkpoint)
     stage = deepspeed_json.zero_stage(ds_config)
     if stage == 3:  # a reversible chain's backward needs all of its parameters at once
         from deepspeed.utils import set_z3_leaf_module
@@ -181,24 +183,29 @@ def any_rank(flag: bool, device) -> bool:
 
 
 def restore(engine, spec: RunSpec, notes: list[str]) -> TrainState:
-    """Ray's latest checkpoint after a restart, else the one the driver chose; a checkpoint that
-    fails to load on any rank is reported in ``notes`` and the next one is tried. When there was
-    a checkpoint and none loads, the run fails: a failed load never becomes a fresh start."""
+    """Ray's latest checkpoint after a restart, else the one the driver chose (see
+    :func:`load_agreed`). When there was a checkpoint and none loads, the run fails: a failed
+    load never becomes a fresh start."""
     import ray.train
 
     candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None]
     if spec.resume_from and all(Path(c.path) != Path(spec.resume_from) for c in candidates):
         candidates.append(ray.train.Checkpoint(spec.resume_from))
+    return load_agreed(engine, candidates, notes)
+
+
+def load_agreed(engine, candidates: list, notes: list[str]) -> TrainState:
+    """Load the first of ``candidates`` (``ray.train.Checkpoint``s) that every rank finds
+    complete. Each rank checks what it will read before any rank loads, and the ranks agree
+    (a collective), so that no rank enters a load, whose collectives (ZeRO-3's gathers) the
+    others would never join, while another gives up; one passed over is reported in
+    ``notes``."""
     for found in candidates:
-        state, error = None, None
-        try:
-            with found.as_directory() as directory:
-                state = checkpoint.restore(engine, directory)
-        except Exception as err:  # reported below; every rank must agree before going on
-            error = err
-        if not any_rank(error is not None, engine.device):
-            return state
-        notes.append(f"checkpoint {found.path} could not be loaded ({error or 'on another rank'})")
+        with found.as_directory() as directory:
+            problem = checkpoint.damage(directory)
+            if not any_rank(problem is not None, engine.device):
+                return checkpoint.restore(engine, directory)
+        notes.append(f"checkpoint {found.path} was passed over ({problem or 'on another rank'})")
     if candidates:
         raise RuntimeError("no checkpoint could be loaded: " + "; ".join(notes))
     return TrainState()
@@ -217,7 +224,7 @@ class Worker:
         self.stage = deepspeed_json.zero_stage(spec.deepspeed_config)
         notes: list[str] = []
         self.state = restore(self.engine, spec, notes)
-        self.state.fingerprint = spec.fingerprint
+        self.state.fingerprint, self.state.precision = spec.fingerprint, self.cfg.precision
         tensorboard = spec.local_dir("tensorboard")
         upload = None
         if spec.storage.remote:
@@ -275,6 +282,13 @@ class Worker:
         self.state.tokens_per_sec = line["tokens_per_sec"]
         self.reporter.train(line)
         self.interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+
+    def tick(self) -> None:
+        """Between log lines, rank 0 says where it is at least every half minute (no collective:
+        the loss waits for the next log line)."""
+        steps, elapsed = self.interval["steps"], time.perf_counter() - self.interval["start"]
+        rate = self.spec.tokens_per_step * steps / max(elapsed, 1e-9)
+        self.reporter.tick(self.state.step, self.plan.total_steps, rate)
 
     def report(self, metrics: dict, with_checkpoint: bool) -> None:
         """Report to Ray Train; with a checkpoint, every rank writes its shard of it."""
@@ -338,7 +352,7 @@ class Worker:
             state = self.state
             card = lambda model: render_card(model, self.spec.run_info(), state.best_val,
                                              state.best_step)  # fmt: skip
-            checkpoint.export_model(
+            export_model(
                 self.engine, self.cfg.model_config(), out, self.spec.tokenizer_dir, self.rank,
                 self.stage, card,
             )  # fmt: skip
@@ -383,6 +397,8 @@ class Worker:
             last = state.step == total
             if state.step % cfg.log_steps == 0 or last:
                 self.log(ids, lr)
+            else:
+                self.tick()
             stop_here = state.step == cfg.stop_at_step
             if state.step % cfg.eval_steps == 0 or last:
                 if self.validate_and_checkpoint():

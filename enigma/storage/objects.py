@@ -1,0 +1,27 @@
+"""Object-store URIs (``s3://bucket/key?option=value``) and a client for what pyarrow cannot
+do there: conditional writes (:class:`enigma.storage.locks.ObjectLock`)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlsplit
+
+
+def split_object_uri(uri: str) -> tuple[str, str, str, dict]:
+    """``s3://bucket/key?opt=v`` -> ``("s3", "bucket", "key", {"opt": "v"})``."""
+    parts = urlsplit(uri)
+    return parts.scheme, parts.netloc, parts.path.lstrip("/"), dict(parse_qsl(parts.query))
+
+
+def s3_client(options: dict):
+    """A boto3 S3 client that reaches the endpoint pyarrow reaches for the same URI: the URI's
+    ``endpoint_override``/``scheme``/``region`` options, else the standard AWS_* variables."""
+    import boto3
+
+    kwargs = {}
+    if options.get("endpoint_override"):
+        kwargs["endpoint_url"] = (
+            f"{options.get('scheme', 'https')}://{options['endpoint_override']}"
+        )
+    if options.get("region"):
+        kwargs["region_name"] = options["region"]
+    return boto3.client("s3", **kwargs)

@@ -1,0 +1,206 @@
+"""One writer at a time: the kernel's lock, forced interleavings, other PID namespaces, other
+hosts, empty lock files, the model directory's lock, and the storage path's (S3 on moto)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import ROOT
+
+from enigma.errors import InputError
+from enigma.storage.locks import DirectoryLock
+
+HOLDER = """
+import sys, time
+from enigma.storage.locks import DirectoryLock
+with DirectoryLock(sys.argv[1], "enigma train"):
+    print("held", flush=True)
+    sys.stdin.readline()  # released when the test writes a line (or closes stdin)
+print("released", flush=True)
+"""
+
+
+def _holder(lock_path, prefix=()):
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", HOLDER, str(lock_path)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _release(proc):
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "released"
+    proc.wait(timeout=30)
+
+
+# A taker that opens the lock file, then pauses before it asks the kernel for the lock: the
+# holder releases meanwhile (removing the file) and a third process takes a new one.
+PAUSED_TAKER = """
+import fcntl, sys, time
+from enigma.storage import locks
+real = fcntl.flock
+def slow_flock(fd, op):
+    print("opened", flush=True)
+    sys.stdin.readline()  # the test lets it go on
+    locks.fcntl.flock = real
+    return real(fd, op)
+locks.fcntl.flock = slow_flock
+try:
+    lock = locks.DirectoryLock(sys.argv[1], "taker").acquire()
+    print("HELD", flush=True)
+    sys.stdin.readline()
+except Exception as err:
+    print("REFUSED", type(err).__name__, err, flush=True)
+"""
+
+
+def test_a_taker_paused_between_opening_and_locking_does_not_become_a_second_holder(tmp_path):
+    lock = tmp_path / ".lock"
+    first = _holder(lock)
+    taker = subprocess.Popen([sys.executable, "-c", PAUSED_TAKER, str(lock)], cwd=ROOT,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert taker.stdout.readline().strip() == "opened"  # holds a descriptor of the old file
+    _release(first)  # the file goes, then the kernel lock
+    third = _holder(lock)  # a new file, locked
+    taker.stdin.write("\n")
+    taker.stdin.flush()
+    answer = taker.stdout.readline().strip()
+    try:
+        assert answer.startswith("REFUSED"), answer  # exactly one holder: the third process
+        assert "in use by enigma train" in answer and str(third.pid) in answer
+    finally:
+        taker.kill()
+        taker.wait()
+        _release(third)
+    assert not lock.exists()
+
+
+def test_a_holder_in_another_pid_namespace_is_not_taken_over(tmp_path, capsys):
+    if subprocess.run(["unshare", "-pf", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -pf is not permitted here")
+    lock = tmp_path / ".lock"
+    holder = _holder(lock, prefix=("unshare", "-pf"))
+    try:
+        record = json.loads(lock.read_text())
+        assert record["pid"] == 1 or record["pid"] != holder.pid  # its own namespace's pid
+        with pytest.raises(InputError, match="is in use by enigma train"):
+            DirectoryLock(lock, "enigma train").acquire()
+    finally:
+        _release(holder)
+    with DirectoryLock(lock, "enigma train"):  # free once its holder let go
+        pass
+
+
+def test_a_dead_holder_an_empty_file_and_another_host(tmp_path, capsys):
+    lock = tmp_path / ".lock"
+    holder = _holder(lock)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # left behind, but not held
+    with DirectoryLock(lock, "enigma train") as taken:
+        assert taken.held and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert f"left by pid {holder.pid} (gone)" in capsys.readouterr().out
+    lock.write_text("")  # a crash between creating the file and writing it
+    with DirectoryLock(lock, "enigma train"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    other = {"what": "enigma train", "host": "node-b", "boot_id": "another-kernel", "pid": 7,
+             "since": "2026-12-01T00:00:00Z"}  # fmt: skip
+    lock.write_text(json.dumps(other))
+    with pytest.raises(InputError) as err:
+        DirectoryLock(lock, "enigma train").acquire()
+    message = str(err.value)
+    assert "pid 7 on node-b" in message and f"delete {lock}" in message
+    assert json.loads(lock.read_text()) == other, "another host's record is left as it was"
+
+
+def test_export_into_a_model_directory_in_use_is_refused(tmp_path, capsys):
+    from enigma.cli import main
+    from enigma.storage.atomic import lock_path as model_lock_path
+
+    out = tmp_path / "exported"
+    holder = _holder(model_lock_path(out))
+    try:
+        assert main(["export", str(tmp_path / "no-run"), str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{out} is in use by enigma train (pid {holder.pid}" in err
+    finally:
+        _release(holder)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on loopback, reached through the AWS_* variables."""
+    from test_storage import moto_server
+
+    with moto_server() as client:
+        yield client
+
+
+def test_the_storage_path_is_locked_for_a_second_driver(s3, tmp_path, capsys):
+    from enigma.storage.store import Storage
+
+    for root in ("s3://runs/locked", str(tmp_path / "shared")):
+        first = Storage.of(root, str(tmp_path / "out-a")).lock("enigma train")
+        second = Storage.of(root, str(tmp_path / "out-b")).lock("enigma train")
+        with first:
+            with pytest.raises(InputError, match=f"{root} is in use by enigma train") as err:
+                second.acquire()
+            if root.startswith("s3://"):
+                assert f"delete {root}/.lock" in str(err.value)
+        with second:  # released: the next driver gets it
+            assert second.held
+
+
+def test_a_dead_drivers_object_lock_on_this_host_is_taken_over_once(s3, tmp_path, capsys):
+    from enigma.storage.locks import holder_record
+    from enigma.storage.store import Storage
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    record = {**holder_record("enigma train"), "pid": int(dead)}
+    s3.put_object(Bucket="runs", Key="stale/.lock", Body=json.dumps(record).encode())
+    storage = Storage.of("s3://runs/stale", str(tmp_path))
+    with storage.lock("enigma train") as lock:
+        assert lock.held
+        with pytest.raises(InputError, match="is in use by enigma train"):
+            storage.lock("enigma train").acquire()
+    assert f"left by pid {dead} (gone)" in capsys.readouterr().out
+    listed = s3.list_objects_v2(Bucket="runs", Prefix="stale/").get("KeyCount", 0)
+    assert listed == 0, "released"
+
+
+def test_two_drivers_one_storage_path_only_one_trains(s3, data, tmp_path, capsys):
+    """Two `enigma train` commands with different output directories and the same bucket
+    prefix: the second stops in one line while the first holds the storage."""
+    code = textwrap.dedent("""
+        import sys, time
+        from enigma.storage.store import Storage
+        with Storage.of("s3://runs/shared-run", "unused").lock("enigma train"):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        from enigma.cli import main
+
+        argv = ["train", "--preset", "tiny", "--data", str(data), "--set", "seq_len=64",
+                "--output-dir", str(tmp_path / "b"),
+                "--storage-path", "s3://runs/shared-run"]  # fmt: skip
+        start = time.monotonic()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "s3://runs/shared-run is in use by enigma train" in err
+        assert len(err.splitlines()) == 1 and time.monotonic() - start < 60
+    finally:
+        holder.kill()
+        holder.wait()
+    shutil.rmtree(tmp_path / "b", ignore_errors=True)

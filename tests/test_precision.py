@@ -1,0 +1,111 @@
+"""Precision follows the hardware: bf16 where every worker runs it natively, fp32 elsewhere, one
+line saying which; an explicit choice wins, and one that contradicts the DeepSpeed JSON is an
+error naming both."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from enigma.cli import main
+from enigma.errors import InputError
+from enigma.train import precision
+
+SHIPPED = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+
+
+def _flags(**set_flags):
+    base = {k: False for k in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16")}
+    return {**base, **set_flags}
+
+
+@pytest.mark.parametrize(
+    ("flags", "isa", "native", "why"),
+    [
+        (_flags(avx2=True), None, False, "the CPU has AVX2 but no AVX-512 BF16 or AMX"),
+        (_flags(avx2=True, avx512_f=True), None, False, "AVX-512 but no AVX-512 BF16"),
+        (_flags(avx2=True, avx512_f=True, avx512_bf16=True), None, True, "AVX-512 BF16"),
+        (_flags(avx2=True, avx512_f=True, amx_bf16=True), None, True, "the CPU has AMX"),
+        (_flags(avx2=True, avx512_f=True, avx512_bf16=True), "AVX2", False, "ONEDNN_MAX_CPU_ISA"),
+        (_flags(avx2=True, avx512_f=True, avx512_bf16=True), "avx512_core_amx", True, "BF16"),
+    ],
+)
+def test_the_cpu_decision_both_ways(monkeypatch, flags, isa, native, why):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    ok, reason = precision.native_bf16(use_gpu=False)
+    assert ok is native and why in reason
+
+
+def test_this_cpu_and_the_slow_path_forced_on_it():
+    """This machine's answer follows its flags; ``ONEDNN_MAX_CPU_ISA=AVX2`` (what gives a bf16
+    matmul its slow path on a CPU that has the fast one) gives fp32 whatever the CPU."""
+    flags = torch.cpu.get_capabilities()
+    env = {k: v for k, v in os.environ.items() if "MAX_CPU_ISA" not in k}
+    code = "from enigma.train.precision import native_bf16; print(native_bf16(False))"
+    here = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    expected = bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+    assert here.stdout.startswith(f"({expected},"), here.stdout + here.stderr
+    env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    slow = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert slow.stdout.startswith("(False,") and "ONEDNN_MAX_CPU_ISA=AVX2" in slow.stdout
+
+
+def test_the_cluster_decides_once_for_all_its_nodes(monkeypatch):
+    answers = [("10.0.0.1", True, "the CPU has AVX-512 BF16"),
+               ("10.0.0.2", False, "the CPU has AVX2 but no AVX-512 BF16 or AMX")]  # fmt: skip
+    monkeypatch.setattr(precision, "probe_nodes", lambda use_gpu: answers)
+
+    class Nodes:  # what ray.nodes() says: two alive nodes
+        @staticmethod
+        def nodes():
+            return [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
+
+    monkeypatch.setitem(sys.modules, "ray", Nodes)
+    monkeypatch.setattr(precision, "_DECIDED", {})
+    chosen, line = precision.resolve("auto", SHIPPED, "zero2.json", False, None)
+    assert chosen == "fp32" and "node 10.0.0.2: the CPU has AVX2" in line
+    assert "--set precision=bf16 to override" in line
+    monkeypatch.setattr(precision, "_DECIDED", {})
+    monkeypatch.setattr(precision, "probe_nodes", lambda use_gpu: answers[:1])
+    chosen, line = precision.resolve("auto", SHIPPED, "zero2.json", False, None)
+    assert chosen == "bf16" and "AVX-512 BF16" in line
+
+
+def test_explicit_choices_win_and_contradictions_name_both():
+    fixed = {**SHIPPED, "bf16": {"enabled": True}}
+    assert precision.resolve("fp32", SHIPPED, "zero2.json", False, None)[0] == "fp32"
+    assert precision.resolve("auto", fixed, "mine.json", False, None) == (
+        "bf16", "precision: bf16 (mine.json)")  # fmt: skip
+    with pytest.raises(InputError, match=r"precision=fp32 contradicts mine.json.*bf16.enabled"):
+        precision.resolve("fp32", fixed, "mine.json", False, None)
+    bare = {k: v for k, v in SHIPPED.items() if k != "bf16"}
+    with pytest.raises(InputError, match="precision=bf16 contradicts bare.json, which has no bf"):
+        precision.resolve("bf16", bare, "bare.json", False, None)
+    with pytest.raises(InputError, match="precision=fp16 but zero2.json has no fp16 section"):
+        precision.resolve("fp16", SHIPPED, "zero2.json", True, None)
+    with pytest.raises(InputError, match="trained in bf16.*--set precision=bf16"):
+        precision.resolve("fp32", SHIPPED, "zero2.json", False, "bf16")
+    kept = precision.resolve("auto", SHIPPED, "zero2.json", False, "bf16")
+    assert kept == ("bf16", "precision: bf16, as the checkpoint it resumes was trained")
+
+
+def test_a_flag_that_contradicts_the_json_stops_before_ray(data, tmp_path, capsys):
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({**SHIPPED, "bf16": {"enabled": True}}))
+    argv = ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(tmp_path / "o"),
+            "--ds-config", str(ds), "--set", "seq_len=64", "--set", "precision=fp32"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "precision=fp32 contradicts" in err and str(ds) in err
+    import ray
+
+    assert not ray.is_initialized(), "refused before Ray started"
