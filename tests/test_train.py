@@ -95,7 +95,7 @@ def test_zero2_bf16_run_logs_exports_and_generates(data, tmp_path):
 def test_zero_stages_train_and_export_real_weights(data, tmp_path, stage):
     from enigma import EnigmaLM
 
-    summary = run(data, tmp_path, "max_steps=10", ds=f"ds_configs/zero{stage}_bf16.json")
+    summary = run(data, tmp_path, "max_steps=10", ds=f"ds_configs/zero{stage}.json")
     assert summary["steps"] == 10 and math.isfinite(summary["last_val_ppl"])
     exported = EnigmaLM.from_pretrained(tmp_path / "model")
     torch.manual_seed(0)  # the workers' init seed: trained weights must differ from it
@@ -185,7 +185,7 @@ def test_killed_worker_resumes_from_last_checkpoint(data, tmp_path):
         (["--ds-config", "AC_TYPO"], "unknown activation_checkpointing key 'partition_activation'"),
         (["--ds-config", "AC_TYPE"], "activation_checkpointing.number_checkpoints='4': expected"),
         (["--ds-config", "AUTO_LEFT"], 'zero_optimization.sub_group_size is "auto"'),
-        (["--set", "precision=fp8"], "precision='fp8': expected bf16, fp16 or fp32"),
+        (["--set", "precision=fp8"], "precision='fp8': expected auto, bf16, fp16, fp32"),
     ],
 )
 def test_bad_input_fails_in_one_line_before_workers(data, tmp_path, capsys, argv, message):
