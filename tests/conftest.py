@@ -120,13 +120,34 @@ def moto_server():
                 os.environ[k] = v
 
 
+def site_packages_without(tmp_path, absent=("enigma", "deepspeed", "ray")) -> Path:
+    """A directory of links to this Python's site-packages entries, less ``absent`` (their
+    packages, metadata and the project's editable-install hooks): with ``python -S`` and this
+    on ``PYTHONPATH``, they are not installed."""
+    import site
+
+    view = tmp_path / "site-view"
+    if view.is_dir():
+        return view
+    view.mkdir()
+    for root in site.getsitepackages():
+        for entry in Path(root).iterdir():
+            stem = entry.name.split("-")[0].split(".")[0].lower()
+            if stem in absent or "__editable__" in entry.name or entry.suffix == ".pth":
+                continue
+            if not (view / entry.name).exists():
+                (view / entry.name).symlink_to(entry)
+    return view
+
+
 def load_without_project(model_dirs, prompt: list, new_tokens: int, tmp_path) -> list[dict]:
     """Each exported model loaded in a fresh Python where ``enigma``, ``deepspeed`` and ``ray``
-    cannot be imported (``tests/remote_load_probe.py``): its greedy ids and first logits."""
+    are not installed (``tests/remote_load_probe.py``): its greedy ids and first logits."""
     import json
 
-    probe = [sys.executable, str(ROOT / "tests" / "remote_load_probe.py"), json.dumps(prompt)]
-    env = {"PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+    probe = [sys.executable, "-S", str(ROOT / "tests" / "remote_load_probe.py"), json.dumps(prompt)]
+    env = {"PATH": "/usr/bin:/bin", "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+           "PYTHONPATH": str(site_packages_without(tmp_path))}  # fmt: skip
     done = subprocess.run([*probe, str(new_tokens), *map(str, model_dirs)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -60,12 +60,19 @@ class ShardWriter:
         out, rest = stacked[:rows], stacked[rows:]
         self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
         name = f"{self.split}-{len(self.shards):05d}.parquet"
-        flat = pa.array(out.reshape(-1).astype(np.int32, copy=False))
-        table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(flat, self.seq_len)})
-        pq.write_table(table, self.directory / name)
-        self.shards.append(
-            {"file": name, "blocks": rows, "sha256": sha256_file(self.directory / name)}
-        )
+        ids = out.astype(np.int32, copy=False)
+        self.shards.append(write_columns(self.directory / name, {"input_ids": ids}))
+
+
+def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
+    """One shard of fixed-size-list int columns, each ``(rows, seq_len)``; its manifest entry."""
+    table = {}
+    for name, values in columns.items():
+        flat = pa.array(values.reshape(-1))
+        table[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    pq.write_table(pa.table(table), path)
+    rows = len(next(iter(columns.values())))
+    return {"file": path.name, "blocks": rows, "sha256": sha256_file(path)}
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -134,7 +141,8 @@ def load_split(
     vocab_hash: str | None = None,
     verify: bool = True,
 ):
-    """A ``ray.data.Dataset`` of ``input_ids`` rows, for ``get_dataset_shard`` streaming.
+    """A ``ray.data.Dataset`` of the split's rows (``input_ids``; fine-tuning data also has
+    ``labels`` and ``attention_mask``), for ``get_dataset_shard`` streaming.
 
     The dataset is the list of shard paths, each read by a zero-CPU task: training workers usually
     hold every CPU, and ``read_parquet``'s file-listing task, which always asks for a whole CPU,

@@ -20,6 +20,8 @@ from ..models.lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
 from ..storage.store import check_storage_path
 from .precision import PRECISIONS
 
+FINETUNE_SEQ_LEN = 256
+
 
 @dataclass
 class TrainConfig:
@@ -70,9 +72,23 @@ class TrainConfig:
     seed: int = 0
     sample_prompt: str = "话说天下大势，分久必合，合久必分。"
     sample_tokens: int = 48
+    # Fine-tuning (enigma finetune; see enigma.train.finetune): the model it starts from (a saved
+    # model or an `enigma train` output directory; "": pretraining), the rows it learns from
+    # (.jsonl or .parquet; `data` is then where they are prepared), held-out rows, and what trains.
+    base_model: str = ""
+    conversations: str = ""
+    val_data: str = ""  # held-out rows from their own file; "": val_fraction of the rows
+    val_fraction: float = 0.05
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "attention,mlp"  # of attention, mlp, head, coupling (the machine's nets)
+    full: bool = False  # every weight trains, no LoRA
 
     @property
     def model_fields(self) -> dict:
+        if self.base_model:
+            return {**base_model_fields(self.base_model), **self.model}
         return {**preset_fields(self.preset), **self.model}
 
     def model_config(self) -> EnigmaConfig:
@@ -91,6 +107,8 @@ class TrainConfig:
 
     @property
     def resolved_seq_len(self) -> int:
+        if self.base_model:  # a conversation, not a block of a corpus
+            return self.seq_len or FINETUNE_SEQ_LEN
         return self.seq_len or PRESET_SEQ_LEN[self.preset]
 
     def to_dict(self) -> dict:
@@ -119,6 +137,30 @@ MODEL_KEYS = {
     if name not in ("self", "kwargs")
 }
 MODEL_ALIASES = EnigmaConfig.renamed_keys  # old names that saved configs and scripts may still use
+
+
+# Saved with a model but how a run trains, not what the model is: a fine-tuning run decides.
+RUN_KNOBS = {"activation_checkpointing", "reversible_backward", "machine_memory_efficient"}
+
+
+def base_model_dir(path: str) -> Path:
+    """A saved model directory, or an ``enigma train`` output directory's ``model/``."""
+    p = Path(path)
+    for candidate in (p, p / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    raise InputError(
+        f"--model {path} is neither a saved model (no config.json) nor an `enigma train` output "
+        "directory (no model/config.json)"
+    )
+
+
+def base_model_fields(path: str) -> dict:
+    """The base model's shape, as ``EnigmaConfig`` keys."""
+    saved = json.loads((base_model_dir(path) / "config.json").read_text())
+    if saved.get("model_type") != "enigma":
+        raise InputError(f"--model {path} holds a {saved.get('model_type')!r} model, not EnigmaLM")
+    return {k: v for k, v in saved.items() if k in MODEL_KEYS and k not in RUN_KNOBS}
 
 
 def _unknown(key: str) -> InputError:

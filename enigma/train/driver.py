@@ -107,6 +107,15 @@ def resolve_gpus(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(gpus_per_worker=0)
 
 
+def tuned(cfg: TrainConfig) -> dict | None:
+    """What a fine-tuning checkpoint must match besides the model's shape: the base model and
+    what trains (None for pretraining)."""
+    if not cfg.base_model:
+        return None
+    keys = ("base_model", "full") if cfg.full else ("base_model", "lora_r", "lora_targets")
+    return {k: getattr(cfg, k) for k in keys}
+
+
 def check_fits(cfg: TrainConfig, workers_flag: str = "--workers") -> None:
     """The workers' CPUs and GPUs against what the cluster has in all, before anything waits."""
     import ray
@@ -135,6 +144,10 @@ def prepare_run(
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
     ds = deepspeed_json.load(cfg.ds_config)
     fixed = precision.check_agreement(cfg.precision, ds, cfg.ds_config)
+    if cfg.conversations:  # fine-tuning rows: tokenized into cfg.data with the chat template
+        from .tuning import prepare_data
+
+        prepare_data(cfg)
     manifest = check_data(cfg)
     if cfg.gpus_per_worker == 0:  # known before Ray starts: fail before starting it
         deepspeed_json.check_device(fixed, cfg.ds_config, use_gpu=False)
@@ -145,7 +158,7 @@ def prepare_run(
     cfg = resolve_gpus(cfg)
     check_fits(cfg, workers_flag)
     order = {k: getattr(cfg, k) for k in DATA_ORDER_KEYS}
-    stamp = fingerprint(cfg.model_config(), manifest, cfg.workers, order)
+    stamp = fingerprint(cfg.model_config(), manifest, cfg.workers, order, tuned(cfg))
     start = choose_resume(storage, resume, stamp)
     resumed = start.state.precision if start else None
     chosen, line = precision.resolve(cfg.precision, ds, cfg.ds_config, cfg.gpus_per_worker > 0,
@@ -283,6 +296,8 @@ def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
     if not (model_dir / "config.json").is_file():
         return None
     cfg = spec.train
+    if not cfg.sample_tokens:
+        return None
     model = load_model(str(model_dir))
     tokenizer = load_tokenizer(str(model_dir), quiet=True)
     with torch.no_grad():
@@ -331,6 +346,8 @@ def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
     if sample is not None:
         print(f"sample: {sample}")
     print(f"model (save_pretrained + tokenizer): {summary['model_dir']}")
+    if spec.train.base_model and not spec.train.full:
+        print(f"adapter (PEFT): {storage.uri('adapter')}")
     print(f"checkpoints: {storage.uri(*CHECKPOINT_PARTS)}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     return summary

@@ -140,11 +140,31 @@ LOADING = [
 ]
 
 
+def _tuning(config: dict) -> list[str]:
+    """How a fine-tuned model came from its base, or nothing for a pretrained one."""
+    if not config.get("base_model"):
+        return []
+    how = "every weight" if config.get("full") else (
+        f"LoRA (rank {config.get('lora_r')}, alpha {config.get('lora_alpha')}, dropout "
+        f"{config.get('lora_dropout')}) on {config.get('lora_targets')}, merged into the weights"
+    )  # fmt: skip
+    rows = [f"- base model: `{config['base_model']}`", f"- trained: {how}",
+            f"- rows: `{config.get('conversations')}`"]  # fmt: skip
+    if config.get("val_data"):
+        rows.append(f"- held-out rows: `{config['val_data']}`")
+    rows.append("- the tokenizer carries the chat template (`apply_chat_template`); the loss was "
+                "taken on the assistant's tokens only")  # fmt: skip
+    return rows
+
+
 def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
     """The model card (``README.md``) of an export from ``step`` with val loss ``val_loss``."""
-    preset = (info.get("config") or {}).get("preset", "custom")
+    config = info.get("config") or {}
+    preset = "fine-tuned" if config.get("base_model") else config.get("preset", "custom")
+    tuning = _tuning(config)
     sections = [
         ("Result", [_result(val_loss, step)]),
+        *([("Fine-tuning", tuning)] if tuning else []),
         ("Architecture", _architecture(model)),
         ("Training", _training(info)),
         ("Data", _data(info)),

@@ -33,9 +33,12 @@ UNCHECKED_MODEL_KEYS = {
 DATA_ORDER_KEYS = ("micro_batch", "grad_accum", "seed", "shuffle_buffer")
 
 
-def fingerprint(model_config, manifest: dict, world_size: int, data_order: dict) -> dict:
+def fingerprint(
+    model_config, manifest: dict, world_size: int, data_order: dict, tuned: dict | None = None
+) -> dict:
     """What a checkpoint must match to be resumed (see the module); ``data_order``: the
-    training config's :data:`DATA_ORDER_KEYS`."""
+    training config's :data:`DATA_ORDER_KEYS`; ``tuned``: a fine-tuning run's base model and
+    what trains."""
     from .config import MODEL_KEYS
 
     values = model_config.to_dict()
@@ -44,6 +47,8 @@ def fingerprint(model_config, manifest: dict, world_size: int, data_order: dict)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     stamp = {"model": model, "data": digest[:16], "world_size": world_size}
     stamp["data_order"] = {k: data_order[k] for k in DATA_ORDER_KEYS}
+    if tuned:
+        stamp["model"]["finetune"] = tuned
     # As JSON would give it back, so a saved fingerprint compares equal to a fresh one.
     return json.loads(json.dumps(stamp))
 

@@ -55,13 +55,24 @@ def train_batches(shard, cfg: TrainConfig, plan: RunPlan, state: TrainState):
             if seen <= state.micro_in_epoch:
                 continue  # consumed before the checkpoint we resumed from
             state.micro_in_epoch = seen
-            yield batch["input_ids"]
+            yield batch
         if seen < plan.micro_per_epoch:
             raise RuntimeError(
                 f"worker shard ran out after {seen} of {plan.micro_per_epoch} micro-batches"
             )
         state.epoch += 1
         state.micro_in_epoch = 0
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """A micro-batch as the model's keyword arguments: pretraining blocks learn every next
+    token; fine-tuning rows carry their labels (the assistant's tokens) and attention mask."""
+    ids = batch["input_ids"].to(device).long()
+    inputs = {"input_ids": ids, "labels": ids}
+    if "labels" in batch:
+        inputs["labels"] = batch["labels"].to(device).long()
+        inputs["attention_mask"] = batch["attention_mask"].to(device).long()
+    return inputs
 
 
 @torch.no_grad()
@@ -74,8 +85,7 @@ def evaluate(engine, shard, cfg: TrainConfig, batches: int, progress=None) -> fl
     for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True):
         if seen >= batches:
             break
-        ids = batch["input_ids"].to(engine.device).long()
-        total += engine(ids, labels=ids).loss.float().item()
+        total += engine(**model_inputs(batch, engine.device)).loss.float().item()
         seen += 1
         if progress and time.perf_counter() - said > EVAL_PROGRESS_S:
             progress(seen, batches)
@@ -154,7 +164,7 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
     choice = choose(ds_config, device, agree)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=model.parameters(),
+        model_parameters=[p for p in model.parameters() if p.requires_grad],  # LoRA: its own
         optimizer=choice.client_optimizer,
         config=choice.config,
     )
@@ -172,7 +182,12 @@ def build_engine(spec: RunSpec):
     deepspeed.init_distributed()
     device = torch.device(deepspeed.get_accelerator().current_device_name())
     torch.manual_seed(spec.train.seed)
-    model = EnigmaLM(spec.train.model_config())
+    if spec.train.base_model:
+        from .tuning import build_model
+
+        model = build_model(spec.train)
+    else:
+        model = EnigmaLM(spec.train.model_config())
     agree = lambda ok: not any_rank(not ok, device)  # every rank takes the same optimizer
     return make_engine(model, spec.train, spec.deepspeed_config, device, agree)
 
@@ -246,8 +261,9 @@ class Worker:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         for _ in range(self.cfg.grad_accum):
-            ids = next(self.batches).to(self.engine.device).long()
-            loss = self.engine(ids, labels=ids).loss
+            inputs = model_inputs(next(self.batches), self.engine.device)
+            ids = inputs["input_ids"]
+            loss = self.engine(**inputs).loss
             self.engine.backward(loss)
             self.engine.step()
             # Summed on the device: a .item() here would sync the host every micro-batch.
@@ -352,12 +368,19 @@ class Worker:
             state = self.state
             card = lambda model: render_card(model, self.spec.run_info(), state.best_val,
                                              state.best_step)  # fmt: skip
-            export_model(
-                self.engine, self.cfg.model_config(), out, self.spec.tokenizer_dir, self.rank,
-                self.stage, card,
-            )  # fmt: skip
+            if self.cfg.base_model:
+                from .tuning import export_finetuned
+
+                export_finetuned(self.engine, self.cfg, self.spec, self.rank, self.stage, card)
+            else:
+                export_model(
+                    self.engine, self.cfg.model_config(), out, self.spec.tokenizer_dir,
+                    self.rank, self.stage, card,
+                )  # fmt: skip
             if self.rank == 0 and self.spec.storage.remote:
-                self.spec.storage.replace_model(out, "model")
+                for name in ("model", "adapter"):
+                    if Path(self.spec.local_dir(name)).is_dir():
+                        self.spec.storage.replace_model(Path(self.spec.local_dir(name)), name)
         except Exception as err:  # re-raised below, after every rank knows
             error = err
         if any_rank(error is not None, self.engine.device):

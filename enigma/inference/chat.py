@@ -1,0 +1,125 @@
+"""``enigma chat MODEL``: a conversation in the terminal, each reply streamed token by token.
+
+A fine-tuned model carries the chat template in its tokenizer: the conversation is kept as
+messages and given to the model through ``apply_chat_template``, and when it outgrows the model's
+``max_len`` (with room for the reply) its oldest turns are dropped, the system message kept. A
+pretrained model has no template: each line then continues the transcript as plain text, and the
+chat says so. ``/reset`` starts over; ``/exit``, Ctrl-D or Ctrl-C ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..data.tokenizer import join_cjk
+from ..errors import InputError
+
+HELP = "/reset starts over, /exit (or Ctrl-D) ends"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a saved model directory (enigma finetune's OUT/model)")
+    p.add_argument("--system", default=None, help="a system message that opens the chat")
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+
+
+class Conversation:
+    """The turns so far and how each reply is made from them."""
+
+    def __init__(self, model, tokenizer, args: argparse.Namespace):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+        self.max_len = model.config.max_len
+        self.reset()
+
+    def reset(self) -> None:
+        system = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        self.messages = system if self.templated else []
+        self.transcript = self.args.system or ""
+
+    def prompt_ids(self) -> list[int]:
+        if self.templated:
+            out = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+            return list(out["input_ids"])
+        return self.tokenizer(self.transcript, add_special_tokens=False).input_ids
+
+    def fit(self) -> list[int]:
+        """The prompt's ids, the oldest turns dropped until it and the reply fit ``max_len``."""
+        room = self.max_len - self.args.max_new_tokens
+        ids = self.prompt_ids()
+        while len(ids) > room:
+            first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+            if not self.templated or len(self.messages) - first <= 1:
+                ids = ids[-room:] if room > 0 else ids[-1:]  # the last turn alone is too long
+                break
+            del self.messages[first : first + 2]  # the oldest user turn and its reply
+            print(f"(the oldest turn was dropped: the conversation outgrew {self.max_len} tokens)")
+            ids = self.prompt_ids()
+        return ids
+
+    def reply(self, line: str) -> str:
+        from .generate import ChineseStreamer
+
+        if self.templated:
+            self.messages.append({"role": "user", "content": line})
+        else:
+            self.transcript += line
+        ids = torch.tensor([self.fit()])
+        torch.manual_seed(self.args.seed)
+        sample = self.args.temperature > 0
+        out = self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.max_new_tokens,
+            do_sample=sample, temperature=self.args.temperature if sample else None,
+            top_k=self.args.top_k if sample else None, top_p=self.args.top_p if sample else None,
+            repetition_penalty=self.args.repetition_penalty,
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=ChineseStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
+        )  # fmt: skip
+        text = join_cjk(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        if self.templated:
+            self.messages.append({"role": "assistant", "content": text})
+        else:
+            self.transcript += text
+        return text
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..data.tokenizer import load_tokenizer
+    from .generate import load_model
+
+    if args.max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    model = load_model(args.model)
+    saved = (Path(args.model) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.model if saved else None, quiet=True)
+    chat = Conversation(model, tokenizer, args)
+    if not chat.templated:
+        print(f"note: {args.model} has no chat template (a pretrained model): each line "
+              "continues the conversation as plain text")  # fmt: skip
+    print(f"enigma chat with {args.model}: {HELP}", flush=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            chat.reset()
+            print("(a new conversation)", flush=True)
+        elif line.startswith("/"):
+            print(f"(unknown command {line.split()[0]}: {HELP})", flush=True)
+        elif line:
+            try:
+                chat.reply(line)
+            except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply
+                print("\n(stopped)", flush=True)

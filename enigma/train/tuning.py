@@ -1,0 +1,98 @@
+"""What a fine-tuning run trains and exports: the base model with a LoRA adapter through PEFT
+(or every weight), its data prepared with the chat template, and the adapter and merged model it
+exports (see :mod:`enigma.train.finetune`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .config import base_model_dir
+
+LORA_TARGETS = {
+    "attention": ["qkv", "proj"],
+    "mlp": ["mlp.0", "mlp.2"],
+    "head": ["lm_head"],
+    "coupling": ["f.0", "f.2", "g.0", "g.2"],
+}
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise InputError(
+            f"lora_targets={cfg.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}"
+        )
+    modules = [m for t in targets for m in LORA_TARGETS[t]]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=modules)  # fmt: skip
+
+
+def build_model(cfg):
+    """The base model with LoRA (a ``PeftModel``), or the base model itself with ``full``;
+    seeded, so every rank starts from the same adapter."""
+    import torch
+
+    from ..models.lm import EnigmaLM
+
+    model = EnigmaLM.from_pretrained(base_model_dir(cfg.base_model), config=cfg.model_config())
+    if cfg.full:
+        return model
+    from peft import get_peft_model
+
+    if "head" in cfg.lora_targets:
+        untie_head(model)
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, lora_config(cfg))
+
+
+def untie_head(model) -> None:
+    """Give the head its own copy of the embedding: a LoRA on a tied head would move the
+    embedding with it when merged."""
+    import torch
+
+    model.lm_head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def trainable_share(model) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def export_finetuned(engine, cfg, spec, rank: int, stage: int, card) -> None:
+    """Rank 0 writes ``adapter/`` (LoRA) and ``model/`` (merged) from the full weights (under
+    ZeRO-3 every rank takes part in gathering them)."""
+    if stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    from ..storage.atomic import model_lock, replace_dir, staging_dir
+    from .export import write_model_dir
+
+    model = build_model(cfg)
+    model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
+    if not cfg.full:
+        adapter = Path(spec.local_dir("adapter"))
+        with model_lock(adapter, "an export", 600):
+            staging = staging_dir(adapter)
+            model.save_pretrained(staging)
+            replace_dir(staging, adapter)
+        model = model.merge_and_unload()
+    write_model_dir(model, Path(spec.local_dir("model")), spec.tokenizer_dir, card(model), 600)
+
+
+def prepare_data(cfg) -> None:
+    """Tokenize ``cfg.conversations`` into ``cfg.data`` with the base model's tokenizer (kept
+    when ``cfg.data`` already holds exactly that)."""
+    from ..data.conversations import prepare_conversations
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base_model_dir(cfg.base_model)), quiet=True)
+    prepare_conversations(cfg.conversations, Path(cfg.data), tokenizer, cfg.resolved_seq_len,
+                          cfg.val_fraction, cfg.val_data, cfg.seed)  # fmt: skip

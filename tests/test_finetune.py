@@ -1,0 +1,175 @@
+"""Fine-tuning and chat on the same stack: rows in both formats, the chat template in the tokenizer,
+the loss on the assistant's tokens, LoRA through Ray Train + DeepSpeed ZeRO-2 whose merged model
+(loaded without the project) equals base + adapter, and `enigma chat` in a pseudo-terminal."""
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, load_without_project
+
+from enigma.cli import main
+from enigma.data.conversations import IGNORE, encode, read_conversations, with_chat_template
+from enigma.data.tokenizer import load_tokenizer
+from enigma.errors import InputError
+
+ROWS = [
+    {"instruction": "把这些字倒过来：一二三", "output": "三二一"},
+    {"instruction": "重复", "input": "孔明", "output": "孔明"},
+    {"messages": [{"role": "system", "content": "你是谋士"},
+                  {"role": "user", "content": "何以破曹？"},
+                  {"role": "assistant", "content": "火攻"},
+                  {"role": "user", "content": "何时？"},
+                  {"role": "assistant", "content": "东风起时"}]},
+]  # fmt: skip
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    return path
+
+
+def test_rows_of_both_formats_and_a_malformed_row_named_by_its_line(tmp_path):
+    conversations = read_conversations(str(write_jsonl(tmp_path / "rows.jsonl", ROWS)))
+    assert conversations[1] == [{"role": "user", "content": "重复\n孔明"},
+                                {"role": "assistant", "content": "孔明"}]  # fmt: skip
+    assert [t["role"] for t in conversations[2]][-2:] == ["user", "assistant"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(ROWS[1::-1]), tmp_path / "rows.parquet")  # input: null
+    assert read_conversations(str(tmp_path / "rows.parquet")) == conversations[1::-1]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"instruction": "缺少输出"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: .*'output' missing"):
+        read_conversations(str(bad))
+    turnless = write_jsonl(tmp_path / "turns.jsonl", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(InputError, match=r"turns.jsonl:1: turn 0 needs a 'role'"):
+        read_conversations(str(turnless))
+
+
+def test_the_template_gives_the_ids_training_used_and_the_loss_sees_the_assistant_only():
+    tokenizer = with_chat_template(load_tokenizer(quiet=True))
+    conversation = read_conversations_from(ROWS[2])
+    arrays, dropped = encode(tokenizer, [conversation], 64)
+    ids, labels = arrays["input_ids"][0].tolist(), arrays["labels"][0].tolist()
+    length = int(arrays["attention_mask"][0].sum())
+    assert dropped == 0 and ids[length:] == [tokenizer.pad_token_id] * (64 - length)
+    for turn in (2, 4):  # each reply's prompt is a prefix of the training ids
+        prompt = tokenizer.apply_chat_template(conversation[:turn], add_generation_prompt=True)
+        assert ids[: len(prompt["input_ids"])] == prompt["input_ids"]
+    learned = tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+    assert learned.replace(" ", "") == "火攻[SEP]东风起时[SEP]"
+    assert encode(tokenizer, [conversation], 8)[1] == 1, "too long for seq_len: left out"
+
+
+def read_conversations_from(row):
+    from enigma.data.conversations import to_messages
+
+    return to_messages(row, "test")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, fp32_zero2):
+    """A small saved model (max_len 48, so a chat outgrows it), fine-tuned with LoRA by two Ray
+    Train workers under ZeRO-2 in fp32."""
+    import ray
+
+    from enigma import EnigmaConfig, EnigmaLM
+    from enigma.cluster.ray_setup import init_ray
+
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    base = EnigmaLM(EnigmaConfig.from_preset("tiny", d=64, num_heads=2, max_len=48))
+    base.save_pretrained(root / "base")
+    load_tokenizer(quiet=True).save_pretrained(root / "base")
+    rows = write_jsonl(root / "rows.jsonl", ROWS * 12)
+    init_ray(num_cpus=2)
+    argv = ["finetune", "--model", str(root / "base"), "--data", str(rows), "--output-dir",
+            str(root / "out"), "--workers", "2", "--ds-config", fp32_zero2, "--max-steps", "6",
+            "--lora-r", "4", "--set", "micro_batch=2", "--set", "seq_len=48",
+            "--set", "eval_steps=3", "--set", "lr=5e-3", "--set", "val_fraction=0.2"]  # fmt: skip
+    try:
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    return root
+
+
+def test_lora_through_ray_and_deepspeed_merges_into_a_model_that_travels(tuned, tmp_path):
+    from peft import PeftModel
+
+    from enigma import EnigmaLM
+
+    out = tuned / "out"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    tokenizer = load_tokenizer(str(out / "model"), quiet=True)
+    assert tokenizer.chat_template, "the merged model's tokenizer carries the template"
+    card = (out / "model" / "README.md").read_text()
+    assert "## Fine-tuning" in card and str(tuned / "base") in card and "LoRA (rank 4" in card
+    assert "Val perplexity" in card
+    prompt = [[101, 4500, 2787, 8038, 2828, 3144]]
+    base = EnigmaLM.from_pretrained(tuned / "base").eval()
+    adapted = PeftModel.from_pretrained(EnigmaLM.from_pretrained(tuned / "base"), out / "adapter")
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=torch.tensor(prompt)).logits[:, -1]
+        untouched = base(torch.tensor(prompt)).logits[:, -1]
+    assert (expected - untouched).abs().max() > 1e-4, "the adapter learned something"
+    (merged,) = load_without_project([out / "model"], prompt, 2, tmp_path)
+    assert torch.allclose(torch.tensor(merged["logits"]), expected, atol=1e-5)
+
+
+def _read_until(fd, marker: str, timeout: float = 120.0) -> str:
+    seen, deadline = "", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no {marker!r} in {seen[-2000:]!r}"
+        seen += os.read(fd, 4096).decode("utf-8", "replace")
+    return seen
+
+
+def test_chat_in_a_terminal_streams_replies_resets_drops_old_turns_and_exits(tuned):
+    """Driven through a pseudo-terminal: a streamed reply, a conversation that outgrows the
+    model's 48 tokens losing its oldest turn, /reset, /exit."""
+    from enigma.inference.generate import load_model
+
+    leader, follower = pty.openpty()
+    argv = [sys.executable, "-m", "enigma.cli", "chat", str(tuned / "out" / "model"),
+            "--temperature", "0", "--max-new-tokens", "6", "--repetition-penalty", "1"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    os.close(follower)
+    try:
+        assert "/reset starts over" in _read_until(leader, "> ")
+        os.write(leader, "何以破曹？\n".encode())
+        reply = _read_until(leader, "> ").split("何以破曹？", 1)[1].rsplit("> ", 1)[0].strip()
+        model = load_model(str(tuned / "out" / "model"))
+        tokenizer = load_tokenizer(str(tuned / "out" / "model"), quiet=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "何以破曹？"}],
+                                            add_generation_prompt=True)["input_ids"]  # fmt: skip
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+        expected = tokenizer.decode(greedy[0, len(ids) :], skip_special_tokens=True)
+        assert reply.replace(" ", "") == expected.replace(" ", "")
+        os.write(leader, "东风何时起？请详细说说赤壁之战的天时地利人和与借东风之计\n".encode())
+        assert "the oldest turn was dropped" in _read_until(leader, "> ")
+        os.write(leader, b"/reset\n")
+        assert "(a new conversation)" in _read_until(leader, "> ")
+        os.write(leader, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
+
+
+def test_a_pretrained_model_chats_as_plain_continuation_and_says_so(tuned):
+    argv = [sys.executable, "-m", "enigma.cli", "chat", str(tuned / "base"), "--max-new-tokens",
+            "3", "--temperature", "0"]  # fmt: skip
+    done = subprocess.run(argv, input="曹操\n", capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]  # Ctrl-D (end of input) ends it
+    assert "has no chat template (a pretrained model)" in done.stdout
