@@ -172,6 +172,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("bench", "roofline"),
+        "a training step's ops, bytes and FLOPs, counted under FakeTensorMode: plain vs EnigmaLM",
+        "benchmarks.roofline",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("bench", "gpu"),
         "one CUDA GPU without Ray: EnigmaLM vs plain tokens/s and MFU, DeepSpeed ZeRO checks",
         "benchmarks.gpu",

@@ -14,8 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # A training run small enough for a test: every end-to-end test starts from these overrides.
-# Gradient accumulation (2) and activation checkpointing (on) stay as shipped, so CI trains the
-# path users get; 4 x 2 micro-batches keep 8 sequences per step.
+# Gradient accumulation (2) and activation checkpointing (auto: off on these machines) stay as
+# shipped, so CI trains the path users get; 4 x 2 micro-batches keep 8 sequences per step.
 SMALL_RUN = ["seq_len=64", "micro_batch=4", "eval_batches=2"]
 
 

@@ -184,8 +184,10 @@ def _train(data, out, *sets, faults=None, resume=None, workers=2, ds="ds_configs
     from enigma.train.config import build_config
     from enigma.train.driver import train
 
-    cfg = build_config("tiny", sets=[*SMALL_RUN, "log_steps=1", "lr=2e-3", *sets], data=str(data),
-                       ds_config=ds, workers=workers, output_dir=str(out))  # fmt: skip
+    # Activation checkpointing through DeepSpeed's API, on: what auto picks on a full GPU.
+    sets = [*SMALL_RUN, "log_steps=1", "lr=2e-3", "activation_checkpointing=on", *sets]
+    cfg = build_config("tiny", sets=sets, data=str(data), ds_config=ds, workers=workers,
+                       output_dir=str(out))  # fmt: skip
     return train(cfg, resume=resume, faults=faults)
 
 

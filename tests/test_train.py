@@ -44,7 +44,7 @@ def scalars(out, tag="train/loss") -> dict[int, float]:
     return {e.step: e.value for e in events(out).Scalars(tag)}
 
 
-def test_zero2_run_logs_exports_and_generates(data, tmp_path):
+def test_zero2_run_logs_exports_and_generates(data, tmp_path, capsys):
     """One run, read as a user would: TensorBoard's sections, Custom Scalars and HPARAMS; the
     model card; the export loaded without the project; `enigma export` of a checkpoint."""
     from conftest import load_without_project
@@ -55,6 +55,8 @@ def test_zero2_run_logs_exports_and_generates(data, tmp_path):
 
     out = tmp_path / "zero2-demo"
     summary = run(data, out, f"max_steps={STEPS}")
+    printed = capsys.readouterr().out
+    assert "activation checkpointing: off (auto: a micro-batch's activations take" in printed
     assert summary["last_val_ppl"] < summary["first_val_ppl"]
     acc = events(out)
     tags = set(acc.Tags()["scalars"])
@@ -115,15 +117,18 @@ def test_zero3_with_reversible_layers_survives_a_killed_worker_and_exports_real_
     assert moved > 1e-3, "ZeRO-3 export holds trained weights, not placeholders"
 
 
-def test_one_and_two_workers_give_the_same_curve(data, tmp_path, fp32_zero2):
-    """One worker under ZeRO-2 accumulating two micro-batches, two under ZeRO-1 with one each:
-    the same data per step, so the same curve."""
+def test_one_and_two_workers_give_the_same_curve_and_compiled_layers_train(
+    data, tmp_path, fp32_zero2
+):
+    """One worker under ZeRO-1 accumulating two micro-batches, two under ZeRO-2 with one each
+    and their Transformer blocks, head and loss compiled (torch.compile, inductor): the same
+    data per step, so the same curve."""
     from enigma.benchmarks.train_overhead import fp32_ds_config
 
     one = run(data, tmp_path / "one", f"max_steps={STEPS}", "micro_batch=8", "grad_accum=2",
-              "shuffle_buffer=0", ds=fp32_zero2, workers=1)  # fmt: skip
+              "shuffle_buffer=0", ds=fp32_ds_config(tmp_path, "zero1.json"), workers=1)  # fmt: skip
     two = run(data, tmp_path / "two", f"max_steps={STEPS}", "micro_batch=8", "grad_accum=1",
-              "shuffle_buffer=0", ds=fp32_ds_config(tmp_path, "zero1.json"), workers=2)  # fmt: skip
+              "shuffle_buffer=0", "compile_layers=on", ds=fp32_zero2, workers=2)  # fmt: skip
     a, b = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     gaps = [abs(a[s] - b[s]) / a[s] for s in a]

@@ -493,6 +493,8 @@ def gpu_variant_label(key: str) -> str:
     machine compiled + CUDA graphs, bf16 rotor products"."""
     if key == "plain":
         return "plain Transformer"
+    if key == "enigma_coupling_half":
+        return "EnigmaLM, coupling nets d/2, machine compiled"
     modes = {"eager": "eager", "compiled": "compiled", "graphs": "compiled + CUDA graphs"}
     mode = key.removeprefix("enigma_").removesuffix("_bf16_rotors")
     low = ", bf16 rotor products" if key.endswith("_bf16_rotors") else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,11 @@ def attention_bias(
     use_alibi: bool,
     padding_mask: Tensor | None = None,
     device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor | None, bool]:
-    """``(bias, is_causal)`` for SDPA: an additive float bias ``(B or 1, H or 1, Lq, Lk)``, or
-    ``None`` with ``is_causal`` when the fused causal kernel suffices.
+    """``(bias, is_causal)`` for SDPA: an additive float bias ``(B or 1, H or 1, Lq, Lk)`` in
+    ``dtype`` (the attention's compute dtype, so no layer casts it), or ``None`` with
+    ``is_causal`` when the fused causal kernel suffices.
 
     Queries occupy key slots ``past .. past + length - 1`` (the KV-cache slots); causality and ALiBi
     distances are measured in slots.
@@ -48,11 +51,42 @@ def attention_bias(
         bias = -slopes[:, None, None] * distance.clamp(min=0)[None].float()
     else:
         bias = torch.zeros(future.shape, device=device)
-    bias = bias.masked_fill(future, float("-inf"))[None]
+    bias = bias.to(dtype).masked_fill(future, float("-inf"))[None]
     if padding_mask is not None:
         pad = ~padding_mask.bool()[:, None, None, :]
         bias = bias.masked_fill(pad, float("-inf"))
     return bias, False
+
+
+@dataclass(frozen=True)
+class FlexPlan:
+    """Causal ALiBi attention for FlexAttention: the block mask made once per forward and the
+    slopes the score modifier reads; used where the bias path would keep the fused kernels out
+    (training on CUDA without padding or a cache)."""
+
+    block_mask: object
+    slopes: Tensor
+
+    @classmethod
+    def make(cls, num_heads: int, length: int, device) -> FlexPlan:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(_causal, None, None, length, length, device=device)
+        return cls(mask, alibi_slopes(num_heads, device))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        slopes = self.slopes
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx - kv_idx)
+
+        return flex_attention(q, k, v, score_mod=alibi, block_mask=self.block_mask)
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
 
 
 class CausalSelfAttention(nn.Module):
@@ -66,9 +100,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None, is_causal: bool, cache=None) -> Tensor:
         b, length, d = x.shape
         qkv = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        # Unbound along their own dim, the gradients stack straight into qkv's layout (no copy).
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, L, hd)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if isinstance(bias, FlexPlan):
+            y = bias.attend(q, k, v)
+            return self.proj(y.transpose(1, 2).reshape(b, length, d))
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype)
         y = F.scaled_dot_product_attention(

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -20,8 +19,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..invertible.machine import Enigma
-from .attention import CausalSelfAttention, attention_bias
+from .attention import CausalSelfAttention, FlexPlan, attention_bias
 from .lm_config import EnigmaConfig
+from .loss import next_token_loss
 from .remote_code import AUTO_MAP, write_remote_code
 from .rev_layers import LayerContext, ReversibleStack
 
@@ -59,6 +59,7 @@ def build_machine(config: EnigmaConfig) -> Enigma:
         num_rotors=config.num_rotors,
         rotor_positions=config.rotor_positions,
         coupling=config.coupling,
+        hidden=config.coupling_hidden or None,
         memory_efficient=config.reversible_backward,
         dynamic=config.use_dynamic_conv1x1,
         seed=config.machine_seed,
@@ -108,6 +109,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             self.machine, self.blocks = machine, blocks
         self.norm = nn.LayerNorm(config.d)
         self.lm_head = nn.Linear(config.d, config.vocab_size, bias=False)
+        self._loss = next_token_loss
         if self.machine is not None:
             # The machine has its own start (identity rotors, zero-ended couplings, seeded
             # plugboard); Hugging Face's generic init must leave it alone.
@@ -171,9 +173,13 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             h = h + self.pos_embed(position_ids)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        bias, is_causal = attention_bias(
-            self.config.num_heads, past, length, self.config.use_alibi, attention_mask, device
-        )
+        if self.uses_flex(device, attention_mask, past):
+            bias, is_causal = FlexPlan.make(self.config.num_heads, length, device), False
+        else:
+            bias, is_causal = attention_bias(
+                self.config.num_heads, past, length, self.config.use_alibi, attention_mask,
+                device, compute_dtype(device, self.lm_head.weight.dtype),
+            )  # fmt: skip
         if self.stack is not None:
             replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
             context = LayerContext(bias, is_causal, cache, replay_rng=replay)
@@ -191,8 +197,29 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
-        loss = None if labels is None else next_token_loss(logits, labels)
+        loss = None if labels is None else self._loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def compile_layers(self) -> None:
+        """``torch.compile`` the Transformer blocks, the final norm, the head and the loss, in
+        place (parameter names and checkpoints stay the same): on a GPU their many small ops
+        are otherwise bound by kernel launches and memory traffic. Reversible layers run their
+        branches inside the reversible chain, which is not compiled; their norm, head and loss
+        are."""
+        if self.stack is None:
+            for block in self.blocks:
+                block.compile()
+        self.norm.compile()
+        self.lm_head.compile()
+        self._loss = torch.compile(next_token_loss)
+
+    def uses_flex(self, device: torch.device, attention_mask, past: int) -> bool:
+        """FlexAttention for this forward (see ``EnigmaConfig.attention_kernel``)."""
+        c = self.config
+        if c.attention_kernel != "auto":
+            return c.attention_kernel == "flex"
+        plain = attention_mask is None and past == 0 and c.use_alibi and c.dropout == 0
+        return plain and self.training and device.type == "cuda"
 
     def machine_positions(self, positions: Tensor, batch: int) -> Tensor:
         """The positions the machine sees: the tokens' own, or in training with
@@ -225,16 +252,6 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         return parts
 
 
-def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of each token's logits against the next label (-100 ignored), in at least
-    fp32."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).to(_at_least_fp32(logits.dtype)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-    )
-
-
 def token_positions(mask: Tensor | None, past: int, length: int, device) -> Tensor:
     """Each new token's position: the count of real tokens before it, from the attention mask
     over the cached and the new tokens (``(B, past + length)``), so a left-padded prompt gets
@@ -248,6 +265,13 @@ def token_positions(mask: Tensor | None, past: int, length: int, device) -> Tens
             f"input {length}: pass the mask of every token so far ({past + length})"
         )
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+
+def compute_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
+    """The dtype the layers compute in: autocast's where it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weights
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import InputError
 from ..models.lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
 from ..storage.store import check_storage_path
+from .checkpointing import mode as checkpointing_mode
 from .precision import PRECISIONS
 
 FINETUNE_SEQ_LEN = 256
@@ -58,7 +59,13 @@ class TrainConfig:
     log_steps: int = 10
     grad_clip: float = 1.0
     shuffle_buffer: int = 256  # blocks, per worker
-    activation_checkpointing: bool = True  # the standard layers; reversible ones need none
+    # Recompute the standard layers in backward: "auto" (when a micro-batch's activations would
+    # take over half the worker's free memory; enigma.train.checkpointing), "on", "off";
+    # reversible layers need none.
+    activation_checkpointing: str = "auto"
+    # torch.compile the Transformer blocks, the head and the loss: "auto" on CUDA workers below
+    # ZeRO-3 (whose parameter hooks a compiled graph would break), "on", "off".
+    compile_layers: str = "auto"
     # torch.compile the machine (its many small ops are launch-bound on a GPU): "auto" compiles
     # on CUDA workers below ZeRO-3 (whose parameter hooks a compiled graph would break) when the
     # machine backpropagates by plain autograd (the reversible backward's rebuild calls autograd
@@ -95,9 +102,16 @@ class TrainConfig:
         fields = self.model_fields
         fields.setdefault("max_len", max(2048, self.resolved_seq_len))
         # Reversible layers are rebuilt by the reversible backward: nothing to checkpoint.
-        checkpointing = self.activation_checkpointing and not fields.get("reversible_layers")
+        # "auto" is decided by each worker (enigma.train.checkpointing); the model starts without.
+        checkpointing = self.checkpointing == "on" and not fields.get("reversible_layers")
         fields.setdefault("activation_checkpointing", checkpointing)
         return EnigmaConfig(**fields)
+
+    @property
+    def checkpointing(self) -> str:
+        """``activation_checkpointing`` as ``"auto"``, ``"on"`` or ``"off"`` (older configs and
+        callers say ``True``/``False``)."""
+        return checkpointing_mode(self.activation_checkpointing)
 
     @property
     def resolved_run_name(self) -> str:
@@ -169,6 +183,17 @@ def _unknown(key: str) -> InputError:
     return InputError(f"unknown config key {key!r}{hint}")
 
 
+SWITCHES = {"activation_checkpointing", "compile_machine", "compile_layers"}
+
+
+def _switch(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return "on" if value.lower() in ("true", "1", "yes") else "off"
+    return value
+
+
 def _coerce(key: str, value, default):
     """Parse ``--set`` strings and check JSON values against the default's type."""
     kind = type(default)
@@ -196,6 +221,8 @@ def apply_overrides(cfg: TrainConfig, pairs: dict) -> TrainConfig:
         if key == "model" and isinstance(value, dict):
             apply_overrides(cfg, value)
         elif key in TRAIN_KEYS:
+            if key in SWITCHES:  # auto/on/off; older configs and scripts say true/false
+                value = _switch(value)
             default = getattr(cfg, key)
             setattr(cfg, key, _coerce(key, value, default))
         elif key in MODEL_KEYS or key in MODEL_ALIASES:
@@ -241,7 +268,7 @@ def build_config(
     pairs = parse_set(sets or [])
     apply_overrides(cfg, pairs)
     if cfg.model.get("reversible_layers") and "activation_checkpointing" in pairs:
-        if cfg.activation_checkpointing:
+        if cfg.checkpointing == "on":
             raise InputError(
                 "reversible_layers=true rebuilds every layer in backward already; "
                 "activation_checkpointing=true would recompute them again: drop it"
@@ -249,10 +276,20 @@ def build_config(
     if cfg.precision not in PRECISIONS:
         raise InputError(f"precision={cfg.precision!r}: expected {', '.join(PRECISIONS)}")
     check_storage_path(cfg.storage_path)
-    if cfg.compile_machine not in ("auto", "on", "off"):
-        raise InputError(f"compile_machine={cfg.compile_machine!r}: expected auto, on or off")
+    for key in ("compile_machine", "compile_layers", "activation_checkpointing"):
+        value = checkpointing_mode(getattr(cfg, key))
+        if value not in ("auto", "on", "off"):
+            raise InputError(f"{key}={value!r}: expected auto, on or off")
+        setattr(cfg, key, value)
     check_model(cfg)
     return cfg
+
+
+def compiles_layers(cfg: TrainConfig, on_cuda: bool, zero_stage: int) -> bool:
+    """Whether a worker compiles the Transformer blocks, the head and the loss."""
+    if cfg.compile_layers == "auto":
+        return on_cuda and zero_stage < 3
+    return cfg.compile_layers == "on"
 
 
 def compiles_machine(cfg: TrainConfig, on_cuda: bool, zero_stage: int, rebuilds: bool) -> bool:

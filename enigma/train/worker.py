@@ -141,16 +141,19 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
     the line saying which optimizer and why."""
     import deepspeed
 
-    from .config import compiles_machine
+    from .config import compiles_layers, compiles_machine
     from .optimizer import choose
 
     config = getattr(model, "config", None)  # reversible layers switch checkpointing off there
-    checkpointing = cfg.activation_checkpointing and getattr(config, "activation_checkpointing", 0)
-    if checkpointing and "activation_checkpointing" in ds_config:
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-        # Through DeepSpeed's API (configured above); the model's own code never imports
-        # DeepSpeed, so an exported model loads where it is not installed.
-        model._set_gradient_checkpointing(True, deepspeed.checkpointing.checkpoint)
+    rebuilt = getattr(config, "reversible_layers", True)  # no config: no layers to checkpoint
+    if cfg.checkpointing == "on" and not rebuilt:
+        if "activation_checkpointing" in ds_config:
+            deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+            # Through DeepSpeed's API (configured above); the model's own code never imports
+            # DeepSpeed, so an exported model loads where it is not installed.
+            model._set_gradient_checkpointing(True, deepspeed.checkpointing.checkpoint)
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     stage = deepspeed_json.zero_stage(ds_config)
     if stage == 3:  # a reversible chain's backward needs all of its parameters at once
         from deepspeed.utils import set_z3_leaf_module
@@ -159,6 +162,8 @@ def make_engine(model, cfg: TrainConfig, ds_config: dict, device: torch.device, 
             set_z3_leaf_module(leaf, True)
     machine = getattr(model, "machine", None)  # EnigmaLM's; None in the plain Transformer
     on_cuda = device.type == "cuda"
+    if config is not None and compiles_layers(cfg, on_cuda, stage):
+        model.compile_layers()
     if machine is not None and compiles_machine(cfg, on_cuda, stage, machine.memory_efficient):
         machine.compile()  # in place: parameter names and checkpoints stay the same
     choice = choose(ds_config, device, agree)
@@ -181,15 +186,31 @@ def build_engine(spec: RunSpec):
 
     deepspeed.init_distributed()
     device = torch.device(deepspeed.get_accelerator().current_device_name())
-    torch.manual_seed(spec.train.seed)
-    if spec.train.base_model:
+    cfg, line = resolve_checkpointing(spec.train, device)
+    torch.manual_seed(cfg.seed)
+    if cfg.base_model:
         from .tuning import build_model
 
-        model = build_model(spec.train)
+        model = build_model(cfg)
     else:
-        model = EnigmaLM(spec.train.model_config())
+        model = EnigmaLM(cfg.model_config())
     agree = lambda ok: not any_rank(not ok, device)  # every rank takes the same optimizer
-    return make_engine(model, spec.train, spec.deepspeed_config, device, agree)
+    engine, optimizer_line = make_engine(model, cfg, spec.deepspeed_config, device, agree)
+    return engine, [optimizer_line, *([line] if line else [])]
+
+
+def resolve_checkpointing(cfg: TrainConfig, device) -> tuple[TrainConfig, str | None]:
+    """``activation_checkpointing="auto"`` decided on every rank, all agreeing (see
+    :mod:`enigma.train.checkpointing`); returns the config with it on or off and the line."""
+    if cfg.checkpointing != "auto" or cfg.model_config().reversible_layers:
+        return cfg, None
+    import ray.train
+
+    from .checkpointing import decide
+
+    here = ray.train.get_context().get_local_world_size()
+    on, line = decide(cfg.model_config(), cfg, device, here, lambda need: any_rank(need, device))
+    return cfg.replace(activation_checkpointing="on" if on else "off"), line
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -235,7 +256,7 @@ class Worker:
         self.spec, self.cfg, self.plan = spec, spec.train, spec.plan
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.engine, optimizer_line = build_engine(spec)
+        self.engine, lines = build_engine(spec)
         self.stage = deepspeed_json.zero_stage(spec.deepspeed_config)
         notes: list[str] = []
         self.state = restore(self.engine, spec, notes)
@@ -248,7 +269,7 @@ class Worker:
             self.rank, f"{tensorboard}/{self.cfg.resolved_run_name}", queue, self.state.step,
             upload, hparams=run_hparams(self.cfg, self.stage),
         )  # fmt: skip
-        for note in [optimizer_line, *notes]:
+        for note in [*lines, *notes]:
             self.reporter.note(note)
         self.val_shard = ray.train.get_dataset_shard("val")
         train_shard = ray.train.get_dataset_shard("train")
