@@ -5,7 +5,8 @@ with its standard 90M/5M/5M split; offline, the enwik8-format Wikipedia dump tha
 ships (about 6 MB, the same XML and first pages), split 90/5/5 the same way.
 
 EnigmaLM (``enigma``; ``enigma-random`` with ``rotor_offset="random"``; ``enigma-rev`` with
-reversible layers; ``enigma-bf16-rotors`` with ``rotor_matmul="bf16"``) and a parameter-matched
+reversible layers; ``enigma-bf16-rotors`` with ``rotor_matmul="bf16"``; ``enigma-coupling-half``
+with coupling nets d/2 wide) and a parameter-matched
 plain Transformer (no machine; a wider MLP makes up the machine's parameters) train for the
 same steps on the same random windows, or for the same wall time (``--budget-s``: each model
 stops at the first step past it, and the learning rate follows the same one-cycle schedule over
@@ -42,7 +43,8 @@ ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 GENSIM_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CACHE = Path(os.environ.get("ENIGMA_CACHE", Path.home() / ".cache" / "enigma"))
-MODELS = ("enigma", "enigma-random", "enigma-rev", "enigma-bf16-rotors", "transformer")
+MODELS = ("enigma", "enigma-random", "enigma-rev", "enigma-bf16-rotors", "enigma-coupling-half",
+          "transformer")  # fmt: skip
 WARMUP = 0.05  # of the steps or the budget
 
 
@@ -159,6 +161,7 @@ def build_models(args, names: list[str], seed: int) -> dict[str, nn.Module]:
     variants = {"enigma": {}, "enigma-random": {"rotor_offset": "random"}}
     variants["enigma-rev"] = {"reversible_layers": True}
     variants["enigma-bf16-rotors"] = {"rotor_matmul": "bf16"}
+    variants["enigma-coupling-half"] = {"coupling_hidden": args.d // 2}
     models = {}
     for name in names:
         torch.manual_seed(seed)

@@ -86,6 +86,7 @@ MODEL_NAMES = {"enigma": "EnigmaLM", "transformer": "plain Transformer", "lstm":
 MODEL_NAMES["enigma-random"] = "EnigmaLM, random rotor offsets"
 MODEL_NAMES["enigma-rev"] = "EnigmaLM, reversible layers"
 MODEL_NAMES["enigma-bf16-rotors"] = "EnigmaLM, bf16 rotor products"
+MODEL_NAMES["enigma-coupling-half"] = "EnigmaLM, coupling nets d/2"
 
 
 def _rate(x: float) -> str:
