@@ -122,6 +122,11 @@ def test_lora_through_ray_and_deepspeed_merges_into_a_model_that_travels(tuned, 
     assert (expected - untouched).abs().max() > 1e-4, "the adapter learned something"
     (merged,) = load_without_project([out / "model"], prompt, 2, tmp_path)
     assert torch.allclose(torch.tensor(merged["logits"]), expected, atol=1e-5)
+    # A kept checkpoint re-exported: the base with its adapter, merged, the same shape.
+    assert main(["export", str(out), str(tmp_path / "step6"), "--step", "6"]) == 0
+    again = EnigmaLM.from_pretrained(tmp_path / "step6")
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in base.parameters())
+    assert "## Fine-tuning" in (tmp_path / "step6" / "README.md").read_text()
 
 
 def _read_until(fd, marker: str, timeout: float = 120.0) -> str:

@@ -291,18 +291,32 @@ def _export_locked(run: Path, out: str, step: str) -> dict:
         at = max(kept) if step == "latest" else _step_number(step, kept)
         chosen = TrainState.from_json((kept[at] / STATE_FILE).read_text())
         cfg = TrainConfig.from_dict(info["config"])
-        model = EnigmaLM(cfg.model_config())
-        weights = consolidated_weights(kept[at])
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"{kept[at]}: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
+        model = checkpoint_model(cfg, consolidated_weights(kept[at]), kept[at])
         val = chosen.last_val if chosen.last_val_step == chosen.step else None
     card = render_card(model, info, val, at)
     with tempfile.TemporaryDirectory(prefix="enigma-tokenizer-") as tmp:
         tokenizer = _tokenizer_files(model_dir, Path(tmp))
         write_model_dir(model, Path(out), tokenizer, card, wait_s=None)
     return {"step": at, "val_loss": val, "out": str(Path(out).resolve())}
+
+
+def checkpoint_model(cfg, weights: dict, where: Path):
+    """The model a checkpoint's full weights make: EnigmaLM, or for a fine-tuning run its base
+    with the adapter, merged."""
+    from ..models.lm import EnigmaLM
+
+    if cfg.base_model:
+        from .tuning import build_model
+
+        tuned = build_model(cfg)
+        tuned.load_state_dict(weights)
+        return tuned if cfg.full else tuned.merge_and_unload()
+    model = EnigmaLM(cfg.model_config())
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"{where}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model
 
 
 def _step_number(step: str, kept: dict[int, Path]) -> int:
