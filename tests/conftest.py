@@ -39,22 +39,28 @@ def fp32_zero2(tmp_path_factory) -> str:
     return fp32_ds_config(tmp_path_factory.mktemp("ds"))
 
 
-# The uninterrupted fp32 run the resume tests compare against (one worker, 20 steps).
+# The uninterrupted fp32 run the resume tests compare against (one worker, 20 steps, a
+# checkpoint at step 10 that test_train resumes).
 UNINTERRUPTED = [*SMALL_RUN, "log_steps=1", "lr=2e-3", "max_steps=20", "shuffle_buffer=0"]
-UNINTERRUPTED += ["eval_steps=100", "save_steps=100"]
+UNINTERRUPTED += ["eval_steps=100", "save_steps=10"]
 
 
 @pytest.fixture(scope="session")
-def fp32_baseline(data, fp32_zero2, tmp_path_factory) -> dict[int, float]:
-    """Train loss per step of :data:`UNINTERRUPTED`, trained once per session in the Ray cluster
-    of the first module that asks."""
+def fp32_baseline_run(data, fp32_zero2, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The output directory and train loss per step of :data:`UNINTERRUPTED`, trained once per
+    session in the Ray cluster of the first module that asks."""
     from enigma.train.config import build_config
     from enigma.train.driver import train
 
     out = tmp_path_factory.mktemp("baseline")
     cfg = build_config("tiny", sets=UNINTERRUPTED, data=str(data), ds_config=fp32_zero2,
                        workers=1, output_dir=str(out))  # fmt: skip
-    return {line["step"]: line["loss"] for line in train(cfg)["train_log"]}
+    return out, {line["step"]: line["loss"] for line in train(cfg)["train_log"]}
+
+
+@pytest.fixture(scope="session")
+def fp32_baseline(fp32_baseline_run) -> dict[int, float]:
+    return fp32_baseline_run[1]
 
 
 def perturb(module: torch.nn.Module, scale: float, seed: int | None = None) -> torch.nn.Module:

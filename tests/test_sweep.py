@@ -1,5 +1,6 @@
-"""`enigma tune`, scaled down: a 2-trial sweep with its tables, plot, hparams and best.json (which
-`enigma train --config` accepts), and a sweep whose driver is killed and then restored.
+"""`enigma tune`, scaled down: a 4-trial ASHA sweep of two waves with its tables, plot, hparams
+and best.json (which `enigma train --config` accepts), and a sweep whose driver is killed and then
+restored.
 
 The module's cluster is shared with another job, as on a real cluster: a second driver holds a
 placement group whose creating actor it killed, and a request the cluster can never place. Every
@@ -46,28 +47,47 @@ def sweep_argv(data, out, *extra):
     return argv + [x for s in SETS for x in ("--set", s)]
 
 
-def test_two_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys, other_job):
-    """4 trials, 2 at a time: two waves, the second placed after the first has ended."""
+def test_asha_sweep_of_two_waves_outputs_best_json_and_never_stalls(
+    data, tmp_path, capsys, other_job
+):
+    """4 trials, 2 at a time: two waves, the second placed after the first has ended. ASHA stops
+    trials mid-run; their Train workers' placement groups must be freed, or the second wave
+    waits for ever (it did, before ended trials' groups were released). Then the tables, plot,
+    per-trial curves and best.json, which `enigma train --config` accepts."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from enigma.cluster.placement import job_groups, orphaned_placement_groups
+
     out = tmp_path / "sweep"
-    assert main(sweep_argv(data, out, "--scheduler", "fifo", "--seeds", "2")) == 0
+    # A full-length warmup learns far less by the first rung: ASHA stops those trials there.
+    argv = sweep_argv(data, out, "--max-steps", "6")
+    argv[argv.index("num_rev_blocks=0,2") + 1 : argv.index("num_rev_blocks=0,2") + 1] = [
+        "warmup_ratio=0.01,1.0"
+    ]
+    start = time.monotonic()
+    assert main(argv) == 0
     console = capsys.readouterr()
-    assert "2 at a time" in console.out
+    assert "2 at a time" in console.out and "released" in console.out
     # Quiet: no Tune configuration box or paths, no raylet worker-start warnings.
     for noise in ("Configuration for experiment", "View detailed results", "have been started"):
         assert noise not in console.out + console.err, noise
+    assert time.monotonic() - start < 480
+    assert not job_groups() and not orphaned_placement_groups(), "every trial's workers released"
+
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 4 and {r["num_rev_blocks"] for r in rows} == {"0", "2"}
+    assert all(r["error"] == "False" and float(r["tokens_per_sec"]) > 0 for r in rows)
+    stopped = [r for r in rows if r["asha_stopped"] == "True"]
+    assert stopped, "ASHA stopped the slow-warmup trials at a rung"
     for r in rows:
-        assert int(r["steps"]) == 4 and float(r["best_val_ppl"]) < 21128  # learnt something
-        assert float(r["tokens_per_sec"]) > 0 and r["error"] == "False"
+        if r["asha_stopped"] == "False":
+            assert int(r["steps"]) == 6 and float(r["best_val_ppl"]) < 21128  # learnt something
     params = {r["num_rev_blocks"]: int(r["params"]) for r in rows}
     assert params["2"] > params["0"]  # the machine's blocks add parameters
     table = (out / "results.md").read_text()
     assert "At equal steps" in table and "At equal wall time" in table
     assert "| 0 |" in table and "| 2 |" in table  # the plain Transformer row is there
     assert (out / "val_ppl_vs_knobs.png").stat().st_size > 1000
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     runs = [p for p in (out / "tensorboard").iterdir() if p.is_dir()]
     assert len(runs) == 4
     acc = EventAccumulator(str(runs[0]))
@@ -79,7 +99,6 @@ def test_two_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys, other
         assert named.name.startswith(f"num_rev_blocks={r['num_rev_blocks']},"), named.name
 
     # Another sweep in the same directory must not restore this one.
-    capsys.readouterr()
     other = sweep_argv(data, out, "--scheduler", "fifo")
     other[other.index("num_rev_blocks=0,2")] = "num_rotors=0,2"
     assert main(other) == 2
@@ -88,36 +107,12 @@ def test_two_wave_fifo_sweep_outputs_and_best_json(data, tmp_path, capsys, other
     best = json.loads((out / "best.json").read_text())
     winner = min(rows, key=lambda r: float(r["best_val_ppl"]))
     assert best["model"]["num_rev_blocks"] == int(winner["num_rev_blocks"])
-    capsys.readouterr()
     argv = ["train", "--config", str(out / "best.json"), "--max-steps", "8"]
     start = time.monotonic()
     assert main([*argv, "--output-dir", str(tmp_path / "best")]) == 0
     assert "=== done ===" in capsys.readouterr().out
     assert time.monotonic() - start > 25, "long enough for the watch to have judged (20 s)"
     assert (tmp_path / "best" / "model" / "model.safetensors").is_file()
-    other_groups_intact(other_job)
-
-
-def test_asha_sweep_of_two_waves_never_stalls(data, tmp_path, capsys, other_job):
-    """ASHA stops trials mid-run; their Train workers' placement groups must be freed, or the
-    second wave waits for ever (it did, before ended trials' groups were released)."""
-    from enigma.cluster.placement import job_groups, orphaned_placement_groups
-
-    out = tmp_path / "sweep"
-    argv = sweep_argv(data, out, "--seeds", "2", "--max-steps", "6")
-    # A full-length warmup learns far less by the first rung: ASHA stops those trials there.
-    argv[argv.index("num_rev_blocks=0,2")] = "warmup_ratio=0.01,1.0"
-    start = time.monotonic()
-    capsys.readouterr()
-    assert main(argv) == 0
-    rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 4 and all(r["error"] == "False" for r in rows)
-    stopped = [r for r in rows if r["asha_stopped"] == "True"]
-    assert stopped, "ASHA stopped the slow-warmup trials at a rung"
-    assert "released" in capsys.readouterr().out
-    assert time.monotonic() - start < 480
-    held = job_groups()
-    assert not held and not orphaned_placement_groups(), "every trial's workers were released"
     other_groups_intact(other_job)
 
 
