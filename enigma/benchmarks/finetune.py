@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -30,9 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=4, help="characters per string")
     p.add_argument("--train-rows", type=int, default=3000)
     p.add_argument("--val-rows", type=int, default=200)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per method")
-    p.add_argument("--lora-lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per method")
+    p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--full-lr", type=float, default=5e-4)
+    p.add_argument("--lora-targets", default="attention,mlp", help="of attention, mlp, coupling")
+    p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--seed", type=int, default=0)
@@ -96,8 +99,11 @@ def finetune(args, method: str, files: dict, work: Path) -> dict:
 
     lr = args.lora_lr if method == "lora" else args.full_lr
     out = work / method
+    shutil.rmtree(out, ignore_errors=True)  # an earlier benchmark's run: start afresh, not resume
     sets = [*DEFAULTS, f"lr={lr}", "micro_batch=16", "seq_len=32", "eval_steps=100",
-            "early_stop_patience=0", "shuffle_buffer=64", f"seed={args.seed}"]  # fmt: skip
+            "early_stop_patience=0", "shuffle_buffer=64", f"seed={args.seed}",
+            f"lora_targets={args.lora_targets}", f"lora_r={args.lora_r}",
+            f"lora_alpha={2 * args.lora_r}"]  # fmt: skip
     cfg = build_config(None, None, sets, base_model=files["model"], conversations=files["train"],
                        val_data=files["val"], full=method == "full", workers=args.workers,
                        max_steps=args.steps, output_dir=str(out),

@@ -112,8 +112,12 @@ def tuned(cfg: TrainConfig) -> dict | None:
     what trains (None for pretraining)."""
     if not cfg.base_model:
         return None
-    keys = ("base_model", "full") if cfg.full else ("base_model", "lora_r", "lora_targets")
-    return {k: getattr(cfg, k) for k in keys}
+    if cfg.full:
+        return {"base_model": cfg.base_model, "full": True}
+    from .tuning import TRAINED_WHOLE
+
+    keys = ("base_model", "lora_r", "lora_targets")
+    return {**{k: getattr(cfg, k) for k in keys}, "trained_whole": TRAINED_WHOLE}
 
 
 def check_fits(cfg: TrainConfig, workers_flag: str = "--workers") -> None:

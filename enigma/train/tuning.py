@@ -15,6 +15,8 @@ LORA_TARGETS = {
     "head": ["lm_head"],
     "coupling": ["f.0", "f.2", "g.0", "g.2"],
 }
+# Modules a LoRA run trains whole (PEFT's modules_to_save), besides its adapters.
+TRAINED_WHOLE = ["norm"]
 
 
 def lora_config(cfg):
@@ -27,8 +29,11 @@ def lora_config(cfg):
             f"lora_targets={cfg.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}"
         )
     modules = [m for t in targets for m in LORA_TARGETS[t]]
+    # The final LayerNorm trains whole (2d parameters): its gain bounds how far the tied head's
+    # logits can lean towards a few tokens, and without it the adapter underfits even an
+    # answer's format (enigma bench finetune: loss 2.6 where the full model reaches 1.8).
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=modules)  # fmt: skip
+                      target_modules=modules, modules_to_save=TRAINED_WHOLE)  # fmt: skip
 
 
 def build_model(cfg):
