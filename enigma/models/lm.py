@@ -173,13 +173,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             h = h + self.pos_embed(position_ids)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        if self.uses_flex(device, attention_mask, past):
-            bias, is_causal = FlexPlan.make(self.config.num_heads, length, device), False
-        else:
-            bias, is_causal = attention_bias(
-                self.config.num_heads, past, length, self.config.use_alibi, attention_mask,
-                device, compute_dtype(device, self.lm_head.weight.dtype),
-            )  # fmt: skip
+        bias, is_causal = self.attention_plan(attention_mask, past, length, device)
         if self.stack is not None:
             replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
             context = LayerContext(bias, is_causal, cache, replay_rng=replay)
@@ -212,6 +206,16 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         self.norm.compile()
         self.lm_head.compile()
         self._loss = torch.compile(next_token_loss)
+
+    def attention_plan(self, attention_mask, past: int, length: int, device):
+        """``(bias, is_causal)`` for the blocks: a FlexAttention plan with ALiBi as a score
+        modifier where it applies, else SDPA's additive bias."""
+        if self.uses_flex(device, attention_mask, past):
+            return FlexPlan.make(self.config.num_heads, length, device), False
+        return attention_bias(
+            self.config.num_heads, past, length, self.config.use_alibi, attention_mask,
+            device, compute_dtype(device, self.lm_head.weight.dtype),
+        )  # fmt: skip
 
     def uses_flex(self, device: torch.device, attention_mask, past: int) -> bool:
         """FlexAttention for this forward (see ``EnigmaConfig.attention_kernel``)."""

@@ -26,6 +26,13 @@ def preset_fields(name: str) -> dict:
     return dict(PRESETS[name])
 
 
+def _check_step_knobs(coupling_hidden: int, attention_kernel: str) -> None:
+    if coupling_hidden < 0:
+        raise InputError(f"coupling_hidden={coupling_hidden} must be >= 0 (0: d)")
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise InputError(f"attention_kernel={attention_kernel!r} is not one of {ATTENTION_KERNELS}")
+
+
 def _check_shape(d, num_heads, core, rotor_offset, rotor_matmul, vocab_size, max_len) -> None:
     if d % num_heads:
         raise InputError(
@@ -168,14 +175,8 @@ class EnigmaConfig(PretrainedConfig):
         self.num_transformer_layers, self.num_heads = num_transformer_layers, num_heads
         self.use_alibi, self.use_dynamic_conv1x1 = use_alibi, use_dynamic_conv1x1
         self.rotor_positions, self.core, self.coupling = rotor_positions, core, coupling
-        if coupling_hidden < 0:
-            raise InputError(f"coupling_hidden={coupling_hidden} must be >= 0 (0: d)")
-        self.coupling_hidden = coupling_hidden
-        if attention_kernel not in ATTENTION_KERNELS:
-            raise InputError(
-                f"attention_kernel={attention_kernel!r} is not one of {ATTENTION_KERNELS}"
-            )
-        self.attention_kernel = attention_kernel
+        _check_step_knobs(coupling_hidden, attention_kernel)
+        self.coupling_hidden, self.attention_kernel = coupling_hidden, attention_kernel
         self.rotor_offset, self.rotor_matmul = rotor_offset, rotor_matmul
         reversible_backward = _resolve_backward(
             reversible_layers, reversible_backward, machine_memory_efficient,

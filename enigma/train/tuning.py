@@ -68,30 +68,6 @@ def trainable_share(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def export_finetuned(engine, cfg, spec, rank: int, stage: int, card) -> None:
-    """Rank 0 writes ``adapter/`` (LoRA) and ``model/`` (merged) from the full weights (under
-    ZeRO-3 every rank takes part in gathering them)."""
-    if stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
-        return
-    from ..storage.atomic import model_lock, replace_dir, staging_dir
-    from .export import write_model_dir
-
-    model = build_model(cfg)
-    model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
-    if not cfg.full:
-        adapter = Path(spec.local_dir("adapter"))
-        with model_lock(adapter, "an export", 600):
-            staging = staging_dir(adapter)
-            model.save_pretrained(staging)
-            replace_dir(staging, adapter)
-        model = model.merge_and_unload()
-    write_model_dir(model, Path(spec.local_dir("model")), spec.tokenizer_dir, card(model), 600)
-
-
 def prepare_data(cfg) -> None:
     """Tokenize ``cfg.conversations`` into ``cfg.data`` with the base model's tokenizer (kept
     when ``cfg.data`` already holds exactly that)."""

@@ -390,7 +390,7 @@ class Worker:
             card = lambda model: render_card(model, self.spec.run_info(), state.best_val,
                                              state.best_step)  # fmt: skip
             if self.cfg.base_model:
-                from .tuning import export_finetuned
+                from .export import export_finetuned
 
                 export_finetuned(self.engine, self.cfg, self.spec, self.rank, self.stage, card)
             else:
