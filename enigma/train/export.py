@@ -177,25 +177,40 @@ def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gathered_weights(engine, rank: int, stage: int) -> dict | None:
+    """The engine's full weights in fp32 on the CPU, on rank 0 (None on the others); under
+    ZeRO-3 every rank takes part in gathering the partitioned parameters."""
+    if stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return None
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def lm_from_weights(model_config, weights: dict, where: str):
+    """An EnigmaLM holding ``weights`` (a tied head may be absent from them)."""
+    from ..models.lm import EnigmaLM
+
+    model = EnigmaLM(model_config)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"{where}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model
+
+
 def export_model(
     engine, model_config, out: Path, tokenizer_dir: str, rank: int, stage: int, card=None
 ):
     """Write the full weights with ``save_pretrained`` (+ tokenizer, + the model card that
     ``card(model)`` renders), atomically. Under ZeRO-3 every rank takes part in gathering the
     partitioned parameters."""
-    if stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
+    weights = gathered_weights(engine, rank, stage)
+    if weights is None:
         return
-    from ..models.lm import EnigmaLM
-
-    model = EnigmaLM(model_config)
-    state = {k: v.detach().float().cpu() for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
+    model = lm_from_weights(model_config, weights, "export")
     write_model_dir(model, out, tokenizer_dir, card(model) if card else None, wait_s=600)
 
 
@@ -303,20 +318,13 @@ def _export_locked(run: Path, out: str, step: str) -> dict:
 def checkpoint_model(cfg, weights: dict, where: Path):
     """The model a checkpoint's full weights make: EnigmaLM, or for a fine-tuning run its base
     with the adapter, merged."""
-    from ..models.lm import EnigmaLM
-
     if cfg.base_model:
         from .tuning import build_model
 
         tuned = build_model(cfg)
         tuned.load_state_dict(weights)
         return tuned if cfg.full else tuned.merge_and_unload()
-    model = EnigmaLM(cfg.model_config())
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"{where}: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model
+    return lm_from_weights(cfg.model_config(), weights, where)
 
 
 def _step_number(step: str, kept: dict[int, Path]) -> int:
@@ -356,17 +364,14 @@ def run(args: argparse.Namespace) -> dict:
 def export_finetuned(engine, cfg, spec, rank: int, stage: int, card) -> None:
     """Rank 0 writes ``adapter/`` (LoRA) and ``model/`` (merged) from the full weights (under
     ZeRO-3 every rank takes part in gathering them)."""
-    if stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
+    weights = gathered_weights(engine, rank, stage)
+    if weights is None:
         return
     from ..storage.atomic import model_lock, replace_dir, staging_dir
     from .tuning import build_model
 
     model = build_model(cfg)
-    model.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
+    model.load_state_dict(weights)
     if not cfg.full:
         adapter = Path(spec.local_dir("adapter"))
         with model_lock(adapter, "an export", 600):
