@@ -178,3 +178,37 @@ def test_a_pretrained_model_chats_as_plain_continuation_and_says_so(tuned):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]  # Ctrl-D (end of input) ends it
     assert "has no chat template (a pretrained model)" in done.stdout
+
+
+def test_a_reply_stopped_by_ctrl_c_leaves_no_half_turn(monkeypatch):
+    """Ctrl-C during a reply undoes its user turn: the next turn follows the last complete one."""
+    import argparse
+
+    from enigma import EnigmaLM
+    from enigma.inference.chat import Conversation
+    from enigma.models.lm_config import EnigmaConfig
+
+    model = EnigmaLM(EnigmaConfig.from_preset("tiny")).eval()
+    args = argparse.Namespace(system="你是谋士", max_new_tokens=4, seed=0, temperature=0.0,
+                              top_k=50, top_p=0.9, repetition_penalty=1.0)  # fmt: skip
+    chat = Conversation(model, with_chat_template(load_tokenizer(None, quiet=True)), args)
+    chat.reply("何以破曹？")
+    kept = list(chat.messages)
+    assert [m["role"] for m in kept] == ["system", "user", "assistant"]
+
+    def interrupted(ids):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chat.reply("再问一次")
+    assert chat.messages == kept
+
+
+def test_lora_flags_beside_full_are_one_line(tmp_path, capsys):
+    argv = ["finetune", "--model", str(tmp_path), "--data", str(tmp_path / "rows.jsonl"), "--full",
+            "--lora-alpha", "64", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--full trains every weight, no LoRA: drop --lora-alpha" in err
+    assert len(err.splitlines()) == 1

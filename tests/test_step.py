@@ -80,7 +80,9 @@ def test_flex_attention_forward_equals_the_bias_path():
         flex = model(ids).logits
     assert torch.allclose(flex, bias_path, atol=1e-5)
     model.config.attention_kernel = "auto"
-    assert not model.train().uses_flex(torch.device("cpu"), None, 0), "auto: CUDA only"
+    assert not model.train().uses_flex(torch.device("cuda"), None, 0), "blocks not compiled"
+    model.compile_layers()  # lazy: nothing traces until a call
+    assert not model.uses_flex(torch.device("cpu"), None, 0), "auto: CUDA only"
     assert model.uses_flex(torch.device("cuda"), None, 0)
     assert not model.uses_flex(torch.device("cuda"), torch.ones(2, 40), 0), "padding: bias"
 

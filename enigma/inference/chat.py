@@ -66,13 +66,25 @@ class Conversation:
         return ids
 
     def reply(self, line: str) -> str:
-        from .generate import ChineseStreamer
-
+        before = (list(self.messages), self.transcript)
         if self.templated:
             self.messages.append({"role": "user", "content": line})
         else:
             self.transcript += line
-        ids = torch.tensor([self.fit()])
+        try:
+            text = self.generate(torch.tensor([self.fit()]))
+        except KeyboardInterrupt:  # a stopped reply leaves no half turn behind
+            self.messages, self.transcript = before
+            raise
+        if self.templated:
+            self.messages.append({"role": "assistant", "content": text})
+        else:
+            self.transcript += text
+        return text
+
+    def generate(self, ids: torch.Tensor) -> str:
+        from .generate import ChineseStreamer
+
         torch.manual_seed(self.args.seed)
         sample = self.args.temperature > 0
         out = self.model.generate(
@@ -83,12 +95,7 @@ class Conversation:
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=ChineseStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
         )  # fmt: skip
-        text = join_cjk(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-        if self.templated:
-            self.messages.append({"role": "assistant", "content": text})
-        else:
-            self.transcript += text
-        return text
+        return join_cjk(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -121,5 +128,5 @@ def run(args: argparse.Namespace) -> None:
         elif line:
             try:
                 chat.reply(line)
-            except KeyboardInterrupt:  # Ctrl-C during a reply stops that reply
+            except KeyboardInterrupt:  # Ctrl-C during a reply stops it; the turn is undone
                 print("\n(stopped)", flush=True)

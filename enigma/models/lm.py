@@ -203,6 +203,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         if self.stack is None:
             for block in self.blocks:
                 block.compile()
+            self.blocks_compiled = True  # FlexAttention fuses only inside compiled blocks
         self.norm.compile()
         self.lm_head.compile()
         self._loss = torch.compile(next_token_loss)
@@ -223,7 +224,8 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         if c.attention_kernel != "auto":
             return c.attention_kernel == "flex"
         plain = attention_mask is None and past == 0 and c.use_alibi and c.dropout == 0
-        return plain and self.training and device.type == "cuda"
+        compiled = getattr(self, "blocks_compiled", False)  # uncompiled, flex runs unfused
+        return plain and compiled and self.training and device.type == "cuda"
 
     def machine_positions(self, positions: Tensor, batch: int) -> Tensor:
         """The positions the machine sees: the tokens' own, or in training with

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import InputError
 from .config import base_model_dir
 
 # Training keys a fine-tuning run starts from, before --set: a smaller learning rate, shorter
@@ -51,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from .config import build_config
 
+    lora_flags = {"--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout}
+    given = [flag for flag, value in lora_flags.items() if value is not None]
+    if args.full and given:
+        raise InputError(f"--full trains every weight, no LoRA: drop {' and '.join(given)}")
     out = Path(args.output_dir).resolve()
     cfg = build_config(
         None, None, [*DEFAULTS, *args.sets],
