@@ -22,11 +22,12 @@ def base_step():
 
 def test_a_step_holds_two_logit_sized_tensors_and_moves_less(base_step):
     """The logits and their gradient, where slicing, copying and upcasting made eight; the plain
-    Transformer's eager step moved 21.9 GB with them (this count of the code before)."""
+    Transformer's eager step moved 21.9 GB with them, 18.1 GB with the loss reading chunks of
+    bf16 logits into an fp32 softmax (this count of the code before each)."""
     for counted in base_step.values():
         assert counted["full_logits_tensors"] <= 2
-    assert base_step["plain"]["bytes"] < 18.5e9
-    assert base_step["enigma"]["bytes"] < 24.5e9
+    assert base_step["plain"]["bytes"] <= 16e9
+    assert base_step["enigma"]["bytes"] < 22e9
 
 
 def test_narrower_coupling_nets_bring_the_flop_ratio_over_0_9(base_step):
@@ -49,7 +50,7 @@ def test_the_loss_equals_the_sliced_upcast_cross_entropy(monkeypatch, dtype):
     before = F.cross_entropy(sliced, labels[:, 1:].reshape(-1), ignore_index=-100)
     (expected,) = torch.autograd.grad(before, logits)
     assert ours.dtype == wide and abs(ours.item() - before.item()) < 1e-6
-    # The same fp32 sums, rounded once to the logits' dtype (one bf16 ulp apart at most).
+    # The softmax rounded to the logits' dtype, then scaled: one bf16 ulp apart at most.
     ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6
     assert grad.dtype == dtype
     assert torch.allclose(grad.double(), expected.double(), rtol=ulp, atol=1e-7)

@@ -3,11 +3,12 @@
 Under ``FakeTensorMode`` nothing is computed and nothing is allocated, yet every aten op of a
 step (forward, the loss, backward; bf16 autocast as training runs) passes through a dispatch mode
 that sees its inputs and outputs: it counts the ops an eager step launches (views, which launch
-nothing, left out), the bytes they touch (every input read and output written once: the eager
-step's memory traffic, which a fusing compiler cuts), their FLOPs (torch's own formulas), and the
-tensors created as large as the full logits. At ``base``, B=32 and 128, L=256 and 2048, for the
-plain Transformer and EnigmaLM (``coupling_hidden`` d and d/2), with their FLOP ratio: the
-tokens/s ratio EnigmaLM would reach if every FLOP ran at the plain model's rate.
+nothing, left out), the bytes they touch (every input read and output written once, an out=
+argument only written: the eager step's memory traffic, which a fusing compiler cuts), their
+FLOPs (torch's own formulas), and the tensors created as large as the full logits. At
+``base``, B=32 and 128, L=256 and 2048, for the plain Transformer and EnigmaLM
+(``coupling_hidden`` d and d/2), with their FLOP ratio: the tokens/s ratio EnigmaLM would reach
+if every FLOP ran at the plain model's rate.
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ class StepCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.is_view or func.overloadpacket in VIEWS:
             return out
-        tensors_in = _tensors((args, kwargs))
+        written = _tensors(kwargs.get("out"))  # an out= variant writes these, reads nothing
+        tensors_in = [t for t in _tensors((args, kwargs)) if not any(t is w for w in written)]
         tensors_out = _tensors(out)
         if not tensors_out:  # a query (device, size, ...): no kernel
             return out
-        if self.large:
-            self.large_outputs += sum(t.numel() >= self.large for t in tensors_out)
+        if self.large:  # tensors created: an in-place or out= op hands back one it was given
+            given = tensors_in + written
+            created = [t for t in tensors_out if not any(t is g for g in given)]
+            self.large_outputs += sum(t.numel() >= self.large for t in created)
         if func.overloadpacket in ALLOCATIONS:  # memory handed out: no kernel, no traffic
             return out
         self.ops += 1

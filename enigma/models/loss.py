@@ -3,8 +3,9 @@
 The labels are shifted (each position's target is the next token; the last position has none)
 rather than the logits sliced, and the cross-entropy reads one chunk of rows at a time into its
 fp32 log-sum-exp: the logits are never copied whole, in fp32 or at all. Backward writes the
-gradient of the logits in their own dtype, chunk by chunk, recomputing each chunk's softmax from
-the logits (one read of them, cheaper than keeping fp32 probabilities).
+gradient of the logits in their own dtype, chunk by chunk: each chunk's softmax recomputed from
+the logits straight into the gradient and scaled in place, the targets' entries set from the
+forward's fp32 log-sum-exp (one read of the logits and one read and write of the gradient).
 So a step holds two tensors as large as the logits (the logits and their gradient), where slicing,
 copying, upcasting and log-softmaxing held about eight, each up to 692 MB at ``base``, B=32.
 """
@@ -38,28 +39,31 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         count = kept.sum().clamp(min=1)
         safe = torch.where(kept, targets, 0)
         dtype = _compute_dtype(logits.dtype)
-        total = torch.zeros((), dtype=dtype, device=logits.device)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).to(dtype)  # (N,): small
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         for start, end in _chunks(*logits.shape):
             rows = logits[start:end].to(dtype)  # the only copy: one chunk, upcast
-            picked = rows.gather(1, safe[start:end, None]).squeeze(1)
-            total = total + ((torch.logsumexp(rows, dim=-1) - picked) * kept[start:end]).sum()
-        ctx.save_for_backward(logits, safe, kept, count)
-        ctx.compute_dtype = dtype
-        return total / count
+            torch.logsumexp(rows, dim=-1, out=lse[start:end])
+        ctx.save_for_backward(logits, safe, kept, count, lse, picked)
+        return ((lse - picked) * kept).sum() / count
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        logits, safe, kept, count = ctx.saved_tensors
+        logits, safe, kept, count, lse, picked = ctx.saved_tensors
         out = torch.empty_like(logits)
-        dtype = ctx.compute_dtype
-        scale = (grad / count).to(dtype)
+        weight = kept * (grad / count).to(lse.dtype)  # (N,): the mean's scale, 0 where ignored
+        # The targets' entries, (p - 1) x weight, from the forward's log-sum-exp in fp32: p
+        # rounded to bf16 first would lose them where the model is confident (p near 1).
+        at_target = ((picked - lse).exp() - 1) * weight
         for start, end in _chunks(*logits.shape):
-            # (softmax - one-hot) x scale: the softmax recomputed from the chunk (one read of it,
-            # where keeping the forward's would cost a write and a read), the product written
-            # straight into the gradient in the logits' dtype.
-            probs = torch.softmax(logits[start:end], dim=-1, dtype=dtype)
-            probs.scatter_add_(1, safe[start:end, None], -torch.ones_like(probs[:, :1]))
-            torch.mul(probs, (kept[start:end].to(dtype) * scale)[:, None], out=out[start:end])
+            # softmax x weight, written straight into the gradient in the logits' dtype: the
+            # kernel reads the bf16 chunk once and accumulates in fp32, and the scale is applied
+            # in place (a read and a write of the chunk, where an fp32 copy, an fp32 softmax and
+            # a product cost three of each).
+            chunk = out[start:end]
+            torch.softmax(logits[start:end], dim=-1, out=chunk)
+            chunk.mul_(weight[start:end, None])
+        out.scatter_(1, safe[:, None], at_target.to(out.dtype)[:, None])
         return out, None
 
 
