@@ -61,7 +61,7 @@ def test_tf32_block_restores_the_flag():
 SCRIPT = """
 import argparse, json, sys, torch
 from enigma.benchmarks.gpu import run_checks
-args = argparse.Namespace(preset="tiny", batch=4, seq_len=64, rounds=2, steps=12,
+args = argparse.Namespace(preset="tiny", batch=4, seq_len=32, rounds=2, steps=12,
                           peak_tflops=1.0, json_out=None, compile=False, only=None,
                           memory_layers=[2, 4], memory_shape=[32, 32, 2], deepest_up_to=8,
                           weights="autocast")
@@ -90,7 +90,7 @@ def test_every_check_runs_on_the_cpu():
     from enigma import EnigmaConfig, EnigmaLM
 
     plain = EnigmaLM(EnigmaConfig.from_preset("tiny", core="none", max_len=2048))
-    assert 0.8 < counted["plain"] / flops_per_token(plain, 64) < 1.2
+    assert 0.8 < counted["plain"] / flops_per_token(plain, 32) < 1.2
     assert abs(t["flops_ratio"] - counted["plain"] / counted["enigma_eager"]) < 1e-3
     assert t["flops_ratio"] < 1
     parts = results["machine_cost"]["parts"]

@@ -1,9 +1,11 @@
 """``enigma bench finetune``: can fine-tuning teach the demo model an instruction it cannot follow?
 
-The task is synthetic and seeded: ``把这些字倒过来：三七一九`` ("reverse these characters") is to be
-answered ``九一七三``, for strings of Chinese numerals that the training rows never show in the
-held-out order. The pretrained demo model (``make demo``: ``runs/demo/model``) continues text; it
-does not follow instructions. Each method runs through ``enigma finetune`` itself (Ray Train
+The task is synthetic and seeded. By default ``把这些字从小到大排好：七三九三一`` ("put these
+characters in order, smallest first") is to be answered ``一三三七九``, for strings of Chinese
+numerals (repeats allowed) that the training rows never show; ``--task reverse`` asks for the
+string backwards instead (``把这些字倒过来：``), which needs each answer token's position mirrored
+across the prompt. The pretrained demo model (``make demo``: ``runs/demo/model``) continues text;
+it does not follow instructions. Each method runs through ``enigma finetune`` itself (Ray Train
 workers, DeepSpeed ZeRO-2, the chat template, the loss on the assistant's tokens): LoRA on the
 attention projections and the MLP, and full fine-tuning. Reported: held-out exact match (greedy,
 batched, the reply up to ``[SEP]`` equal to the answer) before and after, the share of the
@@ -23,15 +25,20 @@ from ..errors import InputError
 from . import meta
 
 DIGITS = "一二三四五六七八九"
-INSTRUCTION = "把这些字倒过来："
+# What each task asks, and its answer to a string of numerals.
+TASKS = {
+    "sort": ("把这些字从小到大排好：", lambda text: "".join(sorted(text, key=DIGITS.index))),
+    "reverse": ("把这些字倒过来：", lambda text: text[::-1]),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="runs/demo/model", help="the pretrained model (make demo)")
-    p.add_argument("--length", type=int, default=4, help="characters per string")
+    p.add_argument("--task", choices=sorted(TASKS), default="sort")
+    p.add_argument("--length", type=int, default=5, help="characters per string")
     p.add_argument("--train-rows", type=int, default=3000)
     p.add_argument("--val-rows", type=int, default=200)
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per method")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per method")
     p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--full-lr", type=float, default=5e-4)
     p.add_argument("--lora-targets", default="attention,mlp", help="of attention, mlp, coupling")
@@ -43,14 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None)
 
 
-def make_rows(count: int, length: int, rng: random.Random, avoid: set) -> list[dict]:
-    """``count`` distinct rows whose strings are not in ``avoid`` (which they join)."""
+def make_rows(count: int, length: int, rng: random.Random, avoid: set, task: str) -> list[dict]:
+    """``count`` distinct rows of ``task`` whose strings are not in ``avoid`` (which they join)."""
+    instruction, answer = TASKS[task]
+    if count + len(avoid) > len(DIGITS) ** length:
+        raise InputError(f"--length {length} has fewer than {count + len(avoid)} strings")
     rows = []
     while len(rows) < count:
         text = "".join(rng.choice(DIGITS) for _ in range(length))
         if text not in avoid:
             avoid.add(text)
-            rows.append({"instruction": INSTRUCTION + text, "output": text[::-1]})
+            rows.append({"instruction": instruction + text, "output": answer(text)})
     return rows
 
 
@@ -126,11 +136,11 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.output_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     rng, seen = random.Random(args.seed), set()
-    val = make_rows(args.val_rows, args.length, rng, seen)
-    train_rows = make_rows(args.train_rows, args.length, rng, seen)
+    val = make_rows(args.val_rows, args.length, rng, seen, args.task)
+    train_rows = make_rows(args.train_rows, args.length, rng, seen, args.task)
     files = {"model": model, "train": write_rows(work / "train.jsonl", train_rows),
              "val": write_rows(work / "val.jsonl", val)}  # fmt: skip
-    result = {"benchmark": "finetune", "task": f"reverse {args.length} Chinese numerals",
+    result = {"benchmark": "finetune", "task": f"{args.task} {args.length} Chinese numerals",
               "base_model": args.model, "train_rows": len(train_rows), "val_rows": len(val),
               "before": exact_match(model, val), "methods": {}}  # fmt: skip
     print(f"held-out exact match before fine-tuning: {result['before']:.1%}", flush=True)

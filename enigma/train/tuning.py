@@ -31,7 +31,8 @@ def lora_config(cfg):
     modules = [m for t in targets for m in LORA_TARGETS[t]]
     # The final LayerNorm trains whole (2d parameters): its gain bounds how far the tied head's
     # logits can lean towards a few tokens, and without it the adapter underfits even an
-    # answer's format (enigma bench finetune: loss 2.6 where the full model reaches 1.8).
+    # answer's format (enigma bench finetune --task reverse: loss 2.6 where the full model
+    # reaches 1.8).
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=modules, modules_to_save=TRAINED_WHOLE)  # fmt: skip
 
