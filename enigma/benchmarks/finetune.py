@@ -2,7 +2,8 @@
 
 The task is synthetic and seeded. By default ``把这些字从小到大排好：七三九三一`` ("put these
 characters in order, smallest first") is to be answered ``一三三七九``, for strings of Chinese
-numerals (repeats allowed) that the training rows never show; ``--task reverse`` asks for the
+numerals (repeats allowed) that the training rows never show (their answers may: another
+ordering of the same numerals has the same answer); ``--task reverse`` asks for the
 string backwards instead (``把这些字倒过来：``), which needs each answer token's position mirrored
 across the prompt. The pretrained demo model (``make demo``: ``runs/demo/model``) continues text;
 it does not follow instructions. Each method runs through ``enigma finetune`` itself (Ray Train
@@ -110,7 +111,8 @@ def finetune(args, method: str, files: dict, work: Path) -> dict:
     lr = args.lora_lr if method == "lora" else args.full_lr
     out = work / method
     shutil.rmtree(out, ignore_errors=True)  # an earlier benchmark's run: start afresh, not resume
-    sets = [*DEFAULTS, f"lr={lr}", "micro_batch=16", "seq_len=32", "eval_steps=100",
+    seq_len = max(32, 2 * args.length + 22)  # the template, the instruction, the string twice
+    sets = [*DEFAULTS, f"lr={lr}", "micro_batch=16", f"seq_len={seq_len}", "eval_steps=100",
             "early_stop_patience=0", "shuffle_buffer=64", f"seed={args.seed}",
             f"lora_targets={args.lora_targets}", f"lora_r={args.lora_r}",
             f"lora_alpha={2 * args.lora_r}"]  # fmt: skip

@@ -51,7 +51,9 @@ class StepCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.is_view or func.overloadpacket in VIEWS:
             return out
-        written = _tensors(kwargs.get("out"))  # an out= variant writes these, reads nothing
+        # An out= variant writes its out arguments (``out``, or ``values``/``indices``...) and
+        # reads nothing from them.
+        written = _tensors([kwargs.get(a.name) for a in func._schema.arguments if a.is_out])
         tensors_in = [t for t in _tensors((args, kwargs)) if not any(t is w for w in written)]
         tensors_out = _tensors(out)
         if not tensors_out:  # a query (device, size, ...): no kernel

@@ -5,7 +5,7 @@ rather than the logits sliced, and the cross-entropy reads one chunk of rows at 
 fp32 log-sum-exp: the logits are never copied whole, in fp32 or at all. Backward writes the
 gradient of the logits in their own dtype, chunk by chunk: each chunk's softmax recomputed from
 the logits straight into the gradient and scaled in place, the targets' entries set from the
-forward's fp32 log-sum-exp (one read of the logits and one read and write of the gradient).
+forward's fp32 log-sum-exp (the logits read once, the gradient written twice and read once).
 So a step holds two tensors as large as the logits (the logits and their gradient), where slicing,
 copying, upcasting and log-softmaxing held about eight, each up to 692 MB at ``base``, B=32.
 """
