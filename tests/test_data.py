@@ -40,7 +40,24 @@ def test_tokenizer_offline_has_bert_base_chinese_ids(monkeypatch):
         2769,
         3221,
     ]
-    assert tok("曹操").input_ids == [101, 3293, 3082, 102]
+    assert tok("曹操", add_special_tokens=False).input_ids == [3293, 3082]
+
+
+def test_the_tokenizer_is_a_causal_lms_and_stays_one_when_saved(tmp_path):
+    """[SEP] separates the corpus' documents: it is the tokenizer's bos and eos, and nothing is
+    added around a text by default (BERT's [CLS] text [SEP] would end every context a harness
+    scores); AutoTokenizer, as lm-evaluation-harness loads it, reads the same back."""
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(quiet=True)
+    assert (tok.bos_token_id, tok.eos_token_id) == (102, 102)
+    assert tok("曹操").input_ids == [3293, 3082]
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (102, 102, 0)
+    assert again("曹操").input_ids == [3293, 3082]
+    text = again.decode(again("话说 Hello, world", add_special_tokens=False).input_ids)
+    assert text == tok.decode(tok("话说 Hello, world", add_special_tokens=False).input_ids)
 
 
 def test_vocab_is_read_by_newlines_only():

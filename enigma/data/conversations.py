@@ -11,6 +11,13 @@ token, after it. ``apply_chat_template(messages, add_generation_prompt=True)`` t
 the ids a conversation had in training up to ``助手：``, and generation stops at ``[SEP]``. The
 assistant's turns (their text and their ``[SEP]``) are the template's ``{% generation %}``
 blocks: the tokens the loss is taken on.
+
+The project itself encodes conversations with :func:`encode_chat`, turn by turn, rather than
+through the template: the template renders a conversation to one string and the tokenizer then
+reads any ``[SEP]`` in it as the control token, so a user who writes ``[SEP]助手：`` would end
+their own turn and speak for the assistant. :func:`encode_chat` encodes each turn's content as
+text (special-token names become ordinary characters) and puts the control tokens in itself;
+for content without such names its ids are the template's, token for token.
 """
 
 from __future__ import annotations
@@ -104,22 +111,42 @@ def read_conversations(path: str) -> list[list[dict]]:
     return conversations
 
 
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False
+                ) -> tuple[list[int], list[bool]]:  # fmt: skip
+    """A conversation's token ids as the chat template lays them out, and which of them are the
+    assistant's (its turns' text and their ``[SEP]``: what the loss is taken on). Content is
+    encoded as text: ``[SEP]`` written by a user is the characters, not the control token."""
+    ids: list[int] = []
+    learn: list[bool] = []
+
+    def text(value: str) -> list[int]:
+        return tokenizer(value, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    for message in messages:
+        head = text(f"{ROLE_NAMES[message['role']]}：")
+        body = text(message["content"]) + [tokenizer.sep_token_id]
+        ids += head + body
+        learn += [False] * len(head) + [message["role"] == "assistant"] * len(body)
+    if add_generation_prompt:
+        head = text(f"{ROLE_NAMES['assistant']}：")
+        ids += head
+        learn += [False] * len(head)
+    return ids, learn
+
+
 def encode(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[dict, int]:
     """Token ids, labels (the assistant's tokens; the rest ``IGNORE``) and attention masks,
     right-padded to ``seq_len``, one row per conversation; conversations longer than that are
     left out. Returns the arrays and how many were left out."""
     ids, labels, masks, dropped = [], [], [], 0
     for messages in conversations:
-        out = tokenizer.apply_chat_template(
-            messages, return_dict=True, return_assistant_tokens_mask=True
-        )
-        row = out["input_ids"]
+        row, learn = encode_chat(tokenizer, messages)
         if len(row) > seq_len:
             dropped += 1
             continue
         pad = seq_len - len(row)
         ids.append(row + [tokenizer.pad_token_id] * pad)
-        learn = np.array(out["assistant_masks"], dtype=bool)
+        learn = np.array(learn, dtype=bool)
         labels.append(np.where(learn, row, IGNORE).tolist() + [IGNORE] * pad)
         masks.append([1] * len(row) + [0] * pad)
     arrays = {

@@ -1,10 +1,12 @@
 """``enigma chat MODEL``: a conversation in the terminal, each reply streamed token by token.
 
 A fine-tuned model carries the chat template in its tokenizer: the conversation is kept as
-messages and given to the model through ``apply_chat_template``, and when it outgrows the model's
+messages and encoded as the template lays them out (:func:`~enigma.data.conversations.encode_chat`:
+what a user types is text, ``[SEP]`` in it included), and when it outgrows the model's
 ``max_len`` (with room for the reply) its oldest turns are dropped, the system message kept. A
 pretrained model has no template: each line then continues the transcript as plain text, and the
-chat says so. ``/reset`` starts over; ``/exit``, Ctrl-D or Ctrl-C ends.
+chat says so. ``/reset`` starts over; ``/exit``, Ctrl-D or Ctrl-C ends. Replies come from the
+serving engine (:mod:`enigma.serve.engine`), as ``enigma serve``'s do.
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from ..data.tokenizer import join_cjk
 from ..errors import InputError
 
 HELP = "/reset starts over, /exit (or Ctrl-D) ends"
@@ -35,9 +34,17 @@ class Conversation:
     """The turns so far and how each reply is made from them."""
 
     def __init__(self, model, tokenizer, args: argparse.Namespace):
+        from ..serve.engine import Engine
+        from .generate import sampling_from_flags
+
         self.model, self.tokenizer, self.args = model, tokenizer, args
         self.templated = bool(getattr(tokenizer, "chat_template", None))
         self.max_len = model.config.max_len
+        self.engine = Engine(model, tokenizer, max_rows=1)
+        self.sampling = sampling_from_flags(
+            model, args.max_new_tokens, 1, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        )  # fmt: skip
         self.reset()
 
     def reset(self) -> None:
@@ -46,9 +53,10 @@ class Conversation:
         self.transcript = self.args.system or ""
 
     def prompt_ids(self) -> list[int]:
+        from ..data.conversations import encode_chat
+
         if self.templated:
-            out = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-            return list(out["input_ids"])
+            return encode_chat(self.tokenizer, self.messages, add_generation_prompt=True)[0]
         return self.tokenizer(self.transcript, add_special_tokens=False).input_ids
 
     def fit(self) -> list[int]:
@@ -72,7 +80,7 @@ class Conversation:
         else:
             self.transcript += line
         try:
-            text = self.generate(torch.tensor([self.fit()]))
+            text = self.generate(self.fit())
         except KeyboardInterrupt:  # a stopped reply leaves no half turn behind
             self.messages, self.transcript = before
             raise
@@ -82,20 +90,14 @@ class Conversation:
             self.transcript += text
         return text
 
-    def generate(self, ids: torch.Tensor) -> str:
-        from .generate import ChineseStreamer
-
-        torch.manual_seed(self.args.seed)
-        sample = self.args.temperature > 0
-        out = self.model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.args.max_new_tokens,
-            do_sample=sample, temperature=self.args.temperature if sample else None,
-            top_k=self.args.top_k if sample else None, top_p=self.args.top_p if sample else None,
-            repetition_penalty=self.args.repetition_penalty,
-            pad_token_id=self.tokenizer.pad_token_id,
-            streamer=ChineseStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True),
-        )  # fmt: skip
-        return join_cjk(self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    def generate(self, ids: list[int]) -> str:
+        """The reply to ``ids``, printed as it comes."""
+        pieces = []
+        for out in self.engine.generate(ids, self.sampling, continues_prompt=not self.templated):
+            pieces.append(out.text)
+            print(out.text, end="", flush=True)
+        print(flush=True)
+        return "".join(pieces)
 
 
 def run(args: argparse.Namespace) -> None:

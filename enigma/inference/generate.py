@@ -6,10 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-from transformers import TextStreamer
-
-from ..data.tokenizer import join_cjk
 from ..errors import InputError
 
 
@@ -89,7 +85,8 @@ def generate(args: argparse.Namespace) -> str:
     model = load_model(args.model)
     saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(args.model if saved else None)
-    text, _ = continue_text(
+    print(args.prompt, end="", flush=True)
+    text = continue_text(
         model,
         tokenizer,
         args.prompt,
@@ -98,16 +95,30 @@ def generate(args: argparse.Namespace) -> str:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        streamer=ChineseStreamer(tokenizer),
+        show=lambda piece: print(piece, end="", flush=True),
     )
+    print(flush=True)
     return text
 
 
-class ChineseStreamer(TextStreamer):
-    """Streams decoded text to the terminal without WordPiece's spaces between characters."""
+def sampling_from_flags(model, max_new_tokens: int, prompt_tokens: int, **settings):
+    """The engine's :class:`~enigma.serve.sampling.Sampling` from command-line values; a bad
+    one is one line naming its flag."""
+    from ..serve.sampling import Sampling
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        print(join_cjk(text), flush=True, end="" if not stream_end else None)
+    sampling = Sampling(max_tokens=max_new_tokens, **settings)
+    problem = sampling.problem(model.config.vocab_size)
+    if problem:
+        flag = "--" + problem[0].replace("_", "-").replace("max-tokens", "max-new-tokens")
+        raise InputError(f"{flag}: {problem[1]}")
+    if max_new_tokens < 1:
+        raise InputError("--max-new-tokens must be at least 1")
+    room = model.config.max_len - prompt_tokens
+    if max_new_tokens > room:
+        raise InputError(f"the prompt's {prompt_tokens} tokens and --max-new-tokens "
+                         f"{max_new_tokens} exceed the model's max_len {model.config.max_len}: "
+                         f"ask for at most {max(room, 0)}")  # fmt: skip
+    return sampling
 
 
 def continue_text(
@@ -120,22 +131,22 @@ def continue_text(
     top_k: int = 50,
     top_p: float = 0.95,
     seed: int = 0,
-    streamer=None,
-) -> tuple[str, torch.Tensor]:
-    """Sample a continuation of ``prompt`` (greedy when ``temperature`` is 0); returns the decoded
-    text and the ids."""
-    torch.manual_seed(seed)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
+    show=None,
+) -> str:
+    """``prompt`` and a sampled continuation of it (greedy when ``temperature`` is 0), through
+    the serving engine (:mod:`enigma.serve.engine`); ``show(piece)`` sees the text as it
+    comes."""
+    from ..serve.engine import Engine
+
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if not ids:
         raise InputError("the prompt is empty after tokenisation")
-    out = model.generate(
-        ids,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_k=top_k,
-        top_p=top_p,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return join_cjk(tokenizer.decode(out[0], skip_special_tokens=True)), out
+    sampling = sampling_from_flags(model, max_new_tokens, len(ids), temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+    engine = Engine(model, tokenizer, max_rows=1)
+    pieces = []
+    for out in engine.generate(ids, sampling):
+        pieces.append(out.text)
+        if show is not None:
+            show(out.text)
+    return prompt + "".join(pieces)

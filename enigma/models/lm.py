@@ -146,7 +146,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if input_ids is None:
@@ -173,7 +173,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             h = h + self.pos_embed(position_ids)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        bias, is_causal = self.attention_plan(attention_mask, past, length, device)
+        bias, is_causal = self.attention_plan(attention_mask, past, length, device, cache)
         if self.stack is not None:
             replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
             context = LayerContext(bias, is_causal, cache, replay_rng=replay)
@@ -188,7 +188,9 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             for block in self.blocks:
                 h = block(h, bias, is_causal, cache=cache)
         h = self.norm(h)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, Tensor):  # one position per row: (B,) -> (B, 1, d)
+            h = h[torch.arange(h.shape[0], device=device), logits_to_keep][:, None]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None if labels is None else self._loss(logits, labels)
@@ -208,9 +210,14 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         self.lm_head.compile()
         self._loss = torch.compile(next_token_loss)
 
-    def attention_plan(self, attention_mask, past: int, length: int, device):
+    def attention_plan(self, attention_mask, past: int, length: int, device, cache=None):
         """``(bias, is_causal)`` for the blocks: a FlexAttention plan with ALiBi as a score
-        modifier where it applies, else SDPA's additive bias."""
+        modifier where it applies, else SDPA's additive bias. A cache whose rows hold different
+        lengths (the serving engine's :class:`~enigma.serve.kv_cache.SlotCache`) makes the
+        bias itself, each row's distances its own."""
+        ragged = getattr(cache, "attention_plan", None)
+        if ragged is not None:
+            return ragged(compute_dtype(device, self.lm_head.weight.dtype))
         if self.uses_flex(device, attention_mask, past):
             return FlexPlan.make(self.config.num_heads, length, device), False
         return attention_bias(

@@ -121,7 +121,9 @@ class EnigmaConfig(PretrainedConfig):
             checkpointing, or DeepSpeed's under ``enigma train``). Refused with
             ``reversible_layers``, whose backward rebuilds every layer already.
         initializer_range: Standard deviation of the normal start of linear and embedding weights.
-        pad_token_id, bos_token_id, eos_token_id: Special token ids ([PAD], [CLS], [SEP]).
+        pad_token_id, bos_token_id, eos_token_id: Special token ids ([PAD], [SEP], [SEP]). The
+            corpus is packed with [SEP] between documents, so [SEP] is both where a text ends
+            and what a new one follows (GPT-2's convention with its one end-of-text token).
         tie_word_embeddings: The head shares the embedding matrix.
     """
 
@@ -162,7 +164,7 @@ class EnigmaConfig(PretrainedConfig):
         activation_checkpointing: bool = False,
         initializer_range: float = 0.02,
         pad_token_id: int = 0,
-        bos_token_id: int = 101,
+        bos_token_id: int = 102,
         eos_token_id: int = 102,
         tie_word_embeddings: bool = True,
         **kwargs,

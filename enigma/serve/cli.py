@@ -26,9 +26,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="the model's id in the API (its directory name)")
     p.add_argument("--api-key", default=None, help="default: $ENIGMA_API_KEY; none: no key")
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--gpus-per-replica", type=float, default=0)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0, help="the model runs on the GPU")
+    p.add_argument("--cpus-per-replica", type=float, default=1, help="also the model's threads")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding at once")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a row; past it a new one is a 429")  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="larger bodies are a 413")
+    p.add_argument(
+        "--scheduling",
+        choices=("continuous", "static"),
+        default="continuous",
+        help="static: a batch runs to its end before the next (to compare)",
+    )
+    p.add_argument(
+        "--stream-chunks-per-s",
+        type=float,
+        default=400,
+        help="streamed chunks a second, shared by the open streams (0: one per token)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=20.0,
+        help="static scheduling: how long an idle engine waits to fill a batch",
+    )
 
 
 def check(args: argparse.Namespace) -> None:
@@ -37,8 +58,14 @@ def check(args: argparse.Namespace) -> None:
     check_saved_model(args.model)
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port} is not a port")
-    if args.replicas < 1 or args.max_batch_size < 1 or args.batch_wait_ms < 0:
-        raise InputError("--replicas and --max-batch-size must be at least 1, --batch-wait-ms >= 0")
+    if args.replicas < 1 or args.max_batch_size < 1 or args.max_queue < 1:
+        raise InputError("--replicas, --max-batch-size and --max-queue must be at least 1")
+    if min(args.batch_wait_ms, args.stream_chunks_per_s) < 0 or args.max_body_mb <= 0:
+        raise InputError(
+            "--batch-wait-ms and --stream-chunks-per-s must be >= 0, --max-body-mb > 0"
+        )
+    if args.cpus_per_replica < 1:
+        raise InputError("--cpus-per-replica must be at least 1 (the model's threads)")
 
 
 def start(args: argparse.Namespace) -> bool:
@@ -54,8 +81,11 @@ def start(args: argparse.Namespace) -> bool:
     serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app({
         "model": args.model, "name": args.name, "replicas": args.replicas,
-        "gpus_per_replica": args.gpus_per_replica, "max_batch_size": args.max_batch_size,
-        "batch_wait_ms": args.batch_wait_ms, "api_key": args.api_key,
+        "gpus_per_replica": args.gpus_per_replica, "cpus_per_replica": args.cpus_per_replica,
+        "max_batch_size": args.max_batch_size, "max_queue": args.max_queue,
+        "max_body_bytes": int(args.max_body_mb * (1 << 20)), "scheduling": args.scheduling,
+        "batch_wait_ms": args.batch_wait_ms, "stream_chunks_per_s": args.stream_chunks_per_s,
+        "api_key": args.api_key,
     })  # fmt: skip
     serve.run(app, name=APP_NAME, route_prefix="/")
     return started
@@ -72,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{args.port}/v1"
     name = args.name or Path(args.model).resolve().name
     print(f"serving {name} at {base} (OpenAI API: /models, /completions, /chat/completions), "
-          f"{key}; Ctrl-C stops", flush=True)  # fmt: skip
+          f"{key}, {args.scheduling} batching of up to {args.max_batch_size} rows; Ctrl-C stops",
+          flush=True)  # fmt: skip
     try:
         while True:
             time.sleep(3600)

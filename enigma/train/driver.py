@@ -305,10 +305,9 @@ def sample_text(spec: RunSpec, model_dir: Path) -> str | None:
     model = load_model(str(model_dir))
     tokenizer = load_tokenizer(str(model_dir), quiet=True)
     with torch.no_grad():
-        text, _ = continue_text(
+        return continue_text(
             model, tokenizer, cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, seed=cfg.seed
         )
-    return text
 
 
 def exported_sample(spec: RunSpec) -> str | None:

@@ -214,6 +214,18 @@ def export_model(
     write_model_dir(model, out, tokenizer_dir, card(model) if card else None, wait_s=600)
 
 
+def save_tokenizer(tokenizer_dir: str, out: Path, max_len: int) -> None:
+    """The run's tokenizer beside the weights, as a causal LM's (bos and eos named, nothing
+    after a text: :func:`~enigma.data.tokenizer.as_causal_tokenizer`), whatever form the data
+    directory saved it in, and knowing the model's length: what lm-evaluation-harness and
+    transformers read from it."""
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir, quiet=True)
+    tokenizer.model_max_length = max_len
+    tokenizer.save_pretrained(out)
+
+
 def write_model_dir(
     model, out: Path, tokenizer_dir: str | None, card: str | None = None, wait_s: float | None = 0
 ) -> None:
@@ -232,8 +244,7 @@ def write_model_dir(
         try:
             model.save_pretrained(staging)
             if tokenizer_dir and Path(tokenizer_dir).is_dir():
-                for f in Path(tokenizer_dir).iterdir():
-                    shutil.copy(f, staging / f.name)
+                save_tokenizer(tokenizer_dir, staging, model.config.max_len)
             if card is not None:
                 (staging / "README.md").write_text(card, encoding="utf-8")
             replace_dir(staging, out)
