@@ -16,7 +16,7 @@ from conftest import ROOT, load_without_project
 
 from enigma.cli import main
 from enigma.data.conversations import IGNORE, encode, read_conversations, with_chat_template
-from enigma.data.tokenizer import load_tokenizer
+from enigma.data.tokenizer import join_cjk, load_tokenizer
 from enigma.errors import InputError
 
 ROWS = [
@@ -159,7 +159,7 @@ def test_chat_in_a_terminal_streams_replies_resets_drops_old_turns_and_exits(tun
                                             add_generation_prompt=True)["input_ids"]  # fmt: skip
         greedy = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
         expected = tokenizer.decode(greedy[0, len(ids) :], skip_special_tokens=True)
-        assert reply.replace(" ", "") == expected.replace(" ", "")
+        assert reply == join_cjk(expected).strip(), "Chinese printed without WordPiece's spaces"
         os.write(leader, "东风何时起？请详细说说赤壁之战的天时地利人和与借东风之计\n".encode())
         assert "the oldest turn was dropped" in _read_until(leader, "> ")
         os.write(leader, b"/reset\n")

@@ -23,18 +23,45 @@ def section_finetune(r: dict) -> tuple[str, list[str]]:
 
 
 def section_serve(r: dict) -> tuple[str, list[str]]:
+    rows_n = r["max_batch_size"]
     title = (f"Serving (`enigma bench serve`: {r['max_tokens']} tokens per request, "
-             f"{r['requests_per_stream']} requests per stream, batches up to "
-             f"{r['max_batch_size']})")  # fmt: skip
-    rows = []
+             f"{r['requests_per_stream']} requests per stream, up to {rows_n} rows, "
+             f"temperature {r['temperature']:g})")  # fmt: skip
+    names = {"enigma": "EnigmaLM", "plain": "plain Transformer"}
+    steps = []
+    for name, s in r["steps"].items():
+        steps.append([names[name], f"{s['ceiling_step_ms']:.2f}",
+                      f"{s['ceiling_tokens_per_s']:,.0f}", f"{s['engine_step_ms']:.2f}",
+                      f"{s['sampling_share']:.0%}", f"{s['engine_over_ceiling']:.2f}"])  # fmt: skip
+    head = [f"model ({rows_n} rows, 1 thread)", "its own cached step ms", "ceiling tokens/s",
+            "engine step ms", "sampling share", "ceiling / engine step"]  # fmt: skip
+    lines = _table(head, steps)
+    served = []
     for name, data in r["results"].items():
-        label = "EnigmaLM" if name == "enigma" else "plain Transformer"
         for m in data["levels"]:
-            rows.append([label, m["streams"], f"{m['tokens_per_s']:,.0f}",
-                         f"{m['requests_per_s']:.2f}", f"{m['ttft_p50_s']:.2f}",
-                         f"{m['latency_p50_s']:.2f} / {m['latency_p95_s']:.2f}"])  # fmt: skip
-    head = ["model", "streams", "tokens/s", "requests/s", "TTFT p50 s", "latency p50 / p95 s"]
-    return title, _table(head, rows)
+            cpu = m["cpu_s_per_request"]
+            split = " / ".join(f"{cpu[k] * 1e3:.1f}" for k in ("proxy", "replica", "engine"))
+            latency = f"{m['latency_p50_s']:.2f} / {m['latency_p95_s']:.2f}"
+            served.append([names[name], m["streams"], f"{m['tokens_per_s']:,.0f}",
+                           f"{m['served_over_ceiling']:.2f}", f"{m['ttft_p50_s']:.3f}", latency,
+                           split])  # fmt: skip
+    head = ["model", "streams", "tokens/s", "served / ceiling", "TTFT p50 s",
+            "latency p50 / p95 s", "CPU ms a request: proxy / replica / engine"]  # fmt: skip
+    lines += _table(head, served)
+    policies = []
+    for policy, p in r.get("policies", {}).items():
+        late, mixed = p["short_behind_long"], p["mixed"]
+        ratio = f"({late['ratio']:.1%})"
+        short = f"{late['short_ttft_s']:.3f} s of {late['long_latency_s']:.2f} s {ratio}"
+        ttft = f"{mixed['ttft_p50_s']:.3f} / {mixed['ttft_p95_s']:.3f}"
+        latency = f"{mixed['latency_p50_s']:.2f} / {mixed['latency_p95_s']:.2f}"
+        policies.append([policy, short, f"{mixed['tokens_per_s']:,.0f}", ttft, latency])
+    if policies:
+        head = ["EnigmaLM, batching", "short request's first token, behind a long one",
+                "mixed 8-256 tokens: tokens/s", "TTFT p50 / p95 s",
+                "latency p50 / p95 s"]  # fmt: skip
+        lines += _table(head, policies)
+    return title, lines
 
 
 def section_roofline(r: dict) -> tuple[str, list[str]]:

@@ -1,27 +1,40 @@
-"""``enigma bench serve``: the OpenAI endpoint under bounded load on loopback, EnigmaLM against the
-plain Transformer of the same size.
+"""``enigma bench serve``: the OpenAI endpoint under load on loopback, measured against the
+model's own step.
 
-For each model an ``enigma serve`` application runs on a local Ray cluster; ``C`` client threads
-(C = 1, 4, 16) each send ``--requests`` streamed ``/v1/completions`` back to back. Reported per
-model and C: requests/s, generated tokens/s, time to the first token and p50/p95 latency. With
-one stream at a time every request is decoded alone; with 16, the server batches those that
-arrive together, so tokens/s should grow with C. The plain Transformer is EnigmaLM's shape with
-``core="none"`` (its weights random: speed does not depend on them).
+1. **The yardstick** (:mod:`enigma.benchmarks.serve_step`), in this process before any server
+   starts: the model's cached decode step at ``--max-batch-size`` rows on the replica's one
+   thread (the ceiling: rows / step seconds), and the engine's step on the same rows with the
+   benchmark's sampling (what sampling and the engine add).
+2. **Served throughput**: ``C`` client streams (C = 1, 4, 16) each send ``--requests`` streamed
+   completions of ``--max-tokens`` back to back; tokens/s from each reply's ``usage``, time to
+   the first token, latency, served / ceiling; at the largest C, the CPU seconds each process
+   spent per request (the HTTP proxy, the replica's handlers, the engine, this client), which
+   says where a step's time went on a machine whose cores they share. EnigmaLM and the plain
+   Transformer of its shape.
+3. **A short request behind a long one**: a 256-token reply starts, a 4-token request follows
+   0.3 s later: its time to first token against the long one's latency.
+4. **A mixed workload**: ``--mixed`` requests of 8 to 256 tokens (seeded), 16 streams, under
+   continuous batching and under the static batching it replaced (a batch runs to its end
+   before the next starts), in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import random
 import statistics
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from ..errors import InputError
 from . import meta
+from .serve_step import PROMPTS
+
+TEMPERATURE = 0.8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,55 +43,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per stream")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--mixed", type=int, default=48, help="requests of the mixed workload")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--output-dir", default="runs/bench-serve", help="the plain model is saved here")
     p.add_argument("--json", dest="json_out", default=None)
 
 
 def plain_twin(model_dir: Path, out: Path) -> Path:
-    """The plain Transformer of the model's size (random weights), with its tokenizer."""
-    import shutil
-
+    """The plain Transformer of the model's size (random weights: speed does not depend on
+    them), with the model's tokenizer."""
     import torch
 
+    from ..data.tokenizer import load_tokenizer
     from ..models.lm import EnigmaLM
 
     config = EnigmaLM.config_class.from_pretrained(model_dir)
     config.core = "none"
     torch.manual_seed(0)
     EnigmaLM(config).save_pretrained(out)
-    for f in model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
-            shutil.copy(f, out / f.name)
+    load_tokenizer(str(model_dir), quiet=True).save_pretrained(out)
     return out
 
 
-def one_request(base: str, prompt: str, max_tokens: int) -> dict:
-    """A streamed completion: seconds to its first token and in all, tokens received."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "stream": True}
-    request = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
-    start, first, tokens = time.perf_counter(), None, 0
-    with urllib.request.urlopen(request, timeout=600) as response:
-        for line in response:
-            if line.startswith(b"data: {"):
-                choice = json.loads(line[6:])["choices"][0]
-                if choice["text"]:
-                    tokens += 1
-                    first = first or time.perf_counter() - start
+def one_request(port: int, prompt: str, max_tokens: int, conn=None, at: float | None = None
+                ) -> dict:  # fmt: skip
+    """A streamed completion: seconds to its first text and in all, tokens (from ``usage``)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start = time.perf_counter() if at is None else at
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response, first, tokens = conn.getresponse(), None, 0
+    while (line := response.readline()) and not line.startswith(b"data: [DONE]"):
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif first is None and event["choices"] and event["choices"][0]["text"]:
+            first = time.perf_counter() - start
+    response.read()
     return {"ttft": first or 0.0, "latency": time.perf_counter() - start, "tokens": tokens}
 
 
-def load(base: str, streams: int, requests: int, max_tokens: int) -> dict:
-    """``streams`` threads, each sending ``requests`` requests back to back."""
+def load(port: int, streams: int, jobs: list[tuple[str, int]]) -> dict:
+    """``streams`` clients (one connection each) taking ``jobs`` (prompt, max_tokens) in turn."""
     results: list[dict] = []
-    prompts = ["话说天下大势", "却说曹操", "孔明笑曰", "玄德大喜"]
+    queue = list(reversed(jobs))
+    lock = threading.Lock()
 
-    def client(i):
-        for j in range(requests):
-            results.append(one_request(base, prompts[(i + j) % len(prompts)], max_tokens))
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt, max_tokens = queue.pop()
+            results.append(one_request(port, prompt, max_tokens, conn))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    threads = [threading.Thread(target=client) for _ in range(streams)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -86,14 +109,101 @@ def load(base: str, streams: int, requests: int, max_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     latencies = sorted(r["latency"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
     return {
         "streams": streams, "requests": len(results), "wall_s": round(wall, 2),
         "requests_per_s": len(results) / wall,
         "tokens_per_s": sum(r["tokens"] for r in results) / wall,
-        "ttft_p50_s": statistics.median(r["ttft"] for r in results),
-        "latency_p50_s": statistics.median(latencies),
-        "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": _p95(ttfts),
+        "latency_p50_s": statistics.median(latencies), "latency_p95_s": _p95(latencies),
     }  # fmt: skip
+
+
+def _p95(ordered: list[float]) -> float:
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds so far of the serving processes: Ray's HTTP proxy, the replica (its handlers),
+    the engine, and this client."""
+    import psutil
+
+    kinds = {"proxy": "ray::ProxyActor", "replica": "ray::ServeReplica",
+             "engine": "enigma.serve.engine_process"}  # fmt: skip
+    found = dict.fromkeys([*kinds, "client"], 0.0)
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        for kind, mark in kinds.items():
+            if mark in line:
+                with _gone():
+                    t = p.cpu_times()
+                    found[kind] += t.user + t.system
+    t = psutil.Process().cpu_times()
+    found["client"] = t.user + t.system
+    return found
+
+
+class _gone:
+    """A process that ended while being read counts nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        import psutil
+
+        return kind is not None and issubclass(kind, psutil.Error)
+
+
+def streams_levels(port: int, levels: list[int], requests: int, max_tokens: int,
+                   ceiling: float, name: str) -> list[dict]:  # fmt: skip
+    rows = []
+    for streams in levels:
+        jobs = [(PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(streams * requests)]
+        before = cpu_by_process()
+        r = load(port, streams, jobs)
+        after = cpu_by_process()
+        r["served_over_ceiling"] = r["tokens_per_s"] / ceiling
+        r["cpu_s_per_request"] = {k: (after[k] - before[k]) / r["requests"] for k in after}
+        rows.append(r)
+        print(f"{name}, {streams} stream(s): {r['tokens_per_s']:.0f} tokens/s "
+              f"({r['served_over_ceiling']:.2f} of the ceiling), TTFT p50 {r['ttft_p50_s']:.3f} s, "
+              f"latency p50/p95 {r['latency_p50_s']:.2f}/{r['latency_p95_s']:.2f} s",
+              flush=True)  # fmt: skip
+    return rows
+
+
+def short_behind_long(port: int) -> dict:
+    """A 256-token reply, and 0.3 s later a 4-token one."""
+    found = {}
+
+    def long():
+        found["long"] = one_request(port, PROMPTS[0], 256)
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    time.sleep(0.3)
+    found["short"] = one_request(port, PROMPTS[1], 4)
+    thread.join()
+    short, long_ = found["short"], found["long"]
+    return {"short_ttft_s": short["ttft"], "long_latency_s": long_["latency"],
+            "ratio": short["ttft"] / long_["latency"]}  # fmt: skip
+
+
+def mixed_jobs(count: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(PROMPTS[i % len(PROMPTS)], rng.randint(8, 256)) for i in range(count)]
+
+
+def deploy(model: Path, name: str, port: int, rows: int, scheduling: str) -> None:
+    from ray import serve
+
+    from ..serve.app import build_app
+
+    app = build_app({"model": str(model), "name": name, "max_batch_size": rows,
+                     "scheduling": scheduling, "batch_wait_ms": 20})  # fmt: skip
+    serve.run(app, name="bench", route_prefix="/")
+    one_request(port, "热身", 4)  # the replica's first call pays for its warm-up
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -102,38 +212,50 @@ def run(args: argparse.Namespace) -> dict:
 
     from ..cluster.ray_setup import init_ray
     from ..inference.generate import check_saved_model
-    from ..serve.app import build_app
+    from ..serve.sampling import Sampling
+    from .serve_step import measure
 
     if not (Path(args.model) / "config.json").is_file():
         raise InputError(f"{args.model} is not a saved model: run `make demo` first, or --model")
     check_saved_model(args.model)
     model = Path(args.model).resolve()
-    work = Path(args.output_dir).resolve()
-    models = {"enigma": model, "plain": plain_twin(model, work / "plain")}
+    models = {
+        "enigma": model,
+        "plain": plain_twin(model, Path(args.output_dir).resolve() / "plain"),
+    }
     levels = [int(s) for s in args.streams.split(",")]
+    rows = args.max_batch_size
+    sampling = Sampling(temperature=TEMPERATURE)
+    steps = {name: measure(str(path), rows, 1, sampling) for name, path in models.items()}
+    for name, s in steps.items():
+        print(f"{name}: the model's own step at {rows} rows, 1 thread: {s['ceiling_step_ms']:.2f} "
+              f"ms ({s['ceiling_tokens_per_s']:,.0f} tokens/s); the engine's "
+              f"{s['engine_step_ms']:.2f} ms, sampling {s['sampling_share']:.0%} of it",
+              flush=True)  # fmt: skip
     result = {"benchmark": "serve", "model": args.model, "max_tokens": args.max_tokens,
-              "requests_per_stream": args.requests, "max_batch_size": args.max_batch_size,
-              "results": {}}  # fmt: skip
+              "requests_per_stream": args.requests, "max_batch_size": rows,
+              "temperature": TEMPERATURE, "steps": steps, "results": {}}  # fmt: skip
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     try:
         for name, path in models.items():
-            settings = {"max_batch_size": args.max_batch_size, "batch_wait_ms": 20}
-            app = build_app({"model": str(path), "name": name, **settings})
-            serve.run(app, name="bench", route_prefix="/")
-            base = f"http://127.0.0.1:{args.port}"
-            one_request(base, "热身", 4)  # the replica's first call pays for its warm-up
-            rows = []
-            for streams in levels:
-                rows.append(load(base, streams, args.requests, args.max_tokens))
-                r = rows[-1]
-                print(f"{name}, {streams} stream(s): {r['tokens_per_s']:.0f} tokens/s, "
-                      f"{r['requests_per_s']:.2f} requests/s, TTFT p50 {r['ttft_p50_s']:.2f} s, "
-                      f"latency p50/p95 {r['latency_p50_s']:.2f}/{r['latency_p95_s']:.2f} s",
-                      flush=True)  # fmt: skip
-            with urllib.request.urlopen(f"{base}/stats", timeout=60) as response:
-                stats = json.loads(response.read())
-            result["results"][name] = {"levels": rows, "server": stats}
+            deploy(path, name, args.port, rows, "continuous")
+            ceiling = steps[name]["ceiling_tokens_per_s"]
+            result["results"][name] = {"levels": streams_levels(
+                args.port, levels, args.requests, args.max_tokens, ceiling, name)}  # fmt: skip
+            serve.delete("bench")
+        result["policies"] = {}
+        for policy in ("continuous", "static"):
+            deploy(model, "enigma", args.port, rows, policy)
+            late = short_behind_long(args.port)
+            mixed = load(args.port, 16, mixed_jobs(args.mixed))
+            result["policies"][policy] = {"short_behind_long": late, "mixed": mixed}
+            print(f"{policy}: a short request behind a long one: first token after "
+                  f"{late['short_ttft_s']:.3f} s ({late['ratio']:.1%} of the long one's "
+                  f"{late['long_latency_s']:.2f} s); mixed 8-256 tokens: "
+                  f"{mixed['tokens_per_s']:.0f} tokens/s, latency p50/p95 "
+                  f"{mixed['latency_p50_s']:.2f}/{mixed['latency_p95_s']:.2f} s",
+                  flush=True)  # fmt: skip
             serve.delete("bench")
     finally:  # a cluster this command joined keeps its Serve; one it started goes
         if not os.environ.get("RAY_ADDRESS"):
