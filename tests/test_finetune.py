@@ -75,9 +75,10 @@ def read_conversations_from(row):
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, fp32_zero2):
+def tuned(tmp_path_factory):
     """A small saved model (max_len 48, so a chat outgrows it), fine-tuned with LoRA by two Ray
-    Train workers under ZeRO-2 in fp32."""
+    Train workers under ZeRO-2 in bf16 (the module's weights rounded, the optimizer's masters
+    fp32)."""
     import ray
 
     from enigma import EnigmaConfig, EnigmaLM
@@ -90,8 +91,10 @@ def tuned(tmp_path_factory, fp32_zero2):
     load_tokenizer(quiet=True).save_pretrained(root / "base")
     rows = write_jsonl(root / "rows.jsonl", ROWS * 12)
     init_ray(num_cpus=2)
+    zero2 = str(ROOT / "ds_configs" / "zero2.json")
     argv = ["finetune", "--model", str(root / "base"), "--data", str(rows), "--output-dir",
-            str(root / "out"), "--workers", "2", "--ds-config", fp32_zero2, "--max-steps", "6",
+            str(root / "out"), "--workers", "2", "--ds-config", zero2, "--set", "precision=bf16",
+            "--max-steps", "6",
             "--lora-r", "4", "--set", "micro_batch=2", "--set", "seq_len=48",
             "--set", "eval_steps=3", "--set", "lr=5e-3", "--set", "val_fraction=0.2"]  # fmt: skip
     try:
@@ -122,6 +125,14 @@ def test_lora_through_ray_and_deepspeed_merges_into_a_model_that_travels(tuned, 
     assert (expected - untouched).abs().max() > 1e-4, "the adapter learned something"
     (merged,) = load_without_project([out / "model"], prompt, 2, tmp_path)
     assert torch.allclose(torch.tensor(merged["logits"]), expected, atol=1e-5)
+    # Trained in bf16, exported from fp32: the frozen weights are the base's, bit for bit (not
+    # rounded to bf16 as the module held them), the adapter's from the fp32 masters.
+    exported = EnigmaLM.from_pretrained(out / "model").state_dict()
+    for name, weight in base.state_dict().items():
+        if not any(part in name for part in ("qkv", "proj", "mlp", "norm.")):
+            assert torch.equal(exported[name], weight), name
+    lora = [p for n, p in adapted.named_parameters() if "lora_" in n]
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in lora), "fp32, not bf16 values"
     # A kept checkpoint re-exported: the base with its adapter, merged, the same shape.
     assert main(["export", str(out), str(tmp_path / "step6"), "--step", "6"]) == 0
     again = EnigmaLM.from_pretrained(tmp_path / "step6")
@@ -203,6 +214,70 @@ def test_a_reply_stopped_by_ctrl_c_leaves_no_half_turn(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         chat.reply("再问一次")
     assert chat.messages == kept
+
+
+def _tuning_config(base, **knobs):
+    from enigma.train.config import build_config
+
+    sets = [f"{k}={v}" for k, v in knobs.items()]
+    return build_config(None, None, sets, base_model=str(base), conversations="rows.jsonl",
+                        output_dir=str(base / "out"), data=str(base / "data"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    from enigma import EnigmaConfig, EnigmaLM
+
+    root = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    EnigmaLM(EnigmaConfig.from_preset("tiny", d=64, num_heads=2, max_len=48)).save_pretrained(root)
+    return root
+
+
+LORA_CHANGES = [("lora_r", 8), ("lora_alpha", 64), ("lora_dropout", 0.1),
+                ("lora_targets", "attention")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), LORA_CHANGES)
+def test_every_lora_setting_is_in_the_resume_fingerprint(small_base, key, value):
+    from enigma.train.driver import tuned as tuned_part
+    from enigma.train.resume import DATA_ORDER_KEYS, fingerprint, mismatch
+
+    def stamp(cfg):
+        order = dict.fromkeys(DATA_ORDER_KEYS, 0)
+        return fingerprint(cfg.model_config(), {}, 1, order, tuned_part(cfg))
+
+    saved, now = (
+        stamp(_tuning_config(small_base)),
+        stamp(_tuning_config(small_base, **{key: value})),
+    )
+    assert mismatch(saved, now) is not None and key in mismatch(saved, now)
+
+
+def test_building_the_model_leaves_the_random_stream_alone(small_base):
+    """Each new best's export builds the model again: the caller's random stream (rank 0's
+    dropout and data order) must not be reseeded by it."""
+    from enigma.train.tuning import build_model
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = build_model(_tuning_config(small_base, lora_dropout=0.1))
+    assert torch.equal(torch.get_rng_state(), before)
+    again = build_model(_tuning_config(small_base, lora_dropout=0.1))
+    a = {n: p for n, p in first.named_parameters() if "lora_A" in n}
+    assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in a.items())
+
+
+def test_lora_on_the_coupling_nets_runs_without_dropout(small_base):
+    from enigma.train.tuning import build_model
+
+    model = build_model(_tuning_config(small_base, lora_targets="attention,coupling",
+                                       lora_dropout=0.2))  # fmt: skip
+    drops = {n: m for n, m in model.named_modules() if n.endswith("lora_dropout.default")}
+    machine = [m for n, m in drops.items() if ".machine." in n]
+    layers = [m for n, m in drops.items() if ".machine." not in n]
+    assert machine and all(isinstance(m, torch.nn.Identity) for m in machine)
+    assert layers and all(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in layers)
 
 
 def test_lora_flags_beside_full_are_one_line(tmp_path, capsys):

@@ -175,7 +175,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             attention_mask = None
         bias, is_causal = self.attention_plan(attention_mask, past, length, device, cache)
         if self.stack is not None:
-            replay = self.training and self.config.dropout > 0 and self.config.reversible_backward
+            replay = self.training and self.config.reversible_backward and self.stack.draws()
             context = LayerContext(bias, is_causal, cache, replay_rng=replay)
             stream = h.to(_at_least_fp32(h.dtype))
             h = self.stack(stream, machine_positions, context).to(h.dtype)

@@ -86,6 +86,13 @@ class ReversibleStack(nn.Module):
         y, _ = apply_chain(self.steps(context), h, positions, memory_efficient)
         return merge_streams(y)
 
+    def draws(self) -> bool:
+        """Whether a forward in training draws random numbers in the layers (dropout of any kind:
+        the model's own, or a LoRA adapter's), which the rebuild must then replay."""
+        return any(
+            isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in self.blocks.modules()
+        )
+
     def steps(self, context: LayerContext) -> list:
         """The chain as ``(step, reverse)`` pairs: the machine's path, the split, the layers."""
         steps = self.machine.chain() if self.machine is not None else []

@@ -116,7 +116,7 @@ def tuned(cfg: TrainConfig) -> dict | None:
         return {"base_model": cfg.base_model, "full": True}
     from .tuning import TRAINED_WHOLE
 
-    keys = ("base_model", "lora_r", "lora_targets")
+    keys = ("base_model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
     return {**{k: getattr(cfg, k) for k in keys}, "trained_whole": TRAINED_WHOLE}
 
 

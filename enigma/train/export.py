@@ -177,16 +177,37 @@ def render_card(model, info: dict, val_loss: float | None, step: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gathered_weights(engine, rank: int, stage: int) -> dict | None:
-    """The engine's full weights in fp32 on the CPU, on rank 0 (None on the others); under
-    ZeRO-3 every rank takes part in gathering the partitioned parameters."""
-    if stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+def gathered_weights(engine, rank: int, stage: int, trained_only: bool = False) -> dict | None:
+    """The engine's full weights in fp32 on the CPU, on rank 0 (None on the others). Each
+    trained parameter comes from the optimizer's fp32 master: under bf16 or fp16 the module
+    holds only a rounded copy. The rest (frozen weights, buffers) come from the module, unless
+    ``trained_only``. Every rank takes part: assembling a master from ZeRO's partitions (and,
+    under ZeRO-3, any parameter) is a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    if stage == 3:  # every parameter gathered, 16-bit, onto rank 0
+        held = None if trained_only else engine._zero3_consolidated_16bit_state_dict()
     else:
-        state = engine.module.state_dict() if rank == 0 else None
+        held = None if trained_only or rank != 0 else module.state_dict()
+    masters = {}  # the trained parameters' fp32 masters, by parameter
+    for _, param in module.named_parameters():
+        if param.requires_grad:
+            full = safe_get_full_fp32_param(param)  # collective: every rank, in one order
+            if rank == 0:
+                masters[id(param)] = param.detach() if full is None else full
     if rank != 0:
         return None
-    return {k: v.detach().float().cpu() for k, v in state.items()}
+    weights = {}
+    for name, param in module.named_parameters(remove_duplicate=False):  # tied names too
+        if id(param) in masters:
+            weights[name] = masters[id(param)].detach().float().cpu()
+    for name, value in (held or {}).items():
+        if name not in weights:
+            weights[name] = value.detach().cpu()
+            if value.is_floating_point():
+                weights[name] = weights[name].float()
+    return weights
 
 
 def lm_from_weights(model_config, weights: dict, where: str):
@@ -332,8 +353,11 @@ def checkpoint_model(cfg, weights: dict, where: Path):
     if cfg.base_model:
         from .tuning import build_model
 
+        # Only what trained: DeepSpeed keeps no fp32 master of a frozen weight, so the
+        # checkpoint's copy of one is rounded to the training precision; the base on disk is not.
         tuned = build_model(cfg)
-        tuned.load_state_dict(weights)
+        trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
+        tuned.load_state_dict({k: v for k, v in weights.items() if k in trained}, strict=False)
         return tuned if cfg.full else tuned.merge_and_unload()
     return lm_from_weights(cfg.model_config(), weights, where)
 
@@ -373,16 +397,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def export_finetuned(engine, cfg, spec, rank: int, stage: int, card) -> None:
-    """Rank 0 writes ``adapter/`` (LoRA) and ``model/`` (merged) from the full weights (under
-    ZeRO-3 every rank takes part in gathering them)."""
-    weights = gathered_weights(engine, rank, stage)
+    """Rank 0 writes ``adapter/`` (LoRA) and ``model/`` (merged): the base model with the trained
+    parameters' fp32 masters (every rank takes part in gathering them)."""
+    weights = gathered_weights(engine, rank, stage, trained_only=True)
     if weights is None:
         return
     from ..storage.atomic import model_lock, replace_dir, staging_dir
     from .tuning import build_model
 
+    # The frozen weights from the base model on disk, in fp32, the trained ones from their fp32
+    # masters: the adapter and the merge see neither rounded to the training precision.
     model = build_model(cfg)
-    model.load_state_dict(weights)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise RuntimeError(f"export: the run trained parameters the model lacks: {unexpected}")
     if not cfg.full:
         adapter = Path(spec.local_dir("adapter"))
         with model_lock(adapter, "an export", 600):

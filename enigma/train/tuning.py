@@ -38,8 +38,9 @@ def lora_config(cfg):
 
 
 def build_model(cfg):
-    """The base model with LoRA (a ``PeftModel``), or the base model itself with ``full``;
-    seeded, so every rank starts from the same adapter."""
+    """The base model with LoRA (a ``PeftModel``), or the base model itself with ``full``. The
+    adapter's start is seeded, so every rank starts from the same one, in a forked random
+    state: building the model (again at every export) leaves the caller's stream where it was."""
     import torch
 
     from ..models.lm import EnigmaLM
@@ -51,8 +52,23 @@ def build_model(cfg):
 
     if "head" in cfg.lora_targets:
         untie_head(model)
-    torch.manual_seed(cfg.seed)
-    return get_peft_model(model, lora_config(cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        tuned = get_peft_model(model, lora_config(cfg))
+    no_dropout_in_the_machine(tuned)
+    return tuned
+
+
+def no_dropout_in_the_machine(model) -> None:
+    """LoRA on the machine's coupling nets runs without dropout: the machine applies each net
+    in its forward half and again in its inverse half (and the reversible backward once more),
+    and is exactly invertible only if every run is the same function."""
+    import torch
+
+    for name, module in model.named_modules():
+        if ".machine." in f".{name}." and hasattr(module, "lora_dropout"):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = torch.nn.Identity()
 
 
 def untie_head(model) -> None:
