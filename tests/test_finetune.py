@@ -68,6 +68,27 @@ def test_the_template_gives_the_ids_training_used_and_the_loss_sees_the_assistan
     assert encode(tokenizer, [conversation], 8)[1] == 1, "too long for seq_len: left out"
 
 
+def test_every_assistant_token_is_learned_and_a_reply_of_no_tokens_is_refused(tmp_path):
+    """The mask is built turn by turn: replies that start with spaces or a newline keep all
+    their tokens; a reply whose text gives no token at all (a zero-width space) would teach an
+    empty answer and is refused by its line."""
+    tokenizer = with_chat_template(load_tokenizer(quiet=True))
+    for reply in (" 答案", "\n答案", "  答 案", "答案"):
+        conversation = [{"role": "user", "content": "问"}, {"role": "assistant", "content": reply}]
+        arrays, _ = encode(tokenizer, [conversation], 16)
+        ids, labels = arrays["input_ids"][0].tolist(), arrays["labels"][0].tolist()
+        learned = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE]
+        assert tokenizer.convert_ids_to_tokens(learned) == ["答", "案", "[SEP]"], reply
+    rows = write_jsonl(
+        tmp_path / "rows.jsonl", [ROWS[0], {"instruction": "问", "output": "\u200b"}]
+    )
+    from enigma.data.conversations import prepare_conversations
+
+    with pytest.raises(InputError, match=r"rows.jsonl:2: turn 1: the assistant's text"):
+        prepare_conversations(str(rows), tmp_path / "prepared", tokenizer, 16, 0.0,
+                              str(rows), 0)  # fmt: skip
+
+
 def read_conversations_from(row):
     from enigma.data.conversations import to_messages
 
@@ -278,6 +299,26 @@ def test_lora_on_the_coupling_nets_runs_without_dropout(small_base):
     layers = [m for n, m in drops.items() if ".machine." not in n]
     assert machine and all(isinstance(m, torch.nn.Identity) for m in machine)
     assert layers and all(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in layers)
+
+
+def test_a_last_turn_too_long_is_refused_keeping_the_system_message():
+    import argparse
+
+    from enigma import EnigmaLM
+    from enigma.inference.chat import Conversation, TurnTooLong
+    from enigma.models.lm_config import EnigmaConfig
+
+    model = EnigmaLM(EnigmaConfig.from_preset("tiny", max_len=48)).eval()
+    args = argparse.Namespace(system="你是谋士", max_new_tokens=8, seed=0, temperature=0.0,
+                              top_k=50, top_p=0.9, repetition_penalty=1.0)  # fmt: skip
+    chat = Conversation(model, with_chat_template(load_tokenizer(None, quiet=True)), args)
+    chat.reply("何以破曹？")
+    kept = list(chat.messages)
+    with pytest.raises(TurnTooLong, match="too long"):
+        chat.reply("东风" * 30)
+    assert chat.messages == kept, "the refused turn is undone, the system message kept"
+    chat.reply("何时？")
+    assert chat.messages[0] == {"role": "system", "content": "你是谋士"}
 
 
 def test_lora_flags_beside_full_are_one_line(tmp_path, capsys):

@@ -86,6 +86,12 @@ def _checked_messages(messages, where: str) -> list[dict]:
 
 def read_conversations(path: str) -> list[list[dict]]:
     """Every row of a ``.jsonl`` or ``.parquet`` file as messages."""
+    return [messages for _, messages in read_located(path)]
+
+
+def read_located(path: str) -> list[tuple[str, list[dict]]]:
+    """Every row of a ``.jsonl`` or ``.parquet`` file as messages, with where it is
+    (``FILE:LINE``, or ``FILE: row N``)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{path} does not exist (a .jsonl or .parquet file of rows)")
@@ -93,7 +99,8 @@ def read_conversations(path: str) -> list[list[dict]]:
         import pyarrow.parquet as pq
 
         rows = pq.read_table(p).to_pylist()
-        return [to_messages(row, f"{path}: row {i + 1}") for i, row in enumerate(rows)]
+        located = [(f"{path}: row {i + 1}", row) for i, row in enumerate(rows)]
+        return [(where, to_messages(row, where)) for where, row in located]
     if p.suffix not in (".jsonl", ".json"):
         raise InputError(f"{path}: expected a .jsonl or .parquet file")
     conversations = []
@@ -105,10 +112,19 @@ def read_conversations(path: str) -> list[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InputError(f"{path}:{number}: not JSON ({err.msg})") from None
-            conversations.append(to_messages(row, f"{path}:{number}"))
+            conversations.append((f"{path}:{number}", to_messages(row, f"{path}:{number}")))
     if not conversations:
         raise InputError(f"{path} has no rows")
     return conversations
+
+
+class EmptyTurn(ValueError):
+    """An assistant turn whose text gives no token: it would teach an empty reply."""
+
+    def __init__(self, turn: int, content: str):
+        super().__init__(f"turn {turn}: the assistant's text {content[:40]!r} gives no token "
+                         "this tokenizer knows, so the model would learn an empty reply; fix "
+                         "or remove the row")  # fmt: skip
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False
@@ -122,9 +138,12 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     def text(value: str) -> list[int]:
         return tokenizer(value, add_special_tokens=False, split_special_tokens=True).input_ids
 
-    for message in messages:
+    for i, message in enumerate(messages):
         head = text(f"{ROLE_NAMES[message['role']]}：")
-        body = text(message["content"]) + [tokenizer.sep_token_id]
+        content = text(message["content"])
+        if message["role"] == "assistant" and message["content"].strip() and not content:
+            raise EmptyTurn(i, message["content"])
+        body = content + [tokenizer.sep_token_id]
         ids += head + body
         learn += [False] * len(head) + [message["role"] == "assistant"] * len(body)
     if add_generation_prompt:
@@ -134,13 +153,19 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     return ids, learn
 
 
-def encode(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[dict, int]:
-    """Token ids, labels (the assistant's tokens; the rest ``IGNORE``) and attention masks,
-    right-padded to ``seq_len``, one row per conversation; conversations longer than that are
-    left out. Returns the arrays and how many were left out."""
+def encode(tokenizer, conversations: list[list[dict]], seq_len: int,
+           where: list[str] | None = None) -> tuple[dict, int]:  # fmt: skip
+    """Token ids, labels (every token of the assistant's turns, their [SEP] included; the rest
+    ``IGNORE``) and attention masks, right-padded to ``seq_len``, one row per conversation;
+    conversations longer than that are left out. Returns the arrays and how many were left
+    out. A row whose assistant text gives no token is refused, named by ``where`` (its
+    ``FILE:LINE``) or its place."""
     ids, labels, masks, dropped = [], [], [], 0
-    for messages in conversations:
-        row, learn = encode_chat(tokenizer, messages)
+    for n, messages in enumerate(conversations):
+        try:
+            row, learn = encode_chat(tokenizer, messages)
+        except EmptyTurn as err:
+            raise InputError(f"{where[n] if where else f'conversation {n + 1}'}: {err}") from None
         if len(row) > seq_len:
             dropped += 1
             continue
@@ -192,15 +217,15 @@ def prepare_conversations(
         manifest = read_manifest(out)
         if all(manifest.get(k) == v for k, v in wanted.items()):
             return manifest
-    train = read_conversations(data)
+    train = read_located(data)
     if val_data:
-        val = read_conversations(val_data)
+        val = read_located(val_data)
     else:
         train, val = split_held_out(train, val_fraction, seed)
     staging = staging_directory(out)
     splits = {}
     for name, rows in (("train", train), ("val", val)):
-        arrays, dropped = encode(tokenizer, rows, seq_len)
+        arrays, dropped = encode(tokenizer, [m for _, m in rows], seq_len, [w for w, _ in rows])
         if not len(arrays["input_ids"]):
             raise InputError(f"no {name} conversation fits seq_len={seq_len}; raise seq_len")
         shard = write(staging / f"{name}-00000.parquet", arrays)

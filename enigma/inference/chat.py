@@ -19,6 +19,10 @@ from ..errors import InputError
 HELP = "/reset starts over, /exit (or Ctrl-D) ends"
 
 
+class TurnTooLong(Exception):
+    """The last message cannot fit with the system message and room for a reply."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a saved model directory (enigma finetune's OUT/model)")
     p.add_argument("--system", default=None, help="a system message that opens the chat")
@@ -60,14 +64,23 @@ class Conversation:
         return self.tokenizer(self.transcript, add_special_tokens=False).input_ids
 
     def fit(self) -> list[int]:
-        """The prompt's ids, the oldest turns dropped until it and the reply fit ``max_len``."""
+        """The prompt's ids, the oldest turns dropped until it and the reply fit ``max_len``.
+        A conversation that cannot fit even as the system message and the last turn raises
+        :class:`TurnTooLong`: cutting that turn would answer something the user did not write,
+        and dropping the system message would answer as someone else. A plain-text transcript
+        (no template) keeps its latest text."""
         room = self.max_len - self.args.max_new_tokens
         ids = self.prompt_ids()
         while len(ids) > room:
             first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-            if not self.templated or len(self.messages) - first <= 1:
-                ids = ids[-room:] if room > 0 else ids[-1:]  # the last turn alone is too long
-                break
+            if not self.templated:
+                return ids[-room:]
+            if len(self.messages) - first <= 1:
+                raise TurnTooLong(
+                    f"(that message is too long: with the conversation's start it takes "
+                    f"{len(ids)} tokens, and a reply of up to {self.args.max_new_tokens} must fit "
+                    f"in the model's {self.max_len}; shorten it, or lower --max-new-tokens)"
+                )
             del self.messages[first : first + 2]  # the oldest user turn and its reply
             print(f"(the oldest turn was dropped: the conversation outgrew {self.max_len} tokens)")
             ids = self.prompt_ids()
@@ -81,7 +94,7 @@ class Conversation:
             self.transcript += line
         try:
             text = self.generate(self.fit())
-        except KeyboardInterrupt:  # a stopped reply leaves no half turn behind
+        except (KeyboardInterrupt, TurnTooLong):  # no half turn is left behind
             self.messages, self.transcript = before
             raise
         if self.templated:
@@ -132,3 +145,5 @@ def run(args: argparse.Namespace) -> None:
                 chat.reply(line)
             except KeyboardInterrupt:  # Ctrl-C during a reply stops it; the turn is undone
                 print("\n(stopped)", flush=True)
+            except TurnTooLong as err:
+                print(err, flush=True)
