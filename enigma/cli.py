@@ -32,6 +32,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("eval",),
+        "evaluate saved models: lm-evaluation-harness tasks, or perplexity beyond training length",
+        "evaluation.cli",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("serve",),
         "an OpenAI-compatible HTTP endpoint for a saved model, on Ray Serve",
         "serve.cli",

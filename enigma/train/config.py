@@ -105,7 +105,17 @@ class TrainConfig:
         # "auto" is decided by each worker (enigma.train.checkpointing); the model starts without.
         checkpointing = self.checkpointing == "on" and not fields.get("reversible_layers")
         fields.setdefault("activation_checkpointing", checkpointing)
-        return EnigmaConfig(**fields)
+        config = EnigmaConfig(**fields)
+        # The length it was pretrained on, recorded in the saved config (enigma eval's
+        # perplexity windows are multiples of it); a fine-tuned model keeps its base's.
+        config.train_seq_len = (
+            self.base_train_seq_len() if self.base_model else self.resolved_seq_len
+        )
+        return config
+
+    def base_train_seq_len(self) -> int | None:
+        saved = Path(base_model_dir(self.base_model)) / "config.json"
+        return json.loads(saved.read_text()).get("train_seq_len") if saved.is_file() else None
 
     @property
     def checkpointing(self) -> str:

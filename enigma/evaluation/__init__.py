@@ -1,0 +1,2 @@
+"""Evaluating saved models: lm-evaluation-harness tasks and perplexity beyond the training
+length (``enigma eval``)."""
