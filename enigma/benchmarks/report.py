@@ -14,13 +14,13 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from .report_after import section_finetune, section_roofline, section_serve
+from .report_after import section_eval, section_finetune, section_roofline, section_serve
 
 DOCS = "@docs@/"  # the docs/ folder, as each output's links reach it
 BEGIN, END = "<!-- results:begin (enigma report) -->", "<!-- results:end -->"
 # The order sections appear in; unknown benchmarks follow, listed key by key.
 ORDER = ["core", "memory", "rebuild", "lm", "flow", "train", "data-scale", "train-overhead", "copy"]
-ORDER += ["enwik8", "sweep", "faults", "finetune", "serve", "roofline", "gpu"]
+ORDER += ["enwik8", "sweep", "faults", "eval", "finetune", "serve", "roofline", "gpu"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -541,6 +541,7 @@ SECTIONS = {
     "sweep": section_sweep,
     "faults": section_faults,
     "gpu": section_gpu,
+    "eval": section_eval,
     "finetune": section_finetune,
     "serve": section_serve,
     "roofline": section_roofline,

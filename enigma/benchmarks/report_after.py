@@ -10,15 +10,63 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
     return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
+def _pm(stats: dict, percent: bool = True) -> str:
+    if percent:
+        return f"{stats['mean']:.1%} ± {stats['std']:.1%}"
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
 def section_finetune(r: dict) -> tuple[str, list[str]]:
-    title = (f"Fine-tuning (`enigma bench finetune`: {r['task']}, {r['train_rows']} rows, "
-             f"{r['val_rows']} held out, base `{r['base_model']}`)")  # fmt: skip
-    rows = [["before fine-tuning", f"{r['before']:.1%}", "", "", ""]]
-    for name, m in r["methods"].items():
-        label = "LoRA (attention, MLP)" if name == "lora" else "full"
-        rows.append([label, f"{m['after']:.1%}", f"{m['share']:.2%} ({m['trainable']:,})",
-                     f"{m['steps']} (lr {m['lr']:g})", f"{m['seconds']:.0f}"])  # fmt: skip
-    head = ["model", "held-out exact match", "trained parameters", "steps", "seconds"]
+    rows = r["rows"]
+    seeds = len(r["before"]) // max(1, len(r["tasks"]) * len(r["bases"]))
+    title = (f"Fine-tuning (`enigma bench finetune`: {', '.join(r['tasks'])} of {r['length']} "
+             f"numerals, split by answer, {rows['train']} train / {rows['dev']} dev / "
+             f"{rows['test']} test rows, {seeds} seeds, mean ± std)")  # fmt: skip
+    names = {"enigma": "EnigmaLM", "plain": "plain Transformer"}
+    table = []
+    for task, models in r["summary"].items():
+        for model, m in models.items():
+            lora, full = m.get("lora"), m.get("full")
+            seconds = " / ".join(f"{x['seconds']['mean']:.0f}" for x in (lora, full) if x)
+            table.append([task, names[model], _pm(m["before"]),
+                          _pm(lora["test"]) if lora else "", _pm(full["test"]) if full else "",
+                          f"{lora['share']:.2%}" if lora else "", f"{(lora or full)['steps']}",
+                          seconds])  # fmt: skip
+    head = ["task", "base model", "test exact match before", "LoRA", "full", "LoRA trains",
+            "steps", "seconds LoRA / full"]  # fmt: skip
+    lines = _table(head, table)
+    if r.get("curve"):
+        first = min(x["seed"] for x in r["runs"])
+        default = {(x["task"], x["model"]): x for x in r["runs"]
+                   if x["variant"] == "lora" and x["seed"] == first}  # fmt: skip
+        curve = []
+        for (task, model), x in sorted(default.items()):
+            if task not in {c["task"] for c in r["curve"]}:
+                continue
+            curve.append([task, names[model], "LoRA r16, attention + MLP (the default)",
+                          f"{x['dev']:.1%}", f"{x['test']:.1%}"])  # fmt: skip
+            for c in r["curve"]:
+                if (c["task"], c["model"]) == (task, model):
+                    curve.append([task, names[model], c["variant"].removeprefix("lora, "),
+                                  f"{c['dev']:.1%}", f"{c['test']:.1%}"])  # fmt: skip
+        head = ["position task", "base model", "LoRA given (seed 0)", "dev exact match",
+                "test exact match"]  # fmt: skip
+        lines += _table(head, curve)
+    return title, lines
+
+
+def section_eval(r: dict) -> tuple[str, list[str]]:
+    title = (f"Perplexity beyond the training length (`enigma bench eval`: tiny, pretrained "
+             f"{r['steps']} steps on 三国 at {r['train_length']} tokens, {len(r['seeds'])} seeds, "
+             "mean ± std)")  # fmt: skip
+    rows = []
+    for source, entries in r["table"].items():
+        for e in entries:
+            rows.append([source, f"{e['window']} ({e['multiple']}x)", f"{e['tokens']:,}",
+                         _pm(e["enigma"], False), _pm(e["plain"], False),
+                         _pm(e["enigma_minus_plain"], False)])  # fmt: skip
+    head = ["text", "window (x training)", "tokens scored", "EnigmaLM", "plain Transformer",
+            "EnigmaLM - plain, seed by seed"]  # fmt: skip
     return title, _table(head, rows)
 
 

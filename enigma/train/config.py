@@ -89,7 +89,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: str = "attention,mlp"  # of attention, mlp, head, coupling (the machine's nets)
+    lora_targets: str = "attention,mlp"  # of attention, mlp, head, embedding, coupling
     full: bool = False  # every weight trains, no LoRA
 
     @property

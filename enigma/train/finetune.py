@@ -10,10 +10,11 @@ DeepSpeed ZeRO from the same JSON, checkpoints, resume, the lock, TensorBoard, e
 fault tolerance, ``--storage-path``.
 
 LoRA goes through PEFT, on the attention projections and the MLP by default (``lora_targets``
-also takes ``head`` and ``coupling``, the machine's coupling nets); the rest, the machine among it,
-is frozen. ``--full`` trains every weight. A new best val loss exports ``OUTPUT/adapter`` (PEFT's
-format: ``PeftModel.from_pretrained(base, OUTPUT/adapter)``) and ``OUTPUT/model``, the adapter
-merged, which loads with torch and transformers alone; its tokenizer carries the template.
+also takes ``head``, ``embedding`` and ``coupling``, the machine's coupling nets); the rest, the
+machine among it, is frozen. ``--full`` trains every weight. A new best val loss exports
+``OUTPUT/adapter`` (PEFT's format: ``PeftModel.from_pretrained(base, OUTPUT/adapter)``) and
+``OUTPUT/model``, the adapter merged, which loads with torch and transformers alone; its
+tokenizer carries the template.
 """
 
 from __future__ import annotations

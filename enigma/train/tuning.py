@@ -13,6 +13,7 @@ LORA_TARGETS = {
     "attention": ["qkv", "proj"],
     "mlp": ["mlp.0", "mlp.2"],
     "head": ["lm_head"],
+    "embedding": ["embed"],
     "coupling": ["f.0", "f.2", "g.0", "g.2"],
 }
 # Modules a LoRA run trains whole (PEFT's modules_to_save), besides its adapters.
@@ -50,8 +51,8 @@ def build_model(cfg):
         return model
     from peft import get_peft_model
 
-    if "head" in cfg.lora_targets:
-        untie_head(model)
+    if "head" in cfg.lora_targets or "embedding" in cfg.lora_targets:
+        untie_head(model)  # a LoRA on either, merged into a tied matrix, would move the other
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         tuned = get_peft_model(model, lora_config(cfg))
