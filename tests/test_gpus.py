@@ -47,9 +47,9 @@ def test_a_cluster_with_gpus_is_trained_on_gpus_unless_asked(data, tmp_path, cap
 
 def test_sweeps_run_as_many_trials_as_the_gpus_allow():
     from enigma.train.config import TrainConfig
-    from enigma.train.sweep import trials_at_once
+    from enigma.train.sweep import Concurrency
 
     one_gpu = TrainConfig(workers=1, cpus_per_worker=1, gpus_per_worker=1)
-    assert trials_at_once(one_gpu, None) == 2, "4 CPUs would allow 4; 2 GPUs allow 2"
-    assert trials_at_once(one_gpu.replace(gpus_per_worker=0), None) == 4
-    assert trials_at_once(one_gpu, 1) == 1
+    assert Concurrency(one_gpu, None).most == 2, "4 CPUs would allow 4; 2 GPUs allow 2"
+    assert Concurrency(one_gpu.replace(gpus_per_worker=0), None).now() == 4
+    assert Concurrency(one_gpu, 1).now() == 1

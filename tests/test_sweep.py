@@ -116,6 +116,27 @@ def test_asha_sweep_of_two_waves_outputs_best_json_and_never_stalls(
     other_groups_intact(other_job)
 
 
+def test_a_sweep_beside_a_job_holding_room_runs_its_trials_in_turn(data, tmp_path, capsys):
+    """Another job holds {CPU 0.1} and asks for {CPU 64}: of the 2 CPUs, 1.9 are free, room for
+    one trial's worker. Both trials run, one after the other (the second waits for room rather
+    than ending the sweep), and that job's groups stay as it left them."""
+    import ray
+
+    from enigma.benchmarks.other_job import OtherJob
+
+    out = tmp_path / "queued"
+    argv = sweep_argv(data, out, "--scheduler", "fifo")
+    argv[argv.index("num_rev_blocks=0,2")] = "num_rotors=0,2"
+    address = ray.get_runtime_context().gcs_address
+    with OtherJob(address, hold={"CPU": 0.1}, ask={"CPU": 64}) as busy:
+        assert main(argv) == 0
+        assert busy.intact() == {"created_group_kept": True, "pending_request_kept": True}
+    assert "1 at a time" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["num_rotors"] for r in rows) == ["0", "2"]
+    assert all(r["error"] == "False" and int(r["steps"]) == 4 for r in rows)
+
+
 def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, tmp_path):
     """2 trials chosen by Optuna (a discrete and a continuous knob), ASHA on top, one at a time;
     the driver is killed after the first, and the same command restores the sweep."""

@@ -11,37 +11,42 @@ import sys
 
 RESOURCE = "other_job"  # a resource only the other job uses, so it holds nothing of ours
 
-DRIVER = f"""
+DRIVER = """
 import json, sys, ray
 from ray.util.placement_group import placement_group
 ray.init(address=sys.argv[1], log_to_driver=False)
 
+hold, ask = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+
 @ray.remote(num_cpus=0)
 class Maker:
     def make(self):
-        group = placement_group([{{"{RESOURCE}": 1}}])
+        group = placement_group([hold])
         ray.get(group.ready())
         return group.id.hex()
 
 maker = Maker.remote()
 created = ray.get(maker.make.remote())
 ray.kill(maker)  # its creator is dead; the group lives as long as this job
-pending = placement_group([{{"CPU": 1024}}])  # more than the cluster has: pending for ever
-print(json.dumps({{"created": created, "pending": pending.id.hex()}}), flush=True)
+pending = placement_group([ask])  # more than the cluster has: pending for ever
+print(json.dumps({"created": created, "pending": pending.id.hex()}), flush=True)
 sys.stdin.readline()
 """
 
 
 class OtherJob:
     """``with OtherJob(address) as job:`` runs the other driver on the cluster at ``address``
-    (started with ``resources={RESOURCE: 1}``) for the block; ``job.intact()`` says whether its
-    groups are still as it left them."""
+    for the block: it holds a group of ``hold`` (by default a resource only it uses: start the
+    cluster with ``resources={RESOURCE: 1}``) and asks for ``ask``, more than the cluster has;
+    ``job.intact()`` says whether its groups are still as it left them."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, hold: dict | None = None, ask: dict | None = None):
         self.address, self.proc, self.groups = address, None, {}
+        self.hold, self.ask = hold or {RESOURCE: 1}, ask or {"CPU": 1024}
 
     def __enter__(self) -> OtherJob:
-        cmd = [sys.executable, "-c", DRIVER, self.address]
+        cmd = [sys.executable, "-c", DRIVER, self.address, json.dumps(self.hold),
+               json.dumps(self.ask)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.groups = json.loads(self.proc.stdout.readline())
         return self

@@ -1,6 +1,7 @@
-"""This job's placement groups: the watch that ends a run whose workers cannot be placed, and the
-clean-up of groups whose creator died. Both look at this job's groups only: on a cluster that
-other jobs share, their pending requests and their groups are none of our business.
+"""This job's placement groups: the watch that lets a run's workers wait for room and ends only
+what can never be placed, and the clean-up of groups whose creator died. Both act on this job's
+groups only: on a cluster that other jobs share, their pending requests and their groups are
+none of our business (their placed groups are read, to say who holds the room).
 
 Ray Train creates a run's placement group in its controller actor, and a Tune trial stopped early
 (ASHA) or killed takes the controller down with it. Ray removes such a group only when its job
@@ -57,35 +58,77 @@ def kill_train_controllers() -> int:
 
 
 class PlacementWatch:
-    """Notices this job's placement groups staying PENDING: workers that cannot be placed (more
-    GPUs or CPUs asked for than the cluster has free) would otherwise wait for ever. ``check()``
-    returns a message saying what is asked, what is free and what holds the rest, once a group
-    has waited ``timeout_s``; None before that."""
+    """Judges this job's placement groups that wait. On a shared cluster waiting is normal: a
+    group waits while another of ours is placed (a trial or run of ours holds room it will
+    free) or while the cluster could hold it once other jobs let go. It fails at once only when
+    no arrangement of the cluster's nodes could ever hold it (a bundle larger than every node, or
+    more in all than the cluster has), and after ``timeout_s`` (> 0) of waiting with nothing of
+    ours placed; 0 waits as long as it takes. ``check()`` gives the failure's message (None
+    while all is well); ``waiting()`` a line saying what waits and for what."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s, self.since = timeout_s, None
 
     def check(self) -> str | None:
-        import ray
-
         now = time.monotonic()
         pending = job_groups(WAITING)
+        # This job's placed workers: Train controllers make worker groups (Tune's trial groups,
+        # made by the driver, hold no CPU and prove nothing).
+        placed = [g for g in job_groups(("CREATED",)) if g.by_actor]
         # Ray Train may give up on a group and ask again with a new one: what counts is how long
-        # some group of ours has been waiting without a break.
-        self.since = (self.since or now) if pending else None
-        if not pending or now - self.since < self.timeout_s:
+        # some group of ours has been waiting, without a break, with none of ours placed.
+        stalled = bool(pending) and not placed
+        self.since = (self.since or now) if stalled else None
+        for group in pending:
+            never = never_fits(group.bundles)
+            if never:
+                return (f"workers can never be placed: asked for {_bundles(group.bundles)}, "
+                        f"but {never}; ask for fewer workers, CPUs or GPUs")  # fmt: skip
+        if not stalled or not self.timeout_s or now - self.since < self.timeout_s:
             return None
-        asked = _bundles(pending[-1].bundles)
-        created = [g for g in ray_internals.placement_groups() if g.state == "CREATED"]
-        held = [_bundles(g.bundles) for g in created]
-        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        return (f"workers could not be placed for {self.timeout_s:.0f} s with nothing of this "
+                f"job's running: {self.waiting()}; raise placement_timeout_s (0 waits as long as "
+                "it takes) or free the cluster")  # fmt: skip
+
+    def waiting(self) -> str | None:
+        """What of ours waits, the cluster's room, and who holds it (None: nothing waits)."""
+        import ray
+
+        pending = job_groups(WAITING)
+        if not pending:
+            return None
+        job = ray_internals.current_job()
+        held = [g for g in ray_internals.placement_groups() if g.state == "CREATED"
+                and any(b.get("CPU") or b.get("GPU") for b in g.bundles)]  # fmt: skip
+        ours = sum(g.job == job and g.by_actor for g in held)
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        return (
-            f"workers could not be placed for {self.timeout_s:.0f} s: asked for {asked}; the "
-            f"cluster has {total}, {free} free; held by {len(held)} placement group(s) "
-            f"{'; '.join(held) or '(none)'}; ask for fewer workers or GPUs, or raise "
-            "placement_timeout_s if nodes are still joining"
-        )
+        shown = "; ".join(_bundles(g.bundles) for g in held) or "(none)"
+        return (f"asked for {_bundles(pending[-1].bundles)}; the cluster has {total}, {free} "
+                f"free; held by {len(held)} placement group(s) {shown} ({ours} of them this "
+                "job's running workers)")  # fmt: skip
+
+
+def never_fits(bundles) -> str | None:
+    """Why ``bundles`` could never be placed on the cluster's live nodes, or None."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            total[k] = total.get(k, 0.0) + v
+    asked: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            asked[k] = asked.get(k, 0.0) + v
+        if not any(all(node.get(k, 0.0) >= v for k, v in bundle.items()) for node in nodes):
+            shown = ", ".join(f"{k} {v:g}" for k, v in bundle.items() if v)
+            return f"no node has {{{shown}}}"
+    for k, v in asked.items():
+        if v > total.get(k, 0.0) + 1e-9:
+            return f"the cluster has {total.get(k, 0.0):g} {k} in all"
+    return None
 
 
 def _bundles(bundles) -> str:

@@ -75,7 +75,9 @@ class TrainConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: int = -1  # -1: 1 when the cluster has GPUs, else 0
     max_failures: int = 2
-    placement_timeout_s: float = 300.0  # workers not placed by then: fail, saying what is held
+    # Workers waiting for room with nothing of this job placed: fail after this long (0: wait
+    # as long as it takes; a request no node set could hold fails at once, whatever this is).
+    placement_timeout_s: float = 0.0
     seed: int = 0
     sample_prompt: str = "话说天下大势，分久必合，合久必分。"
     sample_tokens: int = 48

@@ -192,14 +192,16 @@ def duration(seconds: float) -> str:
 
 
 class PlacementWatchdog(threading.Thread):
-    """Ends a run whose workers cannot be placed: after ``timeout_s`` with a placement group
-    still pending it records why in ``reason`` and kills the run's Train controller, so the
-    ``fit()`` waiting on it returns (a signal would not reach a thread blocked in ``ray.get``,
-    and Ray Train's own abort waits for the stuck controller)."""
+    """Watches a run's workers while they wait to be placed (:class:`PlacementWatch`): says what
+    waits and why every ``note_s`` seconds, and ends the run when they can never be placed (or
+    have stalled for ``timeout_s`` with nothing of the job placed): it records why in ``reason``
+    and kills the run's Train controller, so the ``fit()`` waiting on it returns (a signal would
+    not reach a thread blocked in ``ray.get``, and Ray Train's own abort waits for the stuck
+    controller)."""
 
-    def __init__(self, timeout_s: float, every_s: float = 5.0):
+    def __init__(self, timeout_s: float, every_s: float = 5.0, note_s: float = 30.0):
         super().__init__(daemon=True)
-        self.timeout_s, self.every_s = timeout_s, every_s
+        self.timeout_s, self.every_s, self.note_s = timeout_s, every_s, note_s
         self.stopped, self.reason = threading.Event(), None
 
     def __enter__(self) -> PlacementWatchdog:
@@ -212,9 +214,14 @@ class PlacementWatchdog(threading.Thread):
     def run(self) -> None:
         from ..cluster.placement import PlacementWatch, kill_train_controllers
 
-        watch = PlacementWatch(self.timeout_s)
+        watch, noted = PlacementWatch(self.timeout_s), time.monotonic()
         while not self.stopped.wait(self.every_s):
             self.reason = watch.check()
             if self.reason:
                 kill_train_controllers()
                 return
+            if time.monotonic() - noted >= self.note_s:
+                waiting = watch.waiting()
+                if waiting:
+                    print(f"note: waiting for room: {waiting}", flush=True)
+                noted = time.monotonic()

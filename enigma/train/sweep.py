@@ -192,13 +192,17 @@ class ConsoleLines(Callback):
 
 class ReleaseStoppedTrials(Callback):
     """Frees the placement groups of trials that ended without shutting their Train run down
-    (stopped by ASHA, failed, killed), so the next wave of trials can be placed; and ends the
-    sweep, saying what is held, when some trial's workers cannot be placed for ``timeout_s``."""
+    (stopped by ASHA, failed, killed), so the next wave of trials can be placed; re-plans how
+    many trials run at once from the room free; says every 30 s what waits for room; and ends
+    the sweep only when a trial's workers can never be placed, or waited ``timeout_s`` (> 0)
+    with none of the sweep's placed (:class:`~enigma.cluster.placement.PlacementWatch`)."""
 
-    def __init__(self, timeout_s: float, every_s: float = 2.0):
+    def __init__(self, timeout_s: float, concurrent: Concurrency | None = None,
+                 every_s: float = 2.0, note_s: float = 30.0):  # fmt: skip
         from ..cluster.placement import PlacementWatch
 
         self.every_s, self.last, self.watch = every_s, 0.0, PlacementWatch(timeout_s)
+        self.concurrent, self.note_s, self.noted = concurrent, note_s, time.monotonic()
 
     @staticmethod
     def _release() -> None:
@@ -213,11 +217,21 @@ class ReleaseStoppedTrials(Callback):
         self._release()
 
     def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self.last >= self.every_s:
-            self._sweep()
-            reason = self.watch.check()
-            if reason:
-                raise InputError(f"sweep stopped: {reason}")
+        if time.monotonic() - self.last < self.every_s:
+            return
+        self._sweep()
+        reason = self.watch.check()
+        if reason:
+            raise InputError(f"sweep stopped: {reason}")
+        if self.concurrent is not None:
+            from ..cluster.placement import job_groups
+
+            self.concurrent.replan(sum(g.by_actor for g in job_groups(("CREATED",))))
+        if time.monotonic() - self.noted >= self.note_s:
+            self.noted = time.monotonic()
+            waiting = self.watch.waiting()
+            if waiting:
+                print(f"  waiting for room: {waiting}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._sweep()
@@ -276,18 +290,36 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     return combos
 
 
-def trials_at_once(cfg: TrainConfig, max_concurrent: int | None) -> int:
-    """How many trials' workers fit the cluster's CPUs and GPUs at once (at most
-    ``max_concurrent``). A trial larger than the cluster was already refused by ``prepare_run``'s
-    ``check_fits``; ``cfg.gpus_per_worker`` is resolved (never -1) here."""
-    import ray
+class Concurrency:
+    """How many trials run at once, planned from what is *free* and re-planned as that changes:
+    on a shared cluster the trials that do not fit wait for room, queued by Tune, and start as
+    other jobs (or ours) let go. ``most``: what the whole cluster fits (and ``--max-concurrent``
+    allows); ``per_trial``: one trial's workers' CPUs and GPUs. A trial larger than the cluster
+    was already refused by ``prepare_run``'s ``check_fits``."""
 
-    total = ray.cluster_resources()
-    fits = int(total.get("CPU", 1)) // (cfg.workers * cfg.cpus_per_worker)
-    if cfg.gpus_per_worker > 0:
-        fits = min(fits, int(total.get("GPU", 0)) // (cfg.workers * cfg.gpus_per_worker))
-    fits = max(1, fits)
-    return min(max_concurrent or fits, fits)
+    def __init__(self, cfg: TrainConfig, max_concurrent: int | None):
+        import ray
+
+        gpus = cfg.gpus_per_worker if cfg.gpus_per_worker > 0 else 0
+        self.per_trial = {"CPU": cfg.workers * cfg.cpus_per_worker, "GPU": cfg.workers * gpus}
+        self.most = max(1, self.fits(ray.cluster_resources()))
+        if max_concurrent:
+            self.most = min(self.most, max_concurrent)
+        self.alg = None  # the search algorithm whose limit re-planning moves
+
+    def fits(self, resources: dict) -> int:
+        return min(int(resources.get(k, 0) + 1e-9) // v for k, v in self.per_trial.items() if v)
+
+    def now(self, placed: int = 0) -> int:
+        """What runs at once now: the trials of ours placed, and as many more as the free room
+        holds (at least one: a trial that does not fit waits for room)."""
+        import ray
+
+        return max(1, min(self.most, placed + self.fits(ray.available_resources())))
+
+    def replan(self, placed: int) -> None:
+        if self.alg is not None:
+            self.alg.max_concurrent = self.now(placed)
 
 
 def claim_directory(out: Path, spec: dict, force: bool) -> bool:
@@ -346,15 +378,21 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def make_searcher(search: str, seed: int):
-    if search != "optuna":
-        return None  # Tune's variant generator: grid_search crossed, domains drawn
+def make_searcher(search: str, seed: int, concurrent: int):
+    """The search algorithm, holding the concurrency limit (``max_concurrent``, which the
+    sweep re-plans as the cluster's free room changes)."""
+    if search != "optuna":  # Tune's variant generator: grid_search crossed, domains drawn
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=concurrent)
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=seed)  # TPE; metric and mode come from the TuneConfig
+    # TPE; metric and mode come from the TuneConfig
+    return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent)
 
 
-def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: int, restoring: bool):
+def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: Concurrency, restoring: bool):
     """A new ``Tuner`` over ``space``, or the interrupted one restored (with its searcher)."""
     from ray import tune
 
@@ -366,9 +404,10 @@ def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: int, restoring:
         return tune.Tuner.restore(
             str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
+    concurrent.alg = make_searcher(args.search, cfg.seed, concurrent.now())
     callbacks = [
         ConsoleLines(space["knob_keys"], cfg.max_steps),
-        ReleaseStoppedTrials(cfg.placement_timeout_s),
+        ReleaseStoppedTrials(cfg.placement_timeout_s, concurrent),
     ]
     return tune.Tuner(
         trainable,
@@ -376,10 +415,9 @@ def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: int, restoring:
         tune_config=tune.TuneConfig(
             metric="val_loss",
             mode="min",
-            search_alg=make_searcher(args.search, cfg.seed),
+            search_alg=concurrent.alg,
             scheduler=make_scheduler(args.scheduler, cfg.max_steps, cfg.eval_steps),
             num_samples=args.num_samples,
-            max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -413,7 +451,7 @@ def _run_locked(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
     # Data, tokenizer, seq_len, DeepSpeed JSON and the trial's size against the cluster.
     spec = prepare_run(cfg, workers_flag="--workers-per-trial")
     cfg = spec.train.replace(max_steps=spec.plan.total_steps)
-    concurrent = trials_at_once(cfg, args.max_concurrent)
+    concurrent = Concurrency(cfg, args.max_concurrent)
     space = search_space(args, cfg, grid, ranges)
     sweep = {"base": cfg.to_dict(), "grid": grid, "ranges": args.ranges, "lr": args.lr}
     sweep.update(search=args.search, num_samples=args.num_samples, seeds=args.seeds)
@@ -421,8 +459,8 @@ def _run_locked(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
     restoring = claim_directory(Path(cfg.output_dir), sweep, args.force)
     print(
         f"sweep: {describe_trials(args, len(combos))}, {cfg.max_steps} steps each, "
-        f"{args.scheduler.upper()}, {concurrent} at a time ({cfg.workers} worker(s) x "
-        f"{cfg.cpus_per_worker} CPU each)"
+        f"{args.scheduler.upper()}, {concurrent.now()} at a time ({cfg.workers} worker(s) x "
+        f"{cfg.cpus_per_worker} CPU each; {concurrent.most} when the cluster is free)"
         + (" - restoring the interrupted sweep" if restoring else ""),
         flush=True,
     )
