@@ -60,6 +60,13 @@ COMMANDS = [
         "run",
     ),
     (
+        ("unlock",),
+        "remove the lock of a run whose holder is gone (refused while its lease is renewed)",
+        "storage.unlock",
+        "add_arguments",
+        "run",
+    ),
+    (
         ("export",),
         "re-export a run's best model or a kept checkpoint, loadable with trust_remote_code",
         "train.export",

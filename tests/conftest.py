@@ -92,10 +92,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_server():
+def moto_server(endpoint_in_env: bool = True):
     """moto's S3 server on loopback with a bucket ``runs``; the AWS_* variables point at it
     while the block runs (set them before a Ray cluster starts, so its workers inherit them).
-    Yields a boto3 client."""
+    Without ``endpoint_in_env`` only the credentials are set: a URI's query must say where the
+    server is. Yields a boto3 client (``client.meta.endpoint_url`` is the server)."""
     import boto3
 
     port = free_port()
@@ -103,12 +104,17 @@ def moto_server():
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint if endpoint_in_env else None, "AWS_ACCESS_KEY_ID": "test",
            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
-        client = boto3.client("s3")
+        client = boto3.client("s3", endpoint_url=endpoint)
         for _ in range(100):
             try:
                 client.create_bucket(Bucket="runs")

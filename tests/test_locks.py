@@ -98,7 +98,7 @@ def test_a_holder_in_another_pid_namespace_is_not_taken_over(tmp_path, capsys):
         pass
 
 
-def test_a_dead_holder_an_empty_file_and_another_host(tmp_path, capsys):
+def test_a_dead_holder_an_empty_file_and_a_holder_before_a_reboot(tmp_path, capsys):
     lock = tmp_path / ".lock"
     holder = _holder(lock)
     holder.send_signal(signal.SIGKILL)
@@ -110,14 +110,72 @@ def test_a_dead_holder_an_empty_file_and_another_host(tmp_path, capsys):
     lock.write_text("")  # a crash between creating the file and writing it
     with DirectoryLock(lock, "enigma train"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+    # Another boot of this host, on a local disk: the reboot ended that holder.
+    before = {"what": "enigma train", "host": "node-a", "boot_id": "an-earlier-boot", "pid": 7,
+              "since": "2026-12-01T00:00:00Z"}  # fmt: skip
+    lock.write_text(json.dumps(before))
+    start = time.monotonic()
+    with DirectoryLock(lock, "enigma train"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert time.monotonic() - start < 5, "known dead at once: no lease to wait out"
+    out = capsys.readouterr().out
+    assert "from enigma train (pid 7 on node-a" in out and "before this host's last boot" in out
+
+
+RENEWER = """
+import json, sys, time
+path = sys.argv[1]
+record = json.load(open(path))
+while True:  # another host's live holder, renewing its lease (its kernel lock does not reach us)
+    record["beat"] += 1
+    with open(path, "w") as f:
+        json.dump(record, f)
+    time.sleep(0.2)
+"""
+
+
+def test_another_hosts_lease_on_shared_storage_is_refused_while_renewed_then_taken(
+    tmp_path, capsys, monkeypatch
+):
+    """On a shared file system (NFS), a lock file from another host is judged by its lease:
+    refused while its holder renews it, taken over once it has not for a term."""
+    from enigma.storage import locks
+
+    monkeypatch.setattr(locks, "shared_file_system", lambda path: True)
+    lock = tmp_path / ".lock"
     other = {"what": "enigma train", "host": "node-b", "boot_id": "another-kernel", "pid": 7,
-             "since": "2026-12-01T00:00:00Z"}  # fmt: skip
+             "since": "2026-12-01T00:00:00Z", "term_s": 1.0, "beat": 0}  # fmt: skip
     lock.write_text(json.dumps(other))
-    with pytest.raises(InputError) as err:
-        DirectoryLock(lock, "enigma train").acquire()
-    message = str(err.value)
-    assert "pid 7 on node-b" in message and f"delete {lock}" in message
-    assert json.loads(lock.read_text()) == other, "another host's record is left as it was"
+    renewer = subprocess.Popen([sys.executable, "-c", RENEWER, str(lock)])
+    try:
+        time.sleep(0.5)
+        with pytest.raises(InputError, match="pid 7 on node-b.*keeps renewing its lease"):
+            DirectoryLock(lock, "enigma train").acquire()
+    finally:
+        renewer.kill()
+        renewer.wait()
+    with DirectoryLock(lock, "enigma train"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    out = capsys.readouterr().out
+    assert "from enigma train (pid 7 on node-b" in out and "not renewed for 1 s" in out
+
+
+def test_unlock_refuses_a_live_holder_and_removes_a_dead_ones_lock(tmp_path, capsys):
+    from enigma.cli import main
+
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, "ENIGMA_LEASE_S": "1"})  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    assert main(["unlock", str(tmp_path)]) == 2
+    assert "alive on this host" in capsys.readouterr().err
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock.is_file(), "a SIGKILLed holder leaves its file"
+    assert main(["unlock", str(tmp_path)]) == 0
+    assert f"left by enigma train (pid {holder.pid}" in capsys.readouterr().out
+    assert not lock.exists()
 
 
 def test_export_into_a_model_directory_in_use_is_refused(tmp_path, capsys):
@@ -150,12 +208,54 @@ def test_the_storage_path_is_locked_for_a_second_driver(s3, tmp_path, capsys):
         first = Storage.of(root, str(tmp_path / "out-a")).lock("enigma train")
         second = Storage.of(root, str(tmp_path / "out-b")).lock("enigma train")
         with first:
-            with pytest.raises(InputError, match=f"{root} is in use by enigma train") as err:
+            with pytest.raises(InputError, match=f"{root} is in use by enigma train"):
                 second.acquire()
-            if root.startswith("s3://"):
-                assert f"delete {root}/.lock" in str(err.value)
         with second:  # released: the next driver gets it
             assert second.held
+
+
+OBJECT_HOLDER = """
+import sys
+from enigma.storage import locks
+locks._boot_id = lambda: "another-host-kernel"  # as a driver on another host would write it
+from enigma.storage.store import Storage
+with Storage.of(sys.argv[1], "unused").lock("enigma train"):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_lease_on_s3_is_refused_while_renewed_taken_over_after_its_term_and_unlocked(
+    s3, tmp_path, capsys
+):
+    """A driver on "another host" (another boot id: its pid means nothing here) holds the lock
+    and renews it every term / 6: a second driver is refused, `enigma unlock` too. SIGKILLed,
+    its lease lapses: after one term the next driver takes it over, naming it."""
+    from enigma.cli import main
+    from enigma.storage.store import Storage
+
+    root = "s3://runs/leased"
+    env = {**os.environ, "ENIGMA_LEASE_S": "2"}
+    holder = subprocess.Popen([sys.executable, "-c", OBJECT_HOLDER, root], cwd=ROOT, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        with pytest.raises(InputError, match="keeps renewing its lease"):
+            Storage.of(root, str(tmp_path)).lock("enigma train").acquire()
+        assert main(["unlock", root]) == 2
+        assert "keeps renewing its lease" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    with Storage.of(root, str(tmp_path)).lock("enigma train") as lock:
+        assert lock.held
+    out = capsys.readouterr().out
+    assert f"from enigma train (pid {holder.pid}" in out and "not renewed for 2 s" in out
+    gone = {"what": "enigma train", "host": "node-c", "boot_id": "x", "pid": 9, "term_s": 1.0}
+    s3.put_object(Bucket="runs", Key="leased/.lock", Body=json.dumps(gone))
+    assert main(["unlock", root]) == 0, "a lapsed lease: removed"
+    assert "pid 9 on node-c" in capsys.readouterr().out
+    assert s3.list_objects_v2(Bucket="runs", Prefix="leased/").get("KeyCount", 0) == 0
 
 
 def test_a_dead_drivers_object_lock_on_this_host_is_taken_over_once(s3, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Shared storage: a run writes its checkpoints, TensorBoard events and model to an S3 bucket
-(moto's S3 server on loopback, reached through the standard AWS_* variables) and resumes from it
-on a machine that has never seen the run."""
+(moto's S3 server on loopback, named as MinIO users name theirs: ``s3://bucket/prefix?scheme=http
+&endpoint_override=HOST:PORT``, the AWS_* variables holding only the credentials) and resumes
+from it on a machine that has never seen the run; every object stays under the run's prefix."""
 
 import shutil
 
@@ -21,10 +22,16 @@ def bucket():
 
     if ray.is_initialized():  # a session fixture's cluster, started without these variables
         ray.shutdown()
-    with moto_server() as client:
+    with moto_server(endpoint_in_env=False) as client:
         init_ray(num_cpus=2)
         yield client
         ray.shutdown()
+
+
+def uri(bucket, prefix: str) -> str:
+    """``s3://runs/PREFIX`` with the server in the query, as the README tells MinIO users."""
+    endpoint = bucket.meta.endpoint_url.removeprefix("http://")
+    return f"s3://runs/{prefix}?scheme=http&endpoint_override={endpoint}"
 
 
 def run(data, out, ds, *sets, storage=None):
@@ -47,14 +54,19 @@ def test_resume_from_the_bucket_on_a_machine_that_never_saw_the_run(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = tmp_path / "machine-a"
-    run(data, first, fp32_zero2, "stop_at_step=10", storage="s3://runs/run")
+    storage, query = uri(bucket, "run"), uri(bucket, "run").split("?", 1)[1]
+    run(data, first, fp32_zero2, "stop_at_step=10", storage=storage)
     assert keys(bucket, "run/ray/train/step-0000010/")
     shutil.rmtree(first)  # the first machine is gone
     capsys.readouterr()
-    rest = run(data, tmp_path / "machine-b", fp32_zero2, storage="s3://runs/run")
-    assert "resuming from s3://runs/run/ray/train/step-0000010 (step 10)" in capsys.readouterr().out
+    rest = run(data, tmp_path / "machine-b", fp32_zero2, storage=storage)
+    resumed = f"resuming from s3://runs/run/ray/train/step-0000010?{query} (step 10)"
+    assert resumed in capsys.readouterr().out
     assert rest["steps"] == 20 and rest["sample"]
-    assert rest["model_dir"] == "s3://runs/run/model"
+    assert rest["model_dir"] == f"s3://runs/run/model?{query}"
+    outside = [k for k in keys(bucket, "") if not k.startswith("run/")]
+    assert not outside, f"every object under the run's prefix: {outside[:5]}"
+    assert not keys(bucket, "run/.lock"), "the lock released, at its own key"
     model_files = {k.rsplit("/", 1)[-1] for k in keys(bucket, "run/model/")}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= model_files
     events = tmp_path / "events"
@@ -70,11 +82,13 @@ def test_resume_from_the_bucket_on_a_machine_that_never_saw_the_run(
 
 
 def test_storage_that_cannot_be_written_stops_in_one_line(bucket, data, tmp_path, capsys):
+    missing = uri(bucket, "run").replace("s3://runs/", "s3://no-such-bucket/")
     argv = ["train", "--preset", "tiny", "--data", str(data), "--set", "seq_len=64"]
-    argv += ["--output-dir", str(tmp_path), "--storage-path", "s3://no-such-bucket/run"]
+    argv += ["--output-dir", str(tmp_path), "--storage-path", missing]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "s3://no-such-bucket/run is not writable" in err
+    assert len(err.splitlines()) == 1 and "s3://no-such-bucket/run?scheme=http" in err
+    assert "is not writable" in err
 
 
 @pytest.mark.parametrize(

@@ -1,26 +1,32 @@
-"""One writer at a time: locks that name their holder.
+"""One writer at a time: locks that name their holder, and leases their holder keeps renewing.
 
-**Local and NFS paths** (:class:`DirectoryLock`): an ``flock`` on a lock file, which the kernel
-holds for as long as the holding process lives, so on one host there is no staleness to judge:
-a lock file whose process died is free, and the next run takes it over with a note. Processes in
-other PID namespaces (containers sharing the host's kernel and the directory) hold the same kernel
-lock, so none sees another's live lock as stale. The file records the holder (host, boot id,
-pid, command, start) for the message a second writer gets. The holder removes the file before
-letting go of the lock; a process that locked the file in between finds that its file is no longer
-the one at the path, and tries again.
+Every lock is a record (holder's host, boot id, PID namespace, pid, command, start) that its
+holder rewrites every ``term / 6`` seconds while it lives (a heartbeat: ``beat`` counts up), as
+etcd's and the DynamoDB lock client's leases work. A lock whose record has not changed for a
+whole term is a lease its holder let lapse: anyone may take it over, saying whose it was. The
+taker watches the record itself for that term rather than trusting another host's clock.
 
-On NFS, ``flock`` is served by the server's lock manager (NFSv4, or NLM on v3) and released when
-the client's lease runs out. A free lock whose file names *another* host means either that host
-died holding it or its lock never reached this host (a mount without locking): the run cannot
-tell which, so it is refused, and the message names the file to delete.
+**Local and NFS paths** (:class:`DirectoryLock`): an ``flock`` on the lock file. On one kernel
+the kernel's lock is the truth (it lives exactly as long as the holding process, in any PID
+namespace): a file whose lock is free was left by a dead process and is taken over. A file
+written under another boot id on a *local* disk was left before a reboot, which ended its
+holder: taken over. A file from another host on a shared file system (NFS, whose lock manager
+frees a dead client's locks after its own lease) is judged by its lease: taken over when not
+renewed for a term, refused while renewed. The holder removes the file before letting go of the
+kernel lock; a process that locked the file in between finds that its file is no longer the one
+at the path, and tries again.
 
-**Object stores** (:class:`ObjectLock`, ``s3://``): a conditional create (``If-None-Match: *``)
-of the ``.lock`` object, so of two drivers exactly one creates it. Nothing ties it to a process's
-life: a lock left by a killed driver is taken over only when it names a dead process on this
-host and PID namespace (replaced with ``If-Match`` on its ETag, so of two takers-over one wins);
-otherwise the message names the object to delete. ``gs://`` has no conditional create through
-pyarrow: its lock is checked, written and read back, which two drivers starting in the same
-second can both pass.
+**Object stores** (:mod:`enigma.storage.object_lock`, ``s3://``): a conditional create
+(``If-None-Match: *``) of the ``.lock`` object, so of two drivers exactly one creates it;
+renewals and take-overs are conditional on the ETag seen (``If-Match``), so of two takers-over
+one wins, and a holder that finds its lease taken says so. A dead process on this host and PID
+namespace is known dead at once; any other holder is judged by its lease. A store that refuses
+conditional writes is one line naming it. ``gs://`` has no conditional create through pyarrow:
+its lock is checked, written and read back, which two drivers starting in the same second can
+both pass.
+
+``enigma unlock`` (:mod:`enigma.storage.unlock`) removes a lock whose holder the operator knows
+is gone, and refuses one that is still being renewed.
 """
 
 from __future__ import annotations
@@ -31,10 +37,16 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 from ..errors import InputError
+
+# The lease's term in seconds: a record unchanged this long is a lapsed lease.
+TERM_S = float(os.environ.get("ENIGMA_LEASE_S", "30"))
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre",
+                       "gpfs", "beegfs", "9p", "virtiofs")  # fmt: skip
 
 
 def _boot_id() -> str:
@@ -54,6 +66,7 @@ def _pid_namespace() -> int:
 
 def holder_record(what: str) -> dict:
     """Who holds a lock: written into it, read back by whoever is refused."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {
         "what": what,
         "host": socket.gethostname(),
@@ -61,8 +74,17 @@ def holder_record(what: str) -> dict:
         "pid_ns": _pid_namespace(),
         "pid": os.getpid(),
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500],
-        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "since": now,
+        "term_s": TERM_S,
+        "beat": 0,
+        "renewed": now,
     }
+
+
+def renewed(record: dict) -> dict:
+    """The record of a heartbeat: the same holder, one beat on."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {**record, "beat": int(record.get("beat", 0)) + 1, "renewed": now}
 
 
 def same_kernel(record: dict) -> bool:
@@ -88,16 +110,99 @@ def _parse(text: str | bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _here(record: dict | None) -> bool:
+    """Whether ``record``'s holder is a process this one can see (this kernel, this PID
+    namespace)."""
+    return bool(record and same_kernel(record) and record.get("pid_ns") == _pid_namespace()
+                and isinstance(record.get("pid"), int))  # fmt: skip
+
+
+def dead_here(record: dict | None) -> bool:
+    """A holder known dead without waiting: a process of ours that no longer exists."""
+    return _here(record) and not _alive(record["pid"])
+
+
+def alive_here(record: dict | None) -> bool:
+    """A holder known alive without waiting: a process of ours that exists."""
+    return _here(record) and _alive(record["pid"])
+
+
+def shared_file_system(path: Path) -> bool:
+    """Whether ``path`` lies on a file system other hosts mount too (NFS and the like)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return True  # unknown: judge it as shared, the careful way
+    target, best, kind = str(path.resolve()), "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) >= 3 and target.startswith(fields[1].rstrip("/") + "/") and len(
+                fields[1]) >= len(best):  # fmt: skip
+            best, kind = fields[1], fields[2]
+    return kind.startswith("fuse") or kind in SHARED_FILE_SYSTEMS
+
+
+def lapsed(read, record: dict | None, term_s: float, poll_s: float | None = None) -> bool:
+    """Whether the lease in ``record`` lapses: ``read()`` (the record, or a version of it such
+    as an ETag) shows no change for a whole term. Watched here, not judged by the holder's
+    clock, which may differ from ours."""
+    poll_s = poll_s or max(0.05, term_s / 12)
+    first, deadline = read(), time.monotonic() + term_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        if read() != first:
+            return False
+    return True
+
+
+class Heartbeat(threading.Thread):
+    """Calls ``renew()`` every ``term_s / 6`` seconds until stopped; a renewal that fails
+    (the lease was taken over, the store is unreachable) is said once a term."""
+
+    def __init__(self, renew, term_s: float, what: str):
+        super().__init__(daemon=True, name=f"lease {what}")
+        self.renew, self.every, self.what = renew, term_s / 6, what
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        failed = 0.0
+        while not self.stopped.wait(self.every):
+            try:
+                self.renew()
+            except Exception as err:  # the holder goes on; a taker-over is told in the note
+                if time.monotonic() - failed > 6 * self.every:
+                    print(f"warning: the lease of {self.what} was not renewed ({err})",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    failed = time.monotonic()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout=5)
+
+
 class DirectoryLock:
     """``with DirectoryLock(path, "enigma train"):`` holds the lock file ``path`` while the block
     runs. ``target`` (default: the file's directory) is what messages say is in use. ``wait_s``:
-    how long to wait for a holder on this host to finish before refusing (0: refuse at once)."""
+    how long to wait for a holder that is alive to finish before refusing (0: refuse at once)."""
 
     def __init__(self, path, what: str, target=None, wait_s: float = 0.0):
         self.path, self.what = Path(path), what
         self.target = Path(target) if target is not None else self.path.parent
         self.wait_s = wait_s
         self.fd: int | None = None
+        self.record: dict | None = None
+        self.heart: Heartbeat | None = None
 
     @property
     def held(self) -> bool:
@@ -109,13 +214,15 @@ class DirectoryLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if self._lock(fd, deadline) and self._claim(fd):
+                if self._lock(fd, deadline) and self._claim(fd, deadline):
                     self.fd = fd
+                    self.heart = Heartbeat(self._renew, TERM_S, str(self.target))
+                    self.heart.start()
                     return self
             except BaseException:
                 os.close(fd)
                 raise
-            os.close(fd)  # our file was released and removed meanwhile: lock the new one
+            os.close(fd)  # our file was released and removed (or taken over) meanwhile
 
     def _lock(self, fd: int, deadline: float) -> bool:
         """Take the kernel lock on ``fd``, waiting until ``deadline``; refuse when held."""
@@ -133,40 +240,75 @@ class DirectoryLock:
                 )
             time.sleep(0.2)
 
-    def _claim(self, fd: int) -> bool:
+    def _claim(self, fd: int, deadline: float) -> bool:
         """With the kernel lock held: False when ``fd`` is no longer the file at the path (its
-        holder removed it on release); else write our record and say what we took over."""
-        try:
-            if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
-                return False
-        except FileNotFoundError:
+        holder removed it on release); else judge what the file says, write our record and say
+        what we took over."""
+        if not self._still_ours(fd):
             return False
         previous = self._read(fd)
         if previous and not same_kernel(previous):
-            raise InputError(
-                f"{self.target} is locked by {describe(previous)}, another host, whose lock this "
-                f"host cannot check; if that run is gone, delete {self.path} and run again"
-            )
-        if previous and previous.get("pid") != os.getpid():
+            if not shared_file_system(self.path):
+                reason = "before this host's last boot, which ended it"
+            elif lapsed(self._read_fresh, previous, float(previous.get("term_s", TERM_S))):
+                reason = f"its lease was not renewed for {previous.get('term_s', TERM_S):g} s"
+            elif time.monotonic() < deadline:
+                return False  # a live holder on another host: try again until the deadline
+            else:
+                raise InputError(f"{self.target} is in use by {describe(previous)}, on another "
+                                 "host that keeps renewing its lease; wait for it to end or "
+                                 "choose another directory")  # fmt: skip
+            if not self._still_ours(fd):
+                return False
+            print(f"note: taking over the lock of {self.target} from {describe(previous)}: "
+                  f"{reason}", flush=True)  # fmt: skip
+        elif previous and previous.get("pid") != os.getpid():
             print(f"note: taking over the lock of {self.target} left by pid {previous.get('pid')} "
                   "(gone)", flush=True)  # fmt: skip
-        data = json.dumps(holder_record(self.what)).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
+        self.record = holder_record(self.what)
+        self._write(fd, self.record)
         return True
+
+    def _still_ours(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _write(fd: int, record: dict) -> None:
+        data = json.dumps(record).encode()
+        os.pwrite(fd, data.ljust(max(len(data), os.fstat(fd).st_size)), 0)  # no read sees it empty
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+
+    def _renew(self) -> None:
+        fd = self.fd
+        if fd is not None and self.record is not None:
+            self.record = renewed(self.record)
+            self._write(fd, self.record)
 
     @staticmethod
     def _read(fd: int) -> dict | None:
-        return _parse(os.pread(fd, 1 << 16, 0))
+        return _parse(os.pread(fd, 1 << 16, 0).rstrip(b" "))
+
+    def _read_fresh(self) -> dict | None:
+        """The record as a new open reads it (NFS revalidates at open: an open descriptor may
+        keep showing a cached copy while another host renews it)."""
+        try:
+            return _parse(self.path.read_bytes().rstrip(b" "))
+        except FileNotFoundError:
+            return None
 
     def release(self) -> None:
         """Remove the file, then let go of the kernel lock (in that order: see the module)."""
         if self.fd is None:
             return
+        if self.heart is not None:
+            self.heart.stop()
         fd, self.fd = self.fd, None
         try:
-            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+            if self._still_ours(fd):
                 self.path.unlink()
         except FileNotFoundError:
             pass
@@ -174,112 +316,6 @@ class DirectoryLock:
             os.close(fd)
 
     def __enter__(self) -> DirectoryLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class ObjectLock:
-    """The lock of an object-store prefix: the object ``URI/.lock`` (see the module)."""
-
-    def __init__(self, uri: str, what: str):
-        from .objects import split_object_uri
-
-        self.uri, self.what = uri.rstrip("/"), what
-        self.lock_uri = f"{self.uri}/.lock"
-        self.scheme, self.bucket, self.key, self.options = split_object_uri(self.lock_uri)
-        self.etag: str | None = None
-
-    @property
-    def held(self) -> bool:
-        return self.etag is not None
-
-    def acquire(self) -> ObjectLock:
-        if self.scheme != "s3":
-            return self._acquire_unconditional()
-        from .objects import s3_client
-
-        client = s3_client(self.options)
-        body = json.dumps(holder_record(self.what)).encode()
-        errors = client.exceptions
-        try:
-            done = client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
-        except errors.ClientError as err:
-            if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
-                raise
-            done = self._take_over(client, body)
-        self.etag = done["ETag"]
-        return self
-
-    def _take_over(self, client, body: bytes) -> dict:
-        found = client.get_object(Bucket=self.bucket, Key=self.key)
-        record = _parse(found["Body"].read())
-        mine = record and same_kernel(record) and record.get("pid_ns") == _pid_namespace()
-        if not (mine and isinstance(record.get("pid"), int) and not _alive(record["pid"])):
-            raise InputError(
-                f"{self.uri} is in use by {describe(record)}; if that run is gone, delete "
-                f"{self.lock_uri} and run again"
-            )
-        print(f"note: taking over the lock of {self.uri} left by pid {record['pid']} (gone)",
-              flush=True)  # fmt: skip
-        try:  # of two takers-over, the one whose If-Match still holds wins
-            return client.put_object(
-                Bucket=self.bucket, Key=self.key, Body=body, IfMatch=found["ETag"]
-            )
-        except client.exceptions.ClientError:
-            raise InputError(f"{self.uri} was taken over by another run just now") from None
-
-    def _acquire_unconditional(self) -> ObjectLock:
-        """Check, write, read back: the best a store without conditional writes allows here."""
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(self.lock_uri)
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            with fs.open_input_stream(path) as f:
-                record = _parse(f.read())
-            raise InputError(
-                f"{self.uri} is in use by {describe(record)}; if that run is gone, delete "
-                f"{self.lock_uri} and run again"
-            )
-        body = json.dumps(holder_record(self.what)).encode()
-        with fs.open_output_stream(path) as f:
-            f.write(body)
-        with fs.open_input_stream(path) as f:
-            if f.read() != body:
-                raise InputError(f"{self.uri} was locked by another run just now")
-        self.etag = "unconditional"
-        return self
-
-    def release(self) -> None:
-        if self.etag is None:
-            return
-        etag, self.etag = self.etag, None
-        if self.scheme != "s3":
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(self.lock_uri)
-            fs.delete_file(path)
-            return
-        from .objects import s3_client
-
-        client = s3_client(self.options)
-        try:  # only our own lock: a run that took it over (ours was gone) keeps its own
-            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
-        except client.exceptions.ClientError as err:
-            print(f"note: the lock {self.lock_uri} was not ours to remove ({err})", flush=True)
-
-    def __enter__(self) -> ObjectLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -109,10 +109,11 @@ class Storage:
 
     def lock(self, what: str):
         """The lock of this storage (see :mod:`enigma.storage.locks`)."""
-        from .locks import DirectoryLock, ObjectLock
+        from .locks import DirectoryLock
+        from .object_lock import ObjectLock
 
         if self.remote:
-            return ObjectLock(self.uri(), what)
+            return ObjectLock(self.uri(".lock"), what, shown=self.uri())
         return DirectoryLock(Path(self.root) / ".lock", what)
 
     def list_dirs(self, *parts: str) -> list[str]:

@@ -99,7 +99,8 @@ class RunSpec:
     def storage(self):
         from ..storage.store import Storage
 
-        return Storage(self.storage_path or self.output_dir)
+        # Storage.of keeps a URI's query (pyarrow's options) apart, so sub-paths go before it.
+        return Storage.of(self.storage_path, self.output_dir)
 
     def local_dir(self, name: str) -> str:
         """Where rank 0 writes ``name`` (tensorboard, model) on its node: in a local storage

@@ -1,0 +1,114 @@
+"""``enigma unlock RUN``: remove the lock of a run whose holder the operator knows is gone.
+
+``RUN`` is an output directory (its ``.lock``), a lock file, or a storage URI (its ``.lock``
+object). The lock's lease is watched for one term first: a lock its holder keeps renewing (or, on
+this host, whose holder's kernel lock is held) is refused, naming the holder. A lapsed lease
+would be taken over by the next run anyway; this is for the operator who wants it gone now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from ..errors import InputError
+from .locks import TERM_S, _parse, alive_here, describe, lapsed
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target", metavar="RUN", help="an output directory, a lock file, or a storage URI"
+    )
+
+
+def unlock_local(path: Path) -> dict | None:
+    """Remove the lock file ``path`` unless a live holder has it; returns its record."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: nothing to unlock")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            record = _parse(os.pread(fd, 1 << 16, 0).rstrip(b" "))
+            raise InputError(f"{path} is held by {describe(record)}, alive on this host; stop "
+                             "it rather than unlock it") from None  # fmt: skip
+
+        def read():
+            try:
+                return _parse(path.read_bytes().rstrip(b" "))
+            except FileNotFoundError:
+                return None
+
+        record = read()
+        _refuse_if_renewed(read, record, str(path))
+        path.unlink(missing_ok=True)
+        return record
+    finally:
+        os.close(fd)
+
+
+def unlock_object(uri: str, shown: str) -> dict | None:
+    """Delete the lock object ``uri`` unless its lease is being renewed; returns its record."""
+    from .object_lock import ObjectLock
+
+    lock = ObjectLock(uri, "enigma unlock", shown=shown)
+    if lock.scheme != "s3":
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(uri)
+
+        def read():
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+        found = read()
+        if found is None:
+            raise InputError(f"{lock.path} does not exist: nothing to unlock")
+        record = _parse(found)
+        _refuse_if_renewed(read, record, shown)
+        fs.delete_file(path)
+        return record
+    from .objects import s3_client
+
+    client = s3_client(lock.options)
+    record, etag = lock._current(client)
+    if etag is None:
+        raise InputError(f"{lock.path} does not exist: nothing to unlock")
+    _refuse_if_renewed(lambda: lock._current(client)[1], record, shown)
+    client.delete_object(Bucket=lock.bucket, Key=lock.key, IfMatch=etag)
+    return record
+
+
+def _refuse_if_renewed(read, record: dict | None, shown: str) -> None:
+    if alive_here(record):
+        raise InputError(f"{shown} is held by {describe(record)}, alive on this host; stop it "
+                         "rather than unlock it")  # fmt: skip
+    term = float((record or {}).get("term_s", TERM_S))
+    print(f"watching the lease of {shown} for {term:g} s ...", flush=True)
+    if not lapsed(read, record, term):
+        raise InputError(f"{shown} is held by {describe(record)}, which keeps renewing its lease; "
+                         "stop that run rather than unlock it")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    from .store import Storage, is_uri
+
+    if is_uri(args.target):
+        storage = Storage.of(args.target, ".")
+        record = unlock_object(storage.uri(".lock"), storage.uri())
+        shown = storage.uri()
+    else:
+        path = Path(args.target)
+        path = path / ".lock" if path.is_dir() else path
+        record = unlock_local(path)
+        shown = str(path)
+    print(f"removed the lock {shown}, left by {describe(record)}", flush=True)
+    return record
