@@ -130,3 +130,37 @@ def test_an_error_in_the_file_system_layer_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(pafs, "FileSystem", Broken)
     with pytest.raises(KeyError, match="a bug in the storage layer"):
         Storage.of("s3://runs/run", "out").filesystem()
+
+
+@pytest.mark.parametrize("killed_after", ["upload", "empty", "copy-one", "copy"])
+def test_a_kill_inside_the_model_swap_on_s3_leaves_a_model_that_loads(
+    bucket, tmp_path, killed_after
+):
+    """The new model is uploaded beside the old one, then copied in over it: killed after any
+    step, a reader (which completes an interrupted swap) loads a whole model, the old or the
+    new, and the next export goes through."""
+    import torch
+
+    from enigma import EnigmaConfig, EnigmaLM
+    from enigma.inference.generate import load_model
+    from enigma.storage.store import Storage
+
+    storage = Storage.of(uri(bucket, f"swap-{killed_after}"), str(tmp_path))
+    made = {}
+    for version in ("old", "new"):
+        torch.manual_seed(len(version))
+        made[version] = EnigmaLM(EnigmaConfig.from_preset("tiny", d=32, num_heads=2))
+        made[version].save_pretrained(tmp_path / version)
+    storage.replace_model(tmp_path / "old", "model")
+    storage.replace_model(tmp_path / "new", "model", stop_after=killed_after)
+    assert storage.download(tmp_path / "read", "model")
+    loaded = load_model(str(tmp_path / "read"))
+    weights = loaded.embed.weight
+    assert any(torch.equal(weights, m.embed.weight) for m in made.values()), "a whole model"
+    if killed_after != "upload":  # the old model was emptied: the reader finished the swap
+        assert torch.equal(weights, made["new"].embed.weight)
+    prefix = f"swap-{killed_after}/"
+    assert not keys(bucket, f"{prefix}.model.next/"), "the copy beside is gone once read"
+    storage.replace_model(tmp_path / "new", "model")
+    objects = [k.removeprefix(prefix) for k in keys(bucket, prefix) if not k.endswith("/")]
+    assert sorted(objects) == sorted(f"model/{f.name}" for f in (tmp_path / "new").iterdir())

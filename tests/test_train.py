@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import SMALL_RUN
+from pyarrow.fs import LocalFileSystem
 
 from enigma.cli import main
 from enigma.train.config import build_config
@@ -149,6 +150,49 @@ def test_resume_is_exact(data, tmp_path, fp32_zero2, fp32_baseline_run):
     assert min(rest) == 11 and max(rest) == STEPS
     for step in range(11, STEPS + 1):
         assert abs(baseline[step] - rest[step]) < 1e-4, (step, baseline[step], rest[step])
+
+
+def test_a_kill_inside_the_set_aside_of_a_damaged_checkpoint_leaves_a_run_that_resumes(
+    data, tmp_path, fp32_zero2, fp32_baseline_run, capsys, monkeypatch
+):
+    """Setting a damaged checkpoint aside takes it out of Ray Train's record (rewritten whole),
+    then moves it. Killed between the two, the next run judges it again and resumes from the
+    one before; a record left naming a checkpoint that is gone (the other order, killed
+    between, or a directory deleted by hand) is mended instead of failing Ray's restore."""
+    import shutil
+
+    from enigma.cluster.ray_internals import recorded_checkpoints
+    from enigma.storage.store import Storage
+    from enigma.train import resume
+
+    baseline_dir, _ = fp32_baseline_run
+    common = ("max_steps=11", "shuffle_buffer=0", "eval_steps=100", "save_steps=100")
+    for case in ("killed between", "record names a gone checkpoint"):
+        out = tmp_path / case.replace(" ", "-")
+        shutil.copytree(baseline_dir / "ray", out / "ray")
+        shutil.copytree(baseline_dir / "model", out / "model")
+        steps = out / "ray" / "train"
+        (steps / "step-0000020" / "trainer_state.json").write_text("{")  # damaged
+        if case == "killed between":
+            storage = Storage.of("", str(out))
+
+            def killed(*args):
+                raise SystemExit("killed between forgetting and moving")
+
+            with monkeypatch.context() as m:
+                m.setattr(Storage, "move_dir", killed)
+                with pytest.raises(SystemExit):
+                    resume.choose_resume(storage, None, {})
+            assert "step-0000020" not in recorded_checkpoints(LocalFileSystem(), str(steps))
+            assert (steps / "step-0000020").is_dir(), "killed before the move"
+        else:
+            (steps / "step-0000020").rename(steps / "moved-by-hand")
+        capsys.readouterr()
+        summary = run(data, out, *common, ds=fp32_zero2, workers=1)
+        said = capsys.readouterr().out
+        assert "step-0000010 (step 10)" in said and summary["steps"] == 11, said[-2000:]
+        if case == "record names a gone checkpoint":
+            assert "named step-0000020, which are gone; taken out of it" in said
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,35 @@ def forget_checkpoints(fs, run_path: str, names: set[str]) -> bool:
         "failed_validation_checkpoint_dir_names",
     ):
         snapshot[key] = [n for n in snapshot.get(key, []) if n not in names]
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(snapshot).encode())
+    _write_whole(fs, path, json.dumps(snapshot).encode())
     return True
+
+
+def recorded_checkpoints(fs, run_path: str) -> set[str]:
+    """The checkpoint directory names Ray Train's record of the run at ``run_path`` holds."""
+    try:
+        with fs.open_input_stream(f"{run_path}/{TRAIN_SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+    except FileNotFoundError:
+        return set()
+    return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+
+
+def _write_whole(fs, path: str, data: bytes) -> None:
+    """Replace the file ``path`` so that a reader, or a kill, meets the old or the new content,
+    never a truncated one: a temporary file renamed over it locally; on an object store one PUT
+    already lands whole."""
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    import os
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

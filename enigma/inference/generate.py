@@ -69,12 +69,15 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def load_model(path: str):
-    """``EnigmaLM.from_pretrained(path)`` in eval mode, after :func:`check_saved_model`."""
+    """``EnigmaLM.from_pretrained(path)`` in eval mode, after :func:`check_saved_model` (and,
+    when an export was killed between its renames, its copy set aside put back)."""
     from transformers.utils import logging as hf_logging
 
     from ..models.lm import EnigmaLM
+    from ..storage.atomic import readable
 
     hf_logging.disable_progress_bar()  # a bar for loading a few tensors is noise
+    readable(Path(path))
     check_saved_model(path)
     return EnigmaLM.from_pretrained(path).eval()
 

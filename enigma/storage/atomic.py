@@ -94,6 +94,34 @@ def recover(out: Path) -> bool:
     return True
 
 
+def readable(out: Path, wait_s: float = 60.0) -> None:
+    """A reader's side of :func:`recover`: when ``out`` is missing and a complete copy was set
+    aside (a replacement killed between its renames), put it back, under the directory's lock.
+    Costs nothing when ``out`` is there."""
+    if out.exists() or not _set_aside(out):
+        return
+    with model_lock(out, "a reader putting back a copy set aside", wait_s):
+        recover(out)
+
+
+def replace_with(out: Path, fill, what: str = "an export", wait_s: float | None = 0) -> None:
+    """Build ``out`` anew: ``fill(staging)`` writes a unique staging directory, which then takes
+    ``out``'s place whole (:func:`replace_dir`), under the directory's lock, waited for up to
+    ``wait_s`` seconds (None: the caller holds it). Leftovers of killed replacements are dealt
+    with first (:func:`remove_leftovers`); a failure removes its own staging directory."""
+    import contextlib
+
+    with model_lock(out, what, wait_s) if wait_s is not None else contextlib.nullcontext():
+        remove_leftovers(out)
+        staging = staging_dir(out)
+        try:
+            fill(staging)
+            replace_dir(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
 def remove_leftovers(out: Path, label: str = "staging") -> None:
     """What killed replacements of ``out`` left: first a complete copy set aside is put back
     (:func:`recover`), then staging directories and copies set aside are removed. Call under the

@@ -148,9 +148,12 @@ class Storage:
         pafs.copy_files(str(local), path, destination_filesystem=fs)
 
     def download(self, local: Path, *parts: str) -> bool:
-        """Copy ``root/parts`` into the directory ``local``; False when there is nothing."""
+        """Copy ``root/parts`` into the directory ``local`` (a model whose swap a kill
+        interrupted completed first); False when there is nothing."""
         import pyarrow.fs as pafs
 
+        if len(parts) == 1:
+            self.recover_model(parts[0])
         fs, path = self.filesystem(*parts)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             return False
@@ -158,16 +161,64 @@ class Storage:
         pafs.copy_files(path, str(local), source_filesystem=fs)
         return True
 
-    def replace_model(self, staged: Path, *parts: str) -> None:
-        """Put the exported model at ``root/parts``. Object stores have no rename: the old
-        files go first and ``config.json`` (what ``from_pretrained`` looks for) comes last."""
+    def replace_model(self, staged: Path, name: str, stop_after: str | None = None) -> None:
+        """Put the exported model at ``root/name``. Object stores have no rename, so the swap
+        goes in steps each of which leaves a model that loads (see :meth:`recover_model`):
+        upload beside it, to ``.name.next/`` (``config.json``, what ``from_pretrained`` looks
+        for, last: its presence says the copy is whole); empty ``name/``; copy the new files
+        in, ``config.json`` last; remove ``.name.next/``. ``stop_after`` (a step's name) stops
+        there, as a kill would: for the tests and ``enigma bench faults``."""
         import pyarrow.fs as pafs
 
-        fs, path = self.filesystem(*parts)
+        self.recover_model(name)
+        fs, path = self.filesystem(name)
+        _, beside = self.filesystem(f".{name}.next")
+        fs.delete_dir_contents(beside, missing_dir_ok=True)
+        fs.create_dir(beside, recursive=True)
+        for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):
+            with open(f, "rb") as src, fs.open_output_stream(f"{beside}/{f.name}") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        if stop_after == "upload":
+            return
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir_contents(path)
+        if stop_after == "empty":
+            return
+        self._finish_swap(fs, beside, path, stop_after)
+
+    @staticmethod
+    def _finish_swap(fs, beside: str, path: str, stop_after: str | None = None) -> None:
+        import pyarrow.fs as pafs
+
         fs.create_dir(path, recursive=True)
-        files = sorted(staged.iterdir(), key=lambda f: f.name == "config.json")
-        for f in files:
-            with open(f, "rb") as src, fs.open_output_stream(f"{path}/{f.name}") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
+        files = fs.get_file_info(pafs.FileSelector(beside))
+        for info in sorted(files, key=lambda i: i.base_name == "config.json"):
+            fs.copy_file(info.path, f"{path}/{info.base_name}")  # server-side on object stores
+            if stop_after == "copy-one":
+                return
+        if stop_after == "copy":
+            return
+        fs.delete_dir(beside)
+
+    def recover_model(self, name: str = "model") -> bool:
+        """Finish a swap of ``root/name`` that a kill interrupted: when ``.name.next/`` is
+        whole and ``name/`` is not (no ``config.json``), copy it in; a whole ``name/`` stays
+        (a swap killed before it emptied the old model) and the copy beside goes. True when it
+        put a model back. Local storage: :func:`enigma.storage.atomic.recover` does it."""
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return False
+        fs, path = self.filesystem(name)
+        _, beside = self.filesystem(f".{name}.next")
+        if fs.get_file_info(beside).type != pafs.FileType.Directory:
+            return False
+        whole = fs.get_file_info(f"{beside}/config.json").type == pafs.FileType.File
+        current = fs.get_file_info(f"{path}/config.json").type == pafs.FileType.File
+        if whole and not current:
+            self._finish_swap(fs, beside, path)
+            print(f"note: {self.uri(name)} was completed from the copy an interrupted export "
+                  "left beside it", flush=True)  # fmt: skip
+            return True
+        fs.delete_dir(beside)
+        return False

@@ -16,7 +16,6 @@ a run that never finished exports all the same.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import shutil
@@ -256,22 +255,18 @@ def write_model_dir(
     ``wait_s`` seconds (None: the caller holds it)."""
     from transformers.utils import logging as hf_logging
 
-    from ..storage.atomic import model_lock, remove_leftovers, replace_dir, staging_dir
+    from ..storage.atomic import replace_with
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar for every export
-    with model_lock(out, "an export", wait_s) if wait_s is not None else contextlib.nullcontext():
-        remove_leftovers(out)  # of exports killed before their swap, a copy set aside restored
-        staging = staging_dir(out)
-        try:
-            model.save_pretrained(staging)
-            if tokenizer_dir and Path(tokenizer_dir).is_dir():
-                save_tokenizer(tokenizer_dir, staging, model.config.max_len)
-            if card is not None:
-                (staging / "README.md").write_text(card, encoding="utf-8")
-            replace_dir(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        if tokenizer_dir and Path(tokenizer_dir).is_dir():
+            save_tokenizer(tokenizer_dir, staging, model.config.max_len)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
+
+    replace_with(out, fill, "an export", wait_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +309,7 @@ def export_run(run_dir: str, out: str, step: str = "best") -> dict:
 
 def _export_locked(run: Path, out: str, step: str) -> dict:
     from ..models.lm import EnigmaLM
+    from ..storage.atomic import readable
     from .config import TrainConfig
 
     run_dir = str(run)
@@ -329,6 +325,7 @@ def _export_locked(run: Path, out: str, step: str) -> dict:
         raise InputError(f"{latest} has no {RUN_FILE} (written by an older version): retrain")
     state = TrainState.from_json((latest / STATE_FILE).read_text())
     model_dir = run / "model"
+    readable(model_dir)  # an export killed between its renames set the model aside
     if step == "best":
         if not (model_dir / "config.json").is_file():
             raise InputError(f"{run_dir} has no exported model yet: use --step latest or a step")
@@ -402,7 +399,7 @@ def export_finetuned(engine, cfg, spec, rank: int, stage: int, card) -> None:
     weights = gathered_weights(engine, rank, stage, trained_only=True)
     if weights is None:
         return
-    from ..storage.atomic import model_lock, replace_dir, staging_dir
+    from ..storage.atomic import replace_with
     from .tuning import build_model
 
     # The frozen weights from the base model on disk, in fp32, the trained ones from their fp32
@@ -412,10 +409,6 @@ def export_finetuned(engine, cfg, spec, rank: int, stage: int, card) -> None:
     if unexpected:
         raise RuntimeError(f"export: the run trained parameters the model lacks: {unexpected}")
     if not cfg.full:
-        adapter = Path(spec.local_dir("adapter"))
-        with model_lock(adapter, "an export", 600):
-            staging = staging_dir(adapter)
-            model.save_pretrained(staging)
-            replace_dir(staging, adapter)
+        replace_with(Path(spec.local_dir("adapter")), model.save_pretrained, "an export", 600)
         model = model.merge_and_unload()
     write_model_dir(model, Path(spec.local_dir("model")), spec.tokenizer_dir, card(model), 600)

@@ -1,11 +1,14 @@
 """Which checkpoint a run resumes from, chosen and checked on the driver before any worker starts.
 
-A checkpoint records a fingerprint: the model's shape, the data, the world size, and what decides
-the order in which the data come (micro-batch, accumulation, seed, shuffle buffer). Another
-model, other data or another worker count is refused with what differs; so is a data-order key
-that differs, since the run would then repeat or skip data without a word. Knobs of how training
-runs (backward, rotor start, rotor precision) change no weight and no data position and are not
-checked.
+A checkpoint records a fingerprint: the model's config, the data, the world size, and what
+decides the order in which the data come (micro-batch, accumulation, seed, shuffle buffer).
+What changes the weights' shapes or meaning (width, depth, the machine's parts and seed, the
+vocabulary, positions), other data, another worker count and a data-order key that differs (the
+run would repeat or skip data without a word) are refused, in one line naming what differs.
+Knobs of how training runs (:data:`RUN_KNOBS`: the backward, kernels, rotor start and precision,
+dropout, special-token ids) change no weight and no data position: a resume that changes one
+goes on, and says so in one line. A key the checkpoint predates is taken to have been its
+default: a resume whose value is that default goes on (the old behaviour), another is refused.
 
 An incomplete or damaged checkpoint (:func:`enigma.train.checkpoint.damage`) is named in one
 line and set aside as ``damaged-step-N`` beside the others, and taken out of Ray Train's record
@@ -23,12 +26,18 @@ from ..errors import InputError
 from ..storage.store import CHECKPOINT_PARTS, Storage
 from .checkpoint import TrainState, damage, read_state
 
-UNCHECKED_MODEL_KEYS = {
+RUN_KNOBS = {
     "activation_checkpointing",
     "machine_memory_efficient",
     "reversible_backward",
     "rotor_offset",
     "rotor_matmul",
+    "attention_kernel",
+    "dropout",
+    "initializer_range",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
 }
 DATA_ORDER_KEYS = ("micro_batch", "grad_accum", "seed", "shuffle_buffer")
 
@@ -42,7 +51,7 @@ def fingerprint(
     from .config import MODEL_KEYS
 
     values = model_config.to_dict()
-    model = {k: values[k] for k in MODEL_KEYS if k in values and k not in UNCHECKED_MODEL_KEYS}
+    model = {k: values[k] for k in MODEL_KEYS if k in values}
     data = {k: v for k, v in manifest.items() if k not in ("created", "seconds")}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     stamp = {"model": model, "data": digest[:16], "world_size": world_size}
@@ -55,29 +64,73 @@ def fingerprint(
 
 def mismatch(saved: dict | None, current: dict) -> str | None:
     """Why a checkpoint with fingerprint ``saved`` cannot be resumed here, or None."""
+    return compare(saved, current)[0]
+
+
+def compare(saved: dict | None, current: dict) -> tuple[str | None, list[str]]:
+    """``(why not, what differs but is accepted)`` for a checkpoint with fingerprint ``saved``
+    (see the module)."""
     if not saved:
-        return None  # written before fingerprints existed: nothing to compare
-    model_a, model_b = saved.get("model", {}), current["model"]
-    keys = sorted(k for k in {*model_a, *model_b} if model_a.get(k) != model_b.get(k))
-    if keys:
-        diffs = ", ".join(f"{k} {model_a.get(k)!r} -> {model_b.get(k)!r}" for k in keys[:4])
-        return f"its model differs ({diffs})"
+        return None, []  # written before fingerprints existed: nothing to compare
+    refused, accepted = _model_differences(saved.get("model", {}), current["model"])
+    if refused:
+        return f"its model differs ({', '.join(refused[:4])})", accepted
     if saved.get("data") != current["data"]:
-        return "it was trained on other data (the data manifest differs)"
+        return "it was trained on other data (the data manifest differs)", accepted
     if saved.get("world_size") != current["world_size"]:
         return (
             f"it was written by {saved.get('world_size')} workers and this run has "
             f"{current['world_size']}: each rank's data position is its own; resume with "
             f"--workers {saved.get('world_size')}"
-        )
+        ), accepted
     order_a, order_b = saved.get("data_order"), current["data_order"]
     for key in DATA_ORDER_KEYS if order_a else ():
         if order_a.get(key) != order_b[key]:
             return (
                 f"{key} {order_a.get(key)!r} -> {order_b[key]!r} would change the order of the "
                 f"data, repeating or skipping some; resume with --set {key}={order_a.get(key)}"
-            )
-    return None
+            ), accepted
+    return None, accepted
+
+
+def _model_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """The model keys that differ, as ``(refused, accepted)`` descriptions."""
+    from .config import MODEL_ALIASES, MODEL_KEYS
+
+    saved = {MODEL_ALIASES.get(k, k): v for k, v in saved.items()}
+    refused, accepted = [], []
+    for key in sorted({*saved, *current}):
+        if saved.get(key) == current.get(key):
+            continue
+        was, now = saved.get(key), current.get(key)
+        if key in RUN_KNOBS:
+            accepted.append(f"{key} {was!r} -> {now!r}")
+        elif key == "finetune":
+            refused += _finetune_differences(was or {}, now or {})
+        elif key not in saved:  # the checkpoint predates the key: it ran with the default
+            default = MODEL_KEYS[key].default if key in MODEL_KEYS else None
+            if now == default:
+                accepted.append(f"{key} (new since the checkpoint) {now!r}, its default")
+            else:
+                refused.append(f"{key} is new since the checkpoint, which ran as its default "
+                               f"{default!r}, not {now!r}")  # fmt: skip
+        elif key in current:
+            refused.append(f"{key} {was!r} -> {now!r}")
+    return refused, accepted
+
+
+def _finetune_differences(saved: dict, current: dict) -> list[str]:
+    """What a fine-tuning run trains, key by key; a LoRA setting the checkpoint predates is
+    taken as its default."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig()
+    out = []
+    for key in sorted({*saved, *current}):
+        was = saved.get(key, getattr(defaults, key, None))
+        if was != current.get(key):
+            out.append(f"{key} {was!r} -> {current.get(key)!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -89,8 +142,11 @@ class Resume:
 
 
 def set_aside(storage: Storage, name: str, problem: str) -> str:
-    """Move the checkpoint ``name`` to ``damaged-NAME`` and out of Ray Train's record; returns
-    the new name."""
+    """Take the checkpoint ``name`` out of Ray Train's record (rewritten whole), then move it
+    to ``damaged-NAME``; returns the new name. In that order: a kill between leaves a record
+    that no longer names it and the directory where it was, which the next run judges again;
+    the other order would leave a record naming a directory that is gone, which Ray refuses to
+    start from (:func:`repair_record` mends that, for records left by older versions)."""
     from ..cluster.ray_internals import forget_checkpoints
 
     taken = set(storage.list_dirs(*CHECKPOINT_PARTS))
@@ -98,12 +154,26 @@ def set_aside(storage: Storage, name: str, problem: str) -> str:
     while aside in taken:
         n += 1
         aside = f"damaged-{name}-{n}"
-    storage.move_dir((*CHECKPOINT_PARTS, name), (*CHECKPOINT_PARTS, aside))
     fs, run_path = storage.filesystem(*CHECKPOINT_PARTS)
     forget_checkpoints(fs, run_path, {name})
+    storage.move_dir((*CHECKPOINT_PARTS, name), (*CHECKPOINT_PARTS, aside))
     print(f"checkpoint {name} is damaged ({problem}): set aside as {aside}; trying the one "
           "before", flush=True)  # fmt: skip
     return aside
+
+
+def repair_record(storage: Storage, present: list[str]) -> None:
+    """Ray Train's record of the run naming checkpoints that are gone (a set-aside killed
+    half-way by an older version, a directory deleted by hand): take them out, or Ray would
+    refuse to start the run again."""
+    from ..cluster.ray_internals import forget_checkpoints, recorded_checkpoints
+
+    fs, run_path = storage.filesystem(*CHECKPOINT_PARTS)
+    missing = recorded_checkpoints(fs, run_path) - set(present)
+    if missing and forget_checkpoints(fs, run_path, missing):
+        gone = ", ".join(sorted(missing))
+        print(f"note: Ray Train's record of {storage.uri(*CHECKPOINT_PARTS)} named {gone}, "
+              "which are gone; taken out of it", flush=True)  # fmt: skip
 
 
 def choose_resume(storage: Storage, explicit: str | None, current: dict) -> Resume | None:
@@ -112,6 +182,7 @@ def choose_resume(storage: Storage, explicit: str | None, current: dict) -> Resu
     none. Damaged ones are set aside; one that does not match ``current`` is refused."""
     run = storage.uri(*CHECKPOINT_PARTS)
     names = [n for n in storage.list_dirs(*CHECKPOINT_PARTS) if n.startswith("step-")]
+    repair_record(storage, names)
     if explicit and names:
         raise InputError(
             f"{storage.uri()} already holds a run (latest {names[-1]}), which this command "
@@ -140,10 +211,13 @@ def choose_resume(storage: Storage, explicit: str | None, current: dict) -> Resu
 
 
 def _checked(path: str, state: TrainState, current: dict, why: str) -> Resume:
-    reason = mismatch(state.fingerprint, current)
+    reason, accepted = compare(state.fingerprint, current)
     if reason:
         raise InputError(
             f"cannot resume from {path}: {reason}; use another --output-dir for a new run"
         )
     print(f"resuming from {path} (step {state.step}): {why}", flush=True)
+    if accepted:
+        print(f"note: the checkpoint differs in what changes no weight and no data position: "
+              f"{', '.join(accepted)}", flush=True)  # fmt: skip
     return Resume(path, state)

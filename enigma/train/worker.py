@@ -219,15 +219,27 @@ def any_rank(flag: bool, device) -> bool:
 
 
 def restore(engine, spec: RunSpec, notes: list[str]) -> TrainState:
-    """Ray's latest checkpoint after a restart, else the one the driver chose (see
-    :func:`load_agreed`). When there was a checkpoint and none loads, the run fails: a failed
-    load never becomes a fresh start."""
+    """The checkpoint the driver chose, checked and printed; after a worker restart within this
+    run, Ray's latest first, when it is newer than that choice (one this run wrote since; the
+    choice is the fallback). Ray's record of an earlier run may lag behind the checkpoints on
+    disk, or name one the driver passed over: it never overrides the choice. When there was a
+    checkpoint and none loads, the run fails: a failed load never becomes a fresh start (see
+    :func:`load_agreed`)."""
     import ray.train
 
-    candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None]
-    if spec.resume_from and all(Path(c.path) != Path(spec.resume_from) for c in candidates):
-        candidates.append(ray.train.Checkpoint(spec.resume_from))
+    latest = ray.train.get_checkpoint()
+    chosen = ray.train.Checkpoint(spec.resume_from) if spec.resume_from else None
+    candidates = [chosen] if chosen else []
+    if latest is not None and _step_of(latest.path) > (_step_of(chosen.path) if chosen else -1):
+        candidates.insert(0, latest)
     return load_agreed(engine, candidates, notes)
+
+
+def _step_of(path: str) -> int:
+    """The step in a checkpoint's name (``step-0000010``: 10), -1 for another name."""
+    name = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("step-")
+    return int(digits) if name.startswith("step-") and digits.isdigit() else -1
 
 
 def load_agreed(engine, candidates: list, notes: list[str]) -> TrainState:
