@@ -304,3 +304,15 @@ def test_two_drivers_one_storage_path_only_one_trains(s3, data, tmp_path, capsys
         holder.kill()
         holder.wait()
     shutil.rmtree(tmp_path / "b", ignore_errors=True)
+
+
+def test_export_of_a_checkpoint_a_live_run_deleted_is_one_line(tmp_path):
+    """`enigma export --step N` copies the checkpoint before reading any of it (a run in
+    progress keeps only its newest and deletes older ones); one gone by then is one line."""
+    from enigma.train import export
+
+    checkpoint = tmp_path / "ray" / "train" / "step-0000004"
+    checkpoint.mkdir(parents=True)
+    shutil.rmtree(checkpoint)  # the live run's rotation, between listing and reading
+    with pytest.raises(InputError, match="was deleted while it was read.*--step best"):
+        export.pinned(checkpoint, tmp_path / "copy-to")

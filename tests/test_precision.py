@@ -80,6 +80,18 @@ def test_the_cluster_decides_once_for_all_its_nodes(monkeypatch):
     assert chosen == "bf16" and "AVX-512 BF16" in line
 
 
+def test_auto_with_a_json_that_offers_only_fp16_says_what_deepspeed_will_do(monkeypatch):
+    """bf16 hardware, but a JSON whose only auto section is fp16: DeepSpeed cannot train bf16,
+    so auto does not say it will (it said bf16 and DeepSpeed trained fp32)."""
+    monkeypatch.setattr(precision, "decide_by_hardware", lambda use_gpu: ("bf16", "bf16 here"))
+    fp16_only = {k: v for k, v in SHIPPED.items() if k != "bf16"}
+    fp16_only["fp16"] = {"enabled": "auto"}
+    chosen, line = precision.resolve("auto", fp16_only, "fp16.json", False, None)
+    assert chosen == "fp32" and "fp16.json offers no bf16 section" in line
+    assert precision.resolve("auto", fp16_only, "fp16.json", True, None)[0] == "fp16"
+    assert precision.resolve("auto", SHIPPED, "zero2.json", False, None)[0] == "bf16"
+
+
 def test_explicit_choices_win_and_contradictions_name_both():
     fixed = {**SHIPPED, "bf16": {"enabled": True}}
     assert precision.resolve("fp32", SHIPPED, "zero2.json", False, None)[0] == "fp32"

@@ -105,6 +105,14 @@ def test_credentials_in_the_uri_are_refused_without_repeating_them(data, tmp_pat
     assert not list(tmp_path.iterdir()), "nothing written"
 
 
+def test_anonymous_gcs_access_is_not_a_secret():
+    from enigma.storage.store import check_storage_path
+
+    check_storage_path("gs://anonymous@public-bucket/run")  # pyarrow's anonymous access
+    with pytest.raises(Exception, match="carries credentials"):
+        check_storage_path("gs://someone:secret@bucket/run")
+
+
 def test_sub_paths_go_before_the_query():
     from enigma.storage.store import Storage
 

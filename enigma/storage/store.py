@@ -42,7 +42,9 @@ def check_storage_path(value: str, flag: str = "--storage-path") -> None:
         return
     parts = urlsplit(value)
     secret = [k for k, _ in parse_qsl(parts.query) if k.lower() in SECRET_OPTIONS]
-    if "@" in parts.netloc or secret:
+    # pyarrow's gs://anonymous@bucket asks for anonymous access: a user name, no secret
+    anonymous = parts.scheme == "gs" and parts.netloc.startswith("anonymous@")
+    if ("@" in parts.netloc and not anonymous) or secret:
         where = "user:secret@ before the bucket" if "@" in parts.netloc else secret[0]
         raise InputError(
             f"{flag} {parts.scheme}://... carries credentials ({where}), which would be written "

@@ -333,15 +333,37 @@ def _export_locked(run: Path, out: str, step: str) -> dict:
         at, val = state.best_step, state.best_val
     else:
         at = max(kept) if step == "latest" else _step_number(step, kept)
-        chosen = TrainState.from_json((kept[at] / STATE_FILE).read_text())
         cfg = TrainConfig.from_dict(info["config"])
-        model = checkpoint_model(cfg, consolidated_weights(kept[at]), kept[at])
+        with tempfile.TemporaryDirectory(prefix="enigma-export-") as tmp:
+            copy = pinned(kept[at], Path(tmp))
+            chosen = TrainState.from_json((copy / STATE_FILE).read_text())
+            model = checkpoint_model(cfg, consolidated_weights(copy), kept[at])
         val = chosen.last_val if chosen.last_val_step == chosen.step else None
     card = render_card(model, info, val, at)
     with tempfile.TemporaryDirectory(prefix="enigma-tokenizer-") as tmp:
         tokenizer = _tokenizer_files(model_dir, Path(tmp))
         write_model_dir(model, Path(out), tokenizer, card, wait_s=None)
     return {"step": at, "val_loss": val, "out": str(Path(out).resolve())}
+
+
+def pinned(checkpoint: Path, tmp: Path) -> Path:
+    """A copy of ``checkpoint`` in ``tmp``, made before anything is read from it: a live run
+    keeps only its newest checkpoints and deletes an older one as it writes a new one, which
+    would otherwise vanish half-read."""
+    from .checkpoint import damage
+
+    copy = tmp / checkpoint.name
+    try:
+        shutil.copytree(checkpoint, copy)
+    except (FileNotFoundError, shutil.Error):
+        raise InputError(
+            f"{checkpoint} was deleted while it was read (a run in progress keeps only its "
+            "newest checkpoints): export a newer step, or --step best"
+        ) from None
+    problem = damage(str(copy))
+    if problem:
+        raise InputError(f"{checkpoint} is damaged ({problem}): export another step")
+    return copy
 
 
 def checkpoint_model(cfg, weights: dict, where: Path):

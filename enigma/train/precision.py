@@ -133,6 +133,12 @@ def resolve(asked: str, ds: dict, path: str, use_gpu: bool, resumed: str | None)
     if fixed:
         source = "--set precision" if asked != "auto" else path
         return fixed, f"precision: {fixed} ({source})"
+    _, autos = json_precision(ds)
+    if "bf16" not in autos:  # the JSON can enable only fp16: the hardware's bf16 is not on offer
+        if "fp16" in autos and use_gpu:
+            return "fp16", f"precision: fp16 (auto: {path} offers fp16, not bf16)"
+        why = "which the CPU refuses" if "fp16" in autos else "nothing else"
+        return "fp32", f"precision: fp32 (auto: {path} offers no bf16 section, and fp16 {why})"
     chosen, why = decide_by_hardware(use_gpu)
     other = "fp32" if chosen == "bf16" else "bf16"
     return chosen, f"precision: {chosen} (auto: {why}; --set precision={other} to override)"
