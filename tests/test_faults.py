@@ -255,23 +255,25 @@ def test_early_stopping_after_exactly_patience_bad_evaluations(data, tmp_path):
 
 
 def test_bench_faults_smoke_sigterms_and_damaged_checkpoints(data, tmp_path):
-    """Two driver SIGTERMs, a truncated checkpoint and one cut short (its model states missing),
-    on a cluster shared with another job: all survived, the other job's groups intact, the
-    curve equal to the undisturbed run's step for step (fp32). Worker kills are left to the
-    benchmark's full run (and the ZeRO-3 run in test_train). In its own process: the benchmark
-    starts the shared cluster itself."""
+    """Two driver SIGTERMs, a truncated checkpoint (the driver SIGKILLed while setting it aside)
+    and one cut short (its model states missing), on a cluster shared with another job: all
+    survived, the other job's groups intact, the curve equal to the undisturbed run's step for
+    step (fp32). Worker kills and the S3 part are left to the benchmark's full run (and to
+    test_train, test_storage, test_locks). In its own process: the benchmark starts the shared
+    cluster itself."""
     out = tmp_path / "faults.json"
     argv = ["bench", "faults", "--data", str(data), "--steps", "16", "--save-every", "4"]
-    argv += ["--kills", "0", "--output-dir", str(tmp_path / "work"), "--json", str(out)]
+    argv += ["--kills", "0", "--no-s3", "--output-dir", str(tmp_path / "work"), "--json", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "enigma.cli", *argv], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["faults_injected"] == result["faults_survived"] == 4
+    assert result["faults_injected"] == result["faults_survived"] == 5
     assert result["exit_codes"][:2] != [0, 0] and result["exit_codes"][-1] == 0
     assert result["fell_back"] and result["passed_over_missing_model_states"]
+    assert result["killed_in_set_aside"] and "s3" not in result
     assert result["kills_done"] == []
     assert result["other_job"] == {"created_group_kept": True, "pending_request_kept": True}
     assert result["steps_lost"] == [] and result["steps_logged_twice"] == []

@@ -10,8 +10,16 @@ cluster can never place; placement timeout 20 s). The faulty run gets seeded fau
 - a SIGTERM to the driver at a random step in the first half, then the same command again,
 - before that rerun, the newest checkpoint is truncated (the rerun must set it aside and resume
   from the one before, and go on past its step),
+- the first rerun is SIGKILLed inside setting that checkpoint aside (between taking it out of
+  Ray Train's record and moving it), and run again,
 - a second SIGTERM two checkpoints later, and before the last rerun the newest checkpoint loses
   its model states (what an upload cut short leaves: the rerun must pass over it too).
+
+And the same run on S3 (moto's server on loopback, the endpoint in the URI's query): its driver
+is SIGKILLed mid-run, its lock left as a driver on another host would leave it, and the command
+is run again from another output directory (another machine): it must wait out the lease, take
+the lock over, resume from the bucket and finish; rank 0 is killed inside its first model swap
+into the bucket, and the model there must load at the end.
 
 Reported: faults injected and survived, whether the other job's groups are intact, steps missing
 from or logged twice in the final curve, steps trained again after restarts, and the largest
@@ -35,6 +43,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from . import meta
+from .faults_s3 import s3_scenario
 from .train_overhead import fp32_ds_config
 
 
@@ -45,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kills", type=int, default=3, help="worker kills at random steps")
     p.add_argument("--seed", type=int, default=0, help="where the faults fall")
     p.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    p.add_argument("--no-s3", dest="s3", action="store_false",
+                   help="leave out the S3 part (its pieces have their own tests)")  # fmt: skip
     p.add_argument("--json", dest="json_out", default=None)
 
 
@@ -83,9 +94,10 @@ def _env(address: str, faults: dict | None) -> dict:
     return env
 
 
-def run_until(cmd: list[str], env: dict, log: Path, sigterm_at: int | None) -> int:
-    """Run ``cmd``; with ``sigterm_at``, send SIGTERM once its progress line for that step is
-    printed. Returns the exit code; the output goes to ``log``."""
+def run_until(cmd: list[str], env: dict, log: Path, sigterm_at: int | None,
+              sig: int = signal.SIGTERM) -> int:  # fmt: skip
+    """Run ``cmd``; with ``sigterm_at``, send ``sig`` (SIGTERM) once its progress line for that
+    step is printed. Returns the exit code; the output goes to ``log``."""
     with open(log, "a") as sink:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, start_new_session=True)  # fmt: skip
@@ -96,7 +108,7 @@ def run_until(cmd: list[str], env: dict, log: Path, sigterm_at: int | None) -> i
                 and line.startswith("step")
                 and int(line.split()[1].split("/")[0]) >= (sigterm_at)
             ):
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 sigterm_at = None
         return proc.wait()
 
@@ -171,6 +183,8 @@ def faulty_run(cmd: list[str], out: Path, faults: dict, address: str) -> dict:
     first, second = faults["sigterm_at_steps"]
     codes = [run_until(cmd, env, log, first)]
     truncated = corrupt_latest(out)
+    killed_env = {**env, "ENIGMA_FAULTS": json.dumps({"kill_in_set_aside": True})}
+    killed_in_set_aside = run_until(cmd, killed_env, log, None)
     codes.append(run_until(cmd, env, log, second))
     short = cut_short(out)
     codes.append(run_until(cmd, env, log, None))
@@ -179,6 +193,7 @@ def faulty_run(cmd: list[str], out: Path, faults: dict, address: str) -> dict:
     return {
         "exit_codes": codes,
         "kills_done": kills,
+        "killed_in_set_aside": killed_in_set_aside == -signal.SIGKILL,
         "corrupted_checkpoint": truncated,
         "fell_back": f"checkpoint {truncated} is damaged" in text,
         "checkpoint_without_model_states": short,
@@ -207,7 +222,17 @@ def run(args: argparse.Namespace) -> dict:
 
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-faults-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    for old in ("reference", "faulty", "reference.log", "faulty.log"):  # an earlier run's
+    for old in (
+        "reference",
+        "faulty",
+        "reference.log",
+        "faulty.log",
+        "s3-a",
+        "s3-b",
+        "s3.log",
+        "s3-events",
+        "s3-model",
+    ):  # an earlier run's
         target = work / old
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     data, ds_config = _data(args, work), fp32_ds_config(work)
@@ -220,6 +245,10 @@ def run(args: argparse.Namespace) -> dict:
     )
     start = time.perf_counter()
     ref_out, faulty_out = work / "reference", work / "faulty"
+    # moto's credentials (the S3 part), set before the cluster starts so its workers have them
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                      AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    os.environ.pop("AWS_ENDPOINT_URL", None)  # the endpoint is in the URI's query
     address = shared_cluster()
     try:
         with OtherJob(address) as other:
@@ -230,9 +259,22 @@ def run(args: argparse.Namespace) -> dict:
             cmd = train_command(args, data, faulty_out, ds_config)
             outcome = faulty_run(cmd, faulty_out, faults, address)
             outcome["other_job"] = other.intact()
+            if args.s3:
+                command = lambda out: train_command(args, data, out, ds_config)  # noqa: E731
+                kill_at = faults["sigterm_at_steps"][0]
+                s3, s3_losses = s3_scenario(command, _env(address, None), work, kill_at)
     finally:
         ray.shutdown()
     result = summarize(args, faults, outcome, losses(ref_out), losses(faulty_out))
+    if args.s3:
+        result["s3"] = {**s3, **compare(losses(ref_out), s3_losses, args.steps)}
+        print(f"S3: driver SIGKILLed, lease taken over from another host "
+              f"{result['s3']['lease_taken_over']}, resumed from the bucket "
+              f"{result['s3']['resumed_from_bucket']}, killed inside a model swap "
+              f"{result['s3']['killed_in_model_swap']}, finished {result['s3']['finished']}, "
+              f"model loads {result['s3']['model_loads']}; steps lost "
+              f"{len(result['s3']['steps_lost'])}, largest per-step loss difference "
+              f"{result['s3']['max_loss_diff']}")  # fmt: skip
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     meta.save(result, args.json_out, args.command_line)
     return result
@@ -240,11 +282,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def summarize(args, faults: dict, outcome: dict, reference: dict, faulty: dict) -> dict:
     finished = outcome["finished"]
-    injected = len(outcome["kills_done"]) + 2 + 2  # the kills, two SIGTERMs, two bad checkpoints
+    # the kills, two SIGTERMs, two bad checkpoints, a kill inside the set-aside
+    injected = len(outcome["kills_done"]) + 2 + 2 + 1
     survived = len(outcome["kills_done"]) * finished
     survived += sum(finished and code != 0 for code in outcome["exit_codes"][:2])  # SIGTERMs
     survived += int(finished and outcome["fell_back"])
     survived += int(finished and outcome["passed_over_missing_model_states"])
+    survived += int(finished and outcome["killed_in_set_aside"])
     result = {
         "benchmark": "faults",
         "steps": args.steps,

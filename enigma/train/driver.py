@@ -163,7 +163,8 @@ def prepare_run(
     check_fits(cfg, workers_flag)
     order = {k: getattr(cfg, k) for k in DATA_ORDER_KEYS}
     stamp = fingerprint(cfg.model_config(), manifest, cfg.workers, order, tuned(cfg))
-    start = choose_resume(storage, resume, stamp)
+    faults = spec_fields.get("faults")
+    start = choose_resume(storage, resume, stamp, bool(faults and faults.kill_in_set_aside))
     resumed = start.state.precision if start else None
     chosen, line = precision.resolve(cfg.precision, ds, cfg.ds_config, cfg.gpus_per_worker > 0,
                                      resumed)  # fmt: skip

@@ -54,6 +54,8 @@ class Faults:
     kill_at_steps: tuple[int, ...] = ()  # the last rank exits once after each of these steps
     disk_full_at_step: int = 0  # checkpoints from this step on fail as on a full disk
     import_on_start: str = ""  # every worker imports this module first (a missing one fails)
+    kill_in_set_aside: bool = False  # the driver dies between a set-aside's two steps
+    kill_in_model_swap: str = ""  # rank 0 dies once inside its first S3 model swap, after this step
 
     @classmethod
     def from_env(cls, value: str | None) -> Faults:
@@ -66,6 +68,8 @@ class Faults:
                 tuple(data.get("kill_at_steps", ())),
                 int(data.get("disk_full_at_step", 0)),
                 str(data.get("import_on_start", "")),
+                bool(data.get("kill_in_set_aside", False)),
+                str(data.get("kill_in_model_swap", "")),
             )
         except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
             raise InputError(f"ENIGMA_FAULTS={value!r} is not a fault plan: {err}") from None

@@ -141,7 +141,7 @@ class Resume:
     state: TrainState
 
 
-def set_aside(storage: Storage, name: str, problem: str) -> str:
+def set_aside(storage: Storage, name: str, problem: str, die_between: bool = False) -> str:
     """Take the checkpoint ``name`` out of Ray Train's record (rewritten whole), then move it
     to ``damaged-NAME``; returns the new name. In that order: a kill between leaves a record
     that no longer names it and the directory where it was, which the next run judges again;
@@ -156,6 +156,11 @@ def set_aside(storage: Storage, name: str, problem: str) -> str:
         aside = f"damaged-{name}-{n}"
     fs, run_path = storage.filesystem(*CHECKPOINT_PARTS)
     forget_checkpoints(fs, run_path, {name})
+    if die_between:  # an injected fault (enigma bench faults): killed between the two steps
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     storage.move_dir((*CHECKPOINT_PARTS, name), (*CHECKPOINT_PARTS, aside))
     print(f"checkpoint {name} is damaged ({problem}): set aside as {aside}; trying the one "
           "before", flush=True)  # fmt: skip
@@ -176,7 +181,8 @@ def repair_record(storage: Storage, present: list[str]) -> None:
               "which are gone; taken out of it", flush=True)  # fmt: skip
 
 
-def choose_resume(storage: Storage, explicit: str | None, current: dict) -> Resume | None:
+def choose_resume(storage: Storage, explicit: str | None, current: dict,
+                  die_in_set_aside: bool = False) -> Resume | None:  # fmt: skip
     """The checkpoint this run starts from, said aloud: ``--resume PATH``, or the newest complete
     one of an earlier run in the same storage (the output directory, or ``--storage-path``), or
     none. Damaged ones are set aside; one that does not match ``current`` is refused."""
@@ -198,7 +204,7 @@ def choose_resume(storage: Storage, explicit: str | None, current: dict) -> Resu
         fs, path = storage.filesystem(*CHECKPOINT_PARTS, name)
         broken = damage(path, fs)
         if broken:
-            set_aside(storage, name, broken)
+            set_aside(storage, name, broken, die_in_set_aside)
             continue
         where = storage.uri(*CHECKPOINT_PARTS, name)
         return _checked(where, read_state(path, fs), current, f"the newest complete one in {run}")

@@ -413,13 +413,24 @@ class Worker:
             if self.rank == 0 and self.spec.storage.remote:
                 for name in ("model", "adapter"):
                     if Path(self.spec.local_dir(name)).is_dir():
-                        self.spec.storage.replace_model(Path(self.spec.local_dir(name)), name)
+                        self.upload(name)
         except Exception as err:  # re-raised below, after every rank knows
             error = err
         if any_rank(error is not None, self.engine.device):
             if error is not None:
                 raise error
             raise RuntimeError(f"step {self.state.step}: exporting {out} failed on another rank")
+
+    def upload(self, name: str) -> None:
+        """Swap the exported ``name`` into the remote storage; with the injected fault, die once
+        inside the swap (after its ``kill_in_model_swap`` step), as a killed node would."""
+        stop = self.spec.faults.kill_in_model_swap
+        marker = Path(self.spec.output_dir) / f".fault-injected-swap-{name}"
+        if stop and not marker.exists():
+            self.spec.storage.replace_model(Path(self.spec.local_dir(name)), name, stop)
+            marker.write_text(stop)
+            os._exit(1)
+        self.spec.storage.replace_model(Path(self.spec.local_dir(name)), name)
 
     def inject_fault(self) -> None:
         """Injected kills: the last rank dies once at each listed step; Ray restarts the group
