@@ -93,3 +93,14 @@ def test_ray_job_submit_onto_two_nodes_end_to_end(data, tmp_path):
         assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     finally:
         _stop_cluster(temp_dir)
+
+
+def test_a_lost_node_still_counts_for_what_could_be_placed():
+    """Two 8-GPU workers on two 8-GPU nodes: possible; judged on one node alone (the other
+    lost), never. The watch judges on every node seen alive since it began."""
+    from enigma.cluster.placement import never_fits
+
+    nodes = [{"CPU": 8, "GPU": 8}, {"CPU": 8, "GPU": 8}]
+    assert never_fits([{"GPU": 8}, {"GPU": 8}], nodes) is None
+    assert "the cluster has 8 GPU in all" in never_fits([{"GPU": 8}, {"GPU": 8}], nodes[:1])
+    assert "no node has {GPU 9}" in never_fits([{"GPU": 9}], nodes)

@@ -316,3 +316,96 @@ def test_export_of_a_checkpoint_a_live_run_deleted_is_one_line(tmp_path):
     shutil.rmtree(checkpoint)  # the live run's rotation, between listing and reading
     with pytest.raises(InputError, match="was deleted while it was read.*--step best"):
         export.pinned(checkpoint, tmp_path / "copy-to")
+
+
+def _interrupted(seconds: float = 10.0) -> None:
+    """Wait for the heartbeat to interrupt this (the main) thread, as Ctrl-C would."""
+    with pytest.raises(KeyboardInterrupt):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_takers_lock(
+    s3, tmp_path, monkeypatch, capsys
+):
+    """A holder paused past its term (SIGSTOP, a partition) finds at its next renewal that
+    another run took the lock over: it says so in one line and interrupts its main thread,
+    which ends a run, and its release leaves the taker's lock alone. Locally and on S3."""
+    from enigma.storage.locks import holder_record
+    from enigma.storage.store import Storage
+
+    monkeypatch.setenv("ENIGMA_LEASE_S", "0.6")
+    taker = {**holder_record("enigma train"), "host": "node-d", "pid": 11}
+    lock = tmp_path / ".lock"
+    held = DirectoryLock(lock, "enigma train").acquire()
+    fd = os.open(lock, os.O_RDWR)  # the taker rewrites the same file (NFS)
+    DirectoryLock._write(fd, taker)
+    os.close(fd)
+    _interrupted()
+    held.release()
+    assert json.loads(lock.read_text())["host"] == "node-d", "the taker's lock stays"
+
+    held = Storage.of("s3://runs/lost", str(tmp_path)).lock("enigma train").acquire()
+    s3.put_object(Bucket="runs", Key="lost/.lock", Body=json.dumps(taker).encode())
+    _interrupted()
+    held.release()
+    body = s3.get_object(Bucket="runs", Key="lost/.lock")["Body"].read()
+    assert json.loads(body)["host"] == "node-d", "the taker's lock stays"
+    err = capsys.readouterr().err
+    assert err.count("is no longer ours (taken over by enigma train (pid 11 on node-d") == 2
+    assert "was not removed" not in err
+
+
+def test_a_renewal_whose_answer_was_lost_is_ours_not_a_take_over(s3, tmp_path):
+    """The store applied a renewal whose answer never came back (the client then retries it and
+    gets 412): the object holds our own record, so the holder adopts its ETag and goes on."""
+    from enigma.storage.locks import renewed
+    from enigma.storage.objects import s3_client
+    from enigma.storage.store import Storage
+
+    with Storage.of("s3://runs/retried", str(tmp_path)).lock("enigma train") as held:
+        applied = renewed(held.record)
+        s3.put_object(Bucket="runs", Key="retried/.lock", Body=json.dumps(applied).encode())
+        client = s3_client(held.options)
+        held._renew(client)
+        assert held.etag == s3.head_object(Bucket="runs", Key="retried/.lock")["ETag"]
+        held._renew(client)  # and the next renewal goes through
+        body = s3.get_object(Bucket="runs", Key="retried/.lock")["Body"].read()
+        assert json.loads(body)["beat"] == applied["beat"] + 1
+
+
+def test_a_reused_pid_is_not_the_holder_that_had_it(s3, tmp_path, capsys):
+    """A lock names its holder's pid and start time: a later process given the same pid (here,
+    this one) is not it, so the lock is known dead at once."""
+    from enigma.storage.locks import alive_here, dead_here, holder_record
+    from enigma.storage.store import Storage
+
+    earlier = {**holder_record("enigma train"), "started": 1}  # this pid, an earlier process
+    assert dead_here(earlier) and not alive_here(earlier)
+    assert alive_here(holder_record("enigma train"))
+    s3.put_object(Bucket="runs", Key="reused/.lock", Body=json.dumps(earlier).encode())
+    start = time.monotonic()
+    with Storage.of("s3://runs/reused", str(tmp_path)).lock("enigma train") as lock:
+        assert lock.held and time.monotonic() - start < 5
+    assert f"left by pid {os.getpid()} (gone)" in capsys.readouterr().out
+
+
+def test_what_the_user_fixes_about_a_lock_is_one_line(s3, tmp_path, monkeypatch):
+    from enigma.storage.store import Storage
+
+    with pytest.raises(InputError, match="NoSuchBucket.*check the bucket's name"):
+        Storage.of("s3://no-such-bucket/run", str(tmp_path)).lock("enigma train").acquire()
+    monkeypatch.setenv("ENIGMA_LEASE_S", "30s")
+    with pytest.raises(InputError, match="ENIGMA_LEASE_S='30s' is not a lease term"):
+        DirectoryLock(tmp_path / ".lock", "enigma train").acquire()
+
+
+def test_a_lock_released_while_watched_is_released_not_renewed():
+    from enigma.storage.locks import watch_lease
+
+    reads = iter([{"beat": 1}, {"beat": 1}, None])
+    assert watch_lease(lambda: next(reads), term_s=1.0, poll_s=0.01) == "released"
+    assert watch_lease(lambda: {"beat": 1}, term_s=0.1, poll_s=0.01) == "lapsed"
+    reads = iter([{"beat": 1}, {"beat": 2}])
+    assert watch_lease(lambda: next(reads), term_s=1.0, poll_s=0.01) == "renewed"

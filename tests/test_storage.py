@@ -140,7 +140,7 @@ def test_an_error_in_the_file_system_layer_keeps_its_traceback(monkeypatch):
         Storage.of("s3://runs/run", "out").filesystem()
 
 
-@pytest.mark.parametrize("killed_after", ["upload", "empty", "copy-one", "copy"])
+@pytest.mark.parametrize("killed_after", ["upload", "unmark", "empty", "copy-one", "copy"])
 def test_a_kill_inside_the_model_swap_on_s3_leaves_a_model_that_loads(
     bucket, tmp_path, killed_after
 ):
@@ -172,3 +172,22 @@ def test_a_kill_inside_the_model_swap_on_s3_leaves_a_model_that_loads(
     storage.replace_model(tmp_path / "new", "model")
     objects = [k.removeprefix(prefix) for k in keys(bucket, prefix) if not k.endswith("/")]
     assert sorted(objects) == sorted(f"model/{f.name}" for f in (tmp_path / "new").iterdir())
+
+
+def test_a_kill_inside_the_adapter_swap_on_s3_is_completed(bucket, tmp_path):
+    """A PEFT adapter says it is whole by its adapter_config.json (it has no config.json):
+    killed once the old adapter was emptied, the copy beside is put in, not thrown away."""
+    from enigma.storage.store import Storage
+
+    storage = Storage.of(uri(bucket, "swap-adapter"), str(tmp_path))
+    for version in ("old", "new"):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "adapter_config.json").write_text(f'{{"v": "{version}"}}')
+        (tmp_path / version / "adapter_model.safetensors").write_bytes(version.encode() * 100)
+    storage.replace_model(tmp_path / "old", "adapter")
+    storage.replace_model(tmp_path / "new", "adapter", stop_after="empty")
+    assert storage.recover_model("adapter")
+    assert storage.download(tmp_path / "read", "adapter")
+    assert (tmp_path / "read" / "adapter_config.json").read_text() == '{"v": "new"}'
+    assert (tmp_path / "read" / "adapter_model.safetensors").read_bytes() == b"new" * 100
+    assert not keys(bucket, "swap-adapter/.adapter.next/")

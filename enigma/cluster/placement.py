@@ -63,11 +63,24 @@ class PlacementWatch:
     free) or while the cluster could hold it once other jobs let go. It fails at once only when
     no arrangement of the cluster's nodes could ever hold it (a bundle larger than every node, or
     more in all than the cluster has), and after ``timeout_s`` (> 0) of waiting with nothing of
-    ours placed; 0 waits as long as it takes. ``check()`` gives the failure's message (None
-    while all is well); ``waiting()`` a line saying what waits and for what."""
+    ours placed; 0 waits as long as it takes. A node lost during the run still counts (it may
+    return, or be replaced), and a group Ray reschedules is never judged unplaceable.
+    ``check()`` gives the failure's message (None while all is well); ``waiting()`` a line
+    saying what waits and for what."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s, self.since = timeout_s, None
+        self.seen: dict[str, dict] = {}  # every node alive at some check: a lost one may return
+
+    def nodes(self) -> list[dict]:
+        """The resources of every node seen alive since the watch began (the cluster at its
+        largest: a node lost meanwhile may come back, or be replaced)."""
+        import ray
+
+        for node in ray.nodes():
+            if node.get("Alive"):
+                self.seen[node["NodeID"]] = node["Resources"]
+        return list(self.seen.values())
 
     def check(self) -> str | None:
         now = time.monotonic()
@@ -79,8 +92,9 @@ class PlacementWatch:
         # some group of ours has been waiting, without a break, with none of ours placed.
         stalled = bool(pending) and not placed
         self.since = (self.since or now) if stalled else None
-        for group in pending:
-            never = never_fits(group.bundles)
+        # A group Ray reschedules (its node was lost) was placed once: it may be again.
+        for group in [g for g in pending if g.state == "PENDING"]:
+            never = never_fits(group.bundles, self.nodes())
             if never:
                 return (f"workers can never be placed: asked for {_bundles(group.bundles)}, "
                         f"but {never}; ask for fewer workers, CPUs or GPUs")  # fmt: skip
@@ -109,11 +123,8 @@ class PlacementWatch:
                 "job's running workers)")  # fmt: skip
 
 
-def never_fits(bundles) -> str | None:
-    """Why ``bundles`` could never be placed on the cluster's live nodes, or None."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def never_fits(bundles, nodes: list[dict]) -> str | None:
+    """Why ``bundles`` could never be placed on ``nodes`` (their resources), or None."""
     total: dict[str, float] = {}
     for node in nodes:
         for k, v in node.items():

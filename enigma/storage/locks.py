@@ -39,14 +39,33 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from ..errors import InputError
 
-# The lease's term in seconds: a record unchanged this long is a lapsed lease.
-TERM_S = float(os.environ.get("ENIGMA_LEASE_S", "30"))
-SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "lustre",
-                       "gpfs", "beegfs", "9p", "virtiofs")  # fmt: skip
+# File systems only this host mounts: a lock file there written under another boot id was left
+# before a reboot. Any other (NFS, CIFS, Lustre, FUSE, one not listed) is judged by its lease.
+LOCAL_FILE_SYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "bcachefs", "tmpfs",
+                      "ramfs", "overlay", "jfs", "reiserfs", "nilfs2")  # fmt: skip
+
+
+def lease_term() -> float:
+    """The lease's term in seconds (``ENIGMA_LEASE_S``, 30): a record unchanged this long is a
+    lapsed lease."""
+    value = os.environ.get("ENIGMA_LEASE_S", "30")
+    try:
+        term = float(value)
+    except ValueError:
+        term = float("nan")
+    if not term > 0 or term == float("inf"):
+        raise InputError(f"ENIGMA_LEASE_S={value!r} is not a lease term: give a number of "
+                         "seconds above 0, e.g. ENIGMA_LEASE_S=30")  # fmt: skip
+    return term
+
+
+class LeaseLost(Exception):
+    """The lease was taken over (or its lock removed) while its holder lived: it must stop."""
 
 
 def _boot_id() -> str:
@@ -64,8 +83,20 @@ def _pid_namespace() -> int:
         return 0
 
 
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``'s 22nd
+    field): with the pid, it names one process, whatever reuses the pid later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command, in parentheses, may hold spaces
+    return int(fields[19])
+
+
 def holder_record(what: str) -> dict:
-    """Who holds a lock: written into it, read back by whoever is refused."""
+    """Who holds a lock: written into it, read back by whoever is refused. ``token`` tells this
+    holding from any other, even by the same process."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {
         "what": what,
@@ -73,9 +104,11 @@ def holder_record(what: str) -> dict:
         "boot_id": _boot_id(),
         "pid_ns": _pid_namespace(),
         "pid": os.getpid(),
+        "started": _started(os.getpid()),
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500],
         "since": now,
-        "term_s": TERM_S,
+        "term_s": lease_term(),
+        "token": uuid.uuid4().hex,
         "beat": 0,
         "renewed": now,
     }
@@ -110,14 +143,16 @@ def _parse(text: str | bytes) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` lives and, when its start time was recorded, is that process
+    (not a later one given the same pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return started is None or _started(pid) in (None, started)
 
 
 def _here(record: dict | None) -> bool:
@@ -129,16 +164,17 @@ def _here(record: dict | None) -> bool:
 
 def dead_here(record: dict | None) -> bool:
     """A holder known dead without waiting: a process of ours that no longer exists."""
-    return _here(record) and not _alive(record["pid"])
+    return _here(record) and not _alive(record["pid"], record.get("started"))
 
 
 def alive_here(record: dict | None) -> bool:
     """A holder known alive without waiting: a process of ours that exists."""
-    return _here(record) and _alive(record["pid"])
+    return _here(record) and _alive(record["pid"], record.get("started"))
 
 
 def shared_file_system(path: Path) -> bool:
-    """Whether ``path`` lies on a file system other hosts mount too (NFS and the like)."""
+    """Whether ``path`` may lie on a file system other hosts mount too: any but the local
+    kinds this knows (:data:`LOCAL_FILE_SYSTEMS`)."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
     except OSError:
@@ -149,29 +185,48 @@ def shared_file_system(path: Path) -> bool:
         if len(fields) >= 3 and target.startswith(fields[1].rstrip("/") + "/") and len(
                 fields[1]) >= len(best):  # fmt: skip
             best, kind = fields[1], fields[2]
-    return kind.startswith("fuse") or kind in SHARED_FILE_SYSTEMS
+    return kind not in LOCAL_FILE_SYSTEMS
 
 
-def lapsed(read, record: dict | None, term_s: float, poll_s: float | None = None) -> bool:
-    """Whether the lease in ``record`` lapses: ``read()`` (the record, or a version of it such
-    as an ETag) shows no change for a whole term. Watched here, not judged by the holder's
-    clock, which may differ from ours."""
+def watch_lease(read, term_s: float, poll_s: float | None = None) -> str:
+    """Watch a lease for a whole term: ``read()`` gives its record (or a version of it such as
+    an ETag; None once the lock is gone). ``"renewed"`` when it changes, ``"released"`` when it
+    goes, ``"lapsed"`` when it stays as it was. Watched here, not judged by the holder's clock,
+    which may differ from ours."""
     poll_s = poll_s or max(0.05, term_s / 12)
     first, deadline = read(), time.monotonic() + term_s
+    if first is None:
+        return "released"
     while time.monotonic() < deadline:
         time.sleep(poll_s)
-        if read() != first:
-            return False
-    return True
+        now = read()
+        if now is None:
+            return "released"
+        if now != first:
+            return "renewed"
+    return "lapsed"
+
+
+def stop_the_holder(what: str, err: LeaseLost) -> None:
+    """A holder whose lease was taken over must not write on as if it held it: said in one
+    line, and the process's main thread is interrupted (as by Ctrl-C), which ends a run."""
+    import _thread
+
+    print(f"error: the lock of {what} is no longer ours ({err}): stopping, since another run "
+          "now writes there (a pause longer than the lease's term, ENIGMA_LEASE_S, does "
+          "this)", file=sys.stderr, flush=True)  # fmt: skip
+    _thread.interrupt_main()
 
 
 class Heartbeat(threading.Thread):
-    """Calls ``renew()`` every ``term_s / 6`` seconds until stopped; a renewal that fails
-    (the lease was taken over, the store is unreachable) is said once a term."""
+    """Calls ``renew()`` every ``term_s / 6`` seconds until stopped. A renewal that fails for a
+    while (the store is unreachable) is said once a term; one that finds the lease taken over
+    (:class:`LeaseLost`) stops the heartbeat and calls ``lost(err)``."""
 
-    def __init__(self, renew, term_s: float, what: str):
+    def __init__(self, renew, term_s: float, what: str, lost=None):
         super().__init__(daemon=True, name=f"lease {what}")
         self.renew, self.every, self.what = renew, term_s / 6, what
+        self.lost = lost or (lambda err: stop_the_holder(what, err))
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -179,6 +234,10 @@ class Heartbeat(threading.Thread):
         while not self.stopped.wait(self.every):
             try:
                 self.renew()
+            except LeaseLost as err:
+                if not self.stopped.is_set():
+                    self.lost(err)
+                return
             except Exception as err:  # the holder goes on; a taker-over is told in the note
                 if time.monotonic() - failed > 6 * self.every:
                     print(f"warning: the lease of {self.what} was not renewed ({err})",
@@ -187,8 +246,15 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-        if self.is_alive() and self is not threading.current_thread():
-            self.join(timeout=5)
+
+
+def _term_of(record: dict | None) -> float:
+    """The term its holder's lease was written with (ours for a record without one)."""
+    try:
+        term = float((record or {}).get("term_s") or lease_term())
+    except (TypeError, ValueError):
+        term = lease_term()
+    return term if term > 0 else lease_term()
 
 
 class DirectoryLock:
@@ -203,6 +269,7 @@ class DirectoryLock:
         self.fd: int | None = None
         self.record: dict | None = None
         self.heart: Heartbeat | None = None
+        self.mutex = threading.Lock()  # a renewal and the release never interleave
 
     @property
     def held(self) -> bool:
@@ -216,7 +283,7 @@ class DirectoryLock:
             try:
                 if self._lock(fd, deadline) and self._claim(fd, deadline):
                     self.fd = fd
-                    self.heart = Heartbeat(self._renew, TERM_S, str(self.target))
+                    self.heart = Heartbeat(self._renew, lease_term(), str(self.target))
                     self.heart.start()
                     return self
             except BaseException:
@@ -250,9 +317,9 @@ class DirectoryLock:
         if previous and not same_kernel(previous):
             if not shared_file_system(self.path):
                 reason = "before this host's last boot, which ended it"
-            elif lapsed(self._read_fresh, previous, float(previous.get("term_s", TERM_S))):
-                reason = f"its lease was not renewed for {previous.get('term_s', TERM_S):g} s"
-            elif time.monotonic() < deadline:
+            elif (seen := watch_lease(self._read_fresh, _term_of(previous))) == "lapsed":
+                reason = f"its lease was not renewed for {_term_of(previous):g} s"
+            elif seen == "released" or time.monotonic() < deadline:
                 return False  # a live holder on another host: try again until the deadline
             else:
                 raise InputError(f"{self.target} is in use by {describe(previous)}, on another "
@@ -283,8 +350,17 @@ class DirectoryLock:
         os.fsync(fd)
 
     def _renew(self) -> None:
-        fd = self.fd
-        if fd is not None and self.record is not None:
+        with self.mutex:
+            fd = self.fd
+            if fd is None or self.record is None:
+                return
+            if not self._still_ours(fd):
+                raise LeaseLost(f"{self.path} was removed or replaced")
+            found = self._read_fresh()
+            if found is None:
+                return  # caught mid-write (or unreadable): judged at the next beat
+            if found.get("token") != self.record["token"]:
+                raise LeaseLost(f"taken over by {describe(found)}")
             self.record = renewed(self.record)
             self._write(fd, self.record)
 
@@ -306,14 +382,17 @@ class DirectoryLock:
             return
         if self.heart is not None:
             self.heart.stop()
-        fd, self.fd = self.fd, None
-        try:
-            if self._still_ours(fd):
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(fd)
+        with self.mutex:
+            fd, self.fd = self.fd, None
+            try:
+                found = self._read_fresh()
+                mine = found is None or found.get("token") == (self.record or {}).get("token")
+                if self._still_ours(fd) and mine:  # a run that took the lock over keeps it
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()

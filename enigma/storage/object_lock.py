@@ -8,16 +8,54 @@ import sys
 
 from ..errors import InputError
 from .locks import (
-    TERM_S,
     Heartbeat,
+    LeaseLost,
     _parse,
+    _term_of,
     alive_here,
     dead_here,
     describe,
     holder_record,
-    lapsed,
+    lease_term,
     renewed,
+    watch_lease,
 )
+
+# What a conditional write's refusal is called by the stores that have them.
+PRECONDITION = ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+def store_errors(shown: str):
+    """A context that turns what a user fixes (no credentials, no bucket, no access, no endpoint,
+    a boto3 without conditional writes) into one line naming the storage path; any other error
+    keeps its traceback."""
+    import contextlib
+
+    import botocore.exceptions as be
+
+    @contextlib.contextmanager
+    def context():
+        try:
+            yield
+        except be.NoCredentialsError:
+            raise InputError(f"no credentials for {shown}: set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (or an AWS profile)") from None  # fmt: skip
+        except (be.EndpointConnectionError, be.ConnectTimeoutError) as err:
+            raise InputError(f"{shown}: the store cannot be reached ({err}); check the endpoint "
+                             "(AWS_ENDPOINT_URL or endpoint_override=)") from None  # fmt: skip
+        except be.ParamValidationError as err:
+            raise InputError(f"{shown}: this boto3 cannot send conditional writes ({err}); "
+                             "pip install 'boto3>=1.36'") from None  # fmt: skip
+        except be.ClientError as err:
+            code = err.response.get("Error", {}).get("Code")
+            if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "403",
+                        "SignatureDoesNotMatch", "AllAccessDisabled"):  # fmt: skip
+                raise InputError(f"{shown}: the store refused ({code}: "
+                                 f"{err.response.get('Error', {}).get('Message', '')}); check "
+                                 "the bucket's name and the credentials") from None  # fmt: skip
+            raise
+
+    return context()
 
 
 class ObjectLock:
@@ -25,6 +63,8 @@ class ObjectLock:
     is what messages say is in use."""
 
     def __init__(self, lock_uri: str, what: str, shown: str | None = None):
+        import threading
+
         from .objects import split_object_uri
 
         self.lock_uri, self.what = lock_uri, what
@@ -34,6 +74,8 @@ class ObjectLock:
         self.etag: str | None = None
         self.record: dict | None = None
         self.heart: Heartbeat | None = None
+        self.lost = False  # the lease was taken over: nothing of it is ours to delete
+        self.mutex = threading.Lock()  # a renewal and the release never interleave
 
     @property
     def held(self) -> bool:
@@ -47,18 +89,29 @@ class ObjectLock:
         client = s3_client(self.options)
         self.record = holder_record(self.what)
         body = json.dumps(self.record).encode()
-        try:
-            done = client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
-        except client.exceptions.ClientError as err:
-            code = err.response.get("Error", {}).get("Code")
-            if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                self._refused_conditions(err, code)
-                raise
-            done = self._take_over(client, body)
+        with store_errors(self.shown):
+            done = self._create(client, body)
         self.etag = done["ETag"]
-        self.heart = Heartbeat(lambda: self._renew(client), TERM_S, self.shown)
+        self.heart = Heartbeat(lambda: self._renew(client), lease_term(), self.shown,
+                               lost=self._lost)  # fmt: skip
         self.heart.start()
         return self
+
+    def _create(self, client, body: bytes, tries: int = 5) -> dict:
+        """The conditional create; taken over (or adopted) when the object is there."""
+        for _ in range(tries):
+            try:
+                return client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                         IfNoneMatch="*")  # fmt: skip
+            except client.exceptions.ClientError as err:
+                code = err.response.get("Error", {}).get("Code")
+                if code not in PRECONDITION:
+                    self._refused_conditions(err, code)
+                    raise
+            done = self._take_over(client, body)
+            if done is not None:
+                return done
+        raise InputError(f"{self.shown}: its lock keeps changing hands; try again")
 
     def _refused_conditions(self, err, code) -> None:
         """A store without conditional writes: one line naming it (other errors keep theirs)."""
@@ -77,34 +130,66 @@ class ObjectLock:
             return None, None
         return _parse(found["Body"].read()), found["ETag"]
 
-    def _take_over(self, client, body: bytes) -> dict:
+    def _take_over(self, client, body: bytes) -> dict | None:
+        """The lock object is there: ours (a retried create that had gone through), a dead or
+        lapsed holder's (taken over), or a live one's (refused). None: it went meanwhile."""
         record, etag = self._current(client)
-        if etag is None:  # released meanwhile: create it as a first holder would
-            return client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfNoneMatch="*")
+        if etag is None:
+            return None  # released meanwhile: create it again
+        if record is not None and record.get("token") == self.record["token"]:
+            return {"ETag": etag}  # our own create, retried by the client after it succeeded
         if dead_here(record):
             reason = f"left by pid {record['pid']} (gone)"
         elif alive_here(record):
             raise InputError(f"{self.shown} is in use by {describe(record)}; wait for it to end "
                              "or choose another storage path")  # fmt: skip
         else:
-            term = float((record or {}).get("term_s", TERM_S))
-            if not lapsed(lambda: self._current(client)[1], record, term):
+            term = _term_of(record)
+            seen = watch_lease(lambda: self._current(client)[1], term)
+            if seen == "released":
+                return None
+            if seen == "renewed":
                 raise InputError(
                     f"{self.shown} is in use by {describe(record)}, which keeps renewing its "
                     f"lease; if you know that run is gone, `enigma unlock {self.shown}`"
                 )
             reason = f"from {describe(record)}: its lease was not renewed for {term:g} s"
-        print(f"note: taking over the lock of {self.shown} {reason}", flush=True)
         try:  # of two takers-over, the one whose If-Match still holds wins
-            return client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
-        except client.exceptions.ClientError:
+            done = client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
+        except client.exceptions.ClientError as err:
+            if err.response.get("Error", {}).get("Code") not in (*PRECONDITION, "NoSuchKey"):
+                raise
             raise InputError(f"{self.shown} was taken over by another run just now") from None
+        print(f"note: taking over the lock of {self.shown} {reason}", flush=True)
+        return done
 
     def _renew(self, client) -> None:
-        record = renewed(self.record)
-        done = client.put_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag,
-                                 Body=json.dumps(record).encode())  # fmt: skip
-        self.record, self.etag = record, done["ETag"]
+        with self.mutex:
+            if self.etag is None:
+                return
+            record = renewed(self.record)
+            body = json.dumps(record).encode()
+            try:
+                done = client.put_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag,
+                                         Body=body)  # fmt: skip
+            except client.exceptions.ClientError as err:
+                code = err.response.get("Error", {}).get("Code")
+                if code not in (*PRECONDITION, "NoSuchKey"):
+                    raise
+                found, etag = self._current(client)
+                if found is None:
+                    raise LeaseLost(f"{self.path} was removed") from None
+                if found.get("token") != record["token"]:
+                    raise LeaseLost(f"taken over by {describe(found)}") from None
+                done = {"ETag": etag}  # our renewal went through; the client's retry did not
+                record = found
+            self.record, self.etag = record, done["ETag"]
+
+    def _lost(self, err: LeaseLost) -> None:
+        from .locks import stop_the_holder
+
+        self.lost = True
+        stop_the_holder(self.shown, err)
 
     def _acquire_unconditional(self) -> ObjectLock:
         """Check, write, read back: the best a store without conditional writes allows here."""
@@ -121,8 +206,8 @@ class ObjectLock:
         found = read()
         if found is not None:
             record = _parse(found)
-            term = float((record or {}).get("term_s", TERM_S))
-            if not (dead_here(record) or lapsed(read, record, term)):
+            term = _term_of(record)
+            if not (dead_here(record) or watch_lease(read, term) != "renewed"):
                 raise InputError(f"{self.shown} is in use by {describe(record)}; if you know "
                                  f"that run is gone, `enigma unlock {self.shown}`")  # fmt: skip
             print(f"note: taking over the lock of {self.shown} from {describe(record)}",
@@ -142,7 +227,7 @@ class ObjectLock:
             self.record = renewed(self.record)
             write()
 
-        self.heart = Heartbeat(renew, TERM_S, self.shown)
+        self.heart = Heartbeat(renew, lease_term(), self.shown)
         self.heart.start()
         return self
 
@@ -153,7 +238,10 @@ class ObjectLock:
             return
         if self.heart is not None:
             self.heart.stop()
-        etag, self.etag = self.etag, None
+        with self.mutex:
+            etag, self.etag = self.etag, None
+        if self.lost:
+            return  # taken over: the lock is the new holder's
         try:
             if self.scheme != "s3":
                 import pyarrow.fs as pafs

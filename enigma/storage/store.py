@@ -24,6 +24,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import InputError
 
+# What says an export is whole: from_pretrained's config, or a PEFT adapter's. Written last.
+MARKERS = ("config.json", "adapter_config.json")
 CHECKPOINT_PARTS = ("ray", "train")  # Ray Train's storage_path is ROOT/ray, its run name "train"
 # Query options that are credentials (pyarrow's S3 and GCS URI options).
 SECRET_OPTIONS = {"access_key", "secret_key", "session_token", "access_token", "credentials"}
@@ -166,10 +168,11 @@ class Storage:
     def replace_model(self, staged: Path, name: str, stop_after: str | None = None) -> None:
         """Put the exported model at ``root/name``. Object stores have no rename, so the swap
         goes in steps each of which leaves a model that loads (see :meth:`recover_model`):
-        upload beside it, to ``.name.next/`` (``config.json``, what ``from_pretrained`` looks
-        for, last: its presence says the copy is whole); empty ``name/``; copy the new files
-        in, ``config.json`` last; remove ``.name.next/``. ``stop_after`` (a step's name) stops
-        there, as a kill would: for the tests and ``enigma bench faults``."""
+        upload beside it, to ``.name.next/`` (the :data:`MARKERS`, what ``from_pretrained``
+        looks for, last: their presence says the copy is whole); empty ``name/``, its marker
+        first; copy the new files in, the marker last; remove ``.name.next/``. ``stop_after``
+        (a step's name) stops there, as a kill would: for the tests and ``enigma bench
+        faults``."""
         import pyarrow.fs as pafs
 
         self.recover_model(name)
@@ -177,12 +180,17 @@ class Storage:
         _, beside = self.filesystem(f".{name}.next")
         fs.delete_dir_contents(beside, missing_dir_ok=True)
         fs.create_dir(beside, recursive=True)
-        for f in sorted(staged.iterdir(), key=lambda f: f.name == "config.json"):
+        for f in sorted(staged.iterdir(), key=lambda f: f.name in MARKERS):
             with open(f, "rb") as src, fs.open_output_stream(f"{beside}/{f.name}") as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
         if stop_after == "upload":
             return
         if fs.get_file_info(path).type == pafs.FileType.Directory:
+            for marker in MARKERS:  # first: a model without it is one the next swap completes
+                if fs.get_file_info(f"{path}/{marker}").type == pafs.FileType.File:
+                    fs.delete_file(f"{path}/{marker}")
+            if stop_after == "unmark":
+                return
             fs.delete_dir_contents(path)
         if stop_after == "empty":
             return
@@ -194,7 +202,7 @@ class Storage:
 
         fs.create_dir(path, recursive=True)
         files = fs.get_file_info(pafs.FileSelector(beside))
-        for info in sorted(files, key=lambda i: i.base_name == "config.json"):
+        for info in sorted(files, key=lambda i: i.base_name in MARKERS):
             fs.copy_file(info.path, f"{path}/{info.base_name}")  # server-side on object stores
             if stop_after == "copy-one":
                 return
@@ -204,7 +212,7 @@ class Storage:
 
     def recover_model(self, name: str = "model") -> bool:
         """Finish a swap of ``root/name`` that a kill interrupted: when ``.name.next/`` is
-        whole and ``name/`` is not (no ``config.json``), copy it in; a whole ``name/`` stays
+        whole and ``name/`` is not (no marker), copy it in; a whole ``name/`` stays
         (a swap killed before it emptied the old model) and the copy beside goes. True when it
         put a model back. Local storage: :func:`enigma.storage.atomic.recover` does it."""
         import pyarrow.fs as pafs
@@ -215,8 +223,12 @@ class Storage:
         _, beside = self.filesystem(f".{name}.next")
         if fs.get_file_info(beside).type != pafs.FileType.Directory:
             return False
-        whole = fs.get_file_info(f"{beside}/config.json").type == pafs.FileType.File
-        current = fs.get_file_info(f"{path}/config.json").type == pafs.FileType.File
+
+        def marked(directory: str) -> bool:
+            return any(fs.get_file_info(f"{directory}/{m}").type == pafs.FileType.File
+                       for m in MARKERS)  # fmt: skip
+
+        whole, current = marked(beside), marked(path)
         if whole and not current:
             self._finish_swap(fs, beside, path)
             print(f"note: {self.uri(name)} was completed from the copy an interrupted export "

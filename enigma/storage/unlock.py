@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from .locks import TERM_S, _parse, alive_here, describe, lapsed
+from .locks import _parse, _term_of, alive_here, describe, watch_lease
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def unlock_local(path: Path) -> dict | None:
-    """Remove the lock file ``path`` unless a live holder has it; returns its record."""
+def unlock_local(path: Path) -> tuple[dict | None, bool]:
+    """Remove the lock file ``path`` unless a live holder has it; returns its record, and
+    whether its holder released it meanwhile."""
     if not path.is_file():
         raise InputError(f"{path} does not exist: nothing to unlock")
     fd = os.open(path, os.O_RDWR)
@@ -46,15 +47,17 @@ def unlock_local(path: Path) -> dict | None:
                 return None
 
         record = read()
-        _refuse_if_renewed(read, record, str(path))
-        path.unlink(missing_ok=True)
-        return record
+        released = _refuse_if_renewed(read, record, str(path))
+        if not released:
+            path.unlink(missing_ok=True)
+        return record, released
     finally:
         os.close(fd)
 
 
-def unlock_object(uri: str, shown: str) -> dict | None:
-    """Delete the lock object ``uri`` unless its lease is being renewed; returns its record."""
+def unlock_object(uri: str, shown: str) -> tuple[dict | None, bool]:
+    """Delete the lock object ``uri`` unless its lease is being renewed; returns its record,
+    and whether its holder released it meanwhile."""
     from .object_lock import ObjectLock
 
     lock = ObjectLock(uri, "enigma unlock", shown=shown)
@@ -73,29 +76,36 @@ def unlock_object(uri: str, shown: str) -> dict | None:
         if found is None:
             raise InputError(f"{lock.path} does not exist: nothing to unlock")
         record = _parse(found)
-        _refuse_if_renewed(read, record, shown)
-        fs.delete_file(path)
-        return record
+        released = _refuse_if_renewed(read, record, shown)
+        if not released:
+            fs.delete_file(path)
+        return record, released
+    from .object_lock import store_errors
     from .objects import s3_client
 
     client = s3_client(lock.options)
-    record, etag = lock._current(client)
-    if etag is None:
-        raise InputError(f"{lock.path} does not exist: nothing to unlock")
-    _refuse_if_renewed(lambda: lock._current(client)[1], record, shown)
-    client.delete_object(Bucket=lock.bucket, Key=lock.key, IfMatch=etag)
-    return record
+    with store_errors(shown):
+        record, etag = lock._current(client)
+        if etag is None:
+            raise InputError(f"{lock.path} does not exist: nothing to unlock")
+        released = _refuse_if_renewed(lambda: lock._current(client)[1], record, shown)
+        if not released:
+            client.delete_object(Bucket=lock.bucket, Key=lock.key, IfMatch=etag)
+    return record, released
 
 
-def _refuse_if_renewed(read, record: dict | None, shown: str) -> None:
+def _refuse_if_renewed(read, record: dict | None, shown: str) -> bool:
+    """Refuse a lock whose holder lives; True when its holder released it while watched."""
     if alive_here(record):
         raise InputError(f"{shown} is held by {describe(record)}, alive on this host; stop it "
                          "rather than unlock it")  # fmt: skip
-    term = float((record or {}).get("term_s", TERM_S))
+    term = _term_of(record)
     print(f"watching the lease of {shown} for {term:g} s ...", flush=True)
-    if not lapsed(read, record, term):
+    seen = watch_lease(read, term)
+    if seen == "renewed":
         raise InputError(f"{shown} is held by {describe(record)}, which keeps renewing its lease; "
                          "stop that run rather than unlock it")  # fmt: skip
+    return seen == "released"
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -103,12 +113,15 @@ def run(args: argparse.Namespace) -> dict | None:
 
     if is_uri(args.target):
         storage = Storage.of(args.target, ".")
-        record = unlock_object(storage.uri(".lock"), storage.uri())
+        record, released = unlock_object(storage.uri(".lock"), storage.uri())
         shown = storage.uri()
     else:
         path = Path(args.target)
         path = path / ".lock" if path.is_dir() else path
-        record = unlock_local(path)
+        record, released = unlock_local(path)
         shown = str(path)
-    print(f"removed the lock {shown}, left by {describe(record)}", flush=True)
+    if released:
+        print(f"the lock {shown} was released by its holder, {describe(record)}", flush=True)
+    else:
+        print(f"removed the lock {shown}, left by {describe(record)}", flush=True)
     return record

@@ -14,6 +14,7 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from ..errors import InputError
 from ..models.lm_config import PRESET_SEQ_LEN, EnigmaConfig, preset_fields
@@ -128,7 +129,10 @@ class TrainConfig:
     @property
     def resolved_run_name(self) -> str:
         # A run resumed elsewhere from the same storage keeps its name, and so its curves.
-        where = self.storage_path.rstrip("/") if self.storage_path else self.output_dir
+        # The URI's path only: its query (an endpoint) names no run.
+        where = (
+            urlsplit(self.storage_path).path.rstrip("/") if self.storage_path else self.output_dir
+        )
         return self.run_name or PurePosixPath(where).name or Path(where).resolve().name or "run"
 
     @property
