@@ -108,3 +108,36 @@ def test_windows_score_every_token_once_beyond_the_training_length(saved, tmp_pa
         (saved / "bare").mkdir()
         (saved / "bare" / "config.json").write_text("{}")
         training_length(str(saved / "bare"), None)
+
+
+def test_lm_eval_runs_unchanged_on_saved_models(saved, tmp_path):
+    """The harness's own command line, as a user types it: multiple choice, rolling perplexity and
+    generation on a pretrained model, generation through the chat template on a fine-tuned one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    found = {}
+    for name, tasks, extra in (("plain", "enigma_mc,enigma_text,enigma_gen", []),
+                               ("chat", "enigma_gen", ["--apply_chat_template"])):  # fmt: skip
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={saved / name},trust_remote_code=True", "--tasks", tasks,
+               "--include_path", str(HARNESS), "--output_path", str(out), "--log_samples",
+               *extra]  # fmt: skip
+        done = subprocess.run(cmd, cwd=HARNESS, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (results,) = out.rglob("results_*.json")
+        found[name] = json.loads(results.read_text())
+        samples = {p.name.split("_20")[0]: p for p in out.rglob("samples_*.jsonl")}
+        generated = [json.loads(line) for line in samples["samples_enigma_gen"].open()]
+        assert len(generated) == 3 and all(isinstance(g["resps"][0][0], str) for g in generated)
+    plain = found["plain"]["results"]
+    assert 0 <= plain["enigma_mc"]["acc,none"] <= 1
+    assert plain["enigma_text"]["bits_per_byte,none"] > 0
+    assert 0 <= plain["enigma_gen"]["exact_match,none"] <= 1
+    assert "enigma_gen" in found["chat"]["results"]
+    assert "助手：" in found["chat"]["chat_template"], "the model's own template was applied"
+    assert found["plain"].get("chat_template") is None

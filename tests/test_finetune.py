@@ -328,3 +328,23 @@ def test_lora_flags_beside_full_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--full trains every weight, no LoRA: drop --lora-alpha" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("task", ["sort", "reverse", "rotate"])
+def test_the_benchmarks_test_answers_are_never_training_answers(task):
+    from enigma.benchmarks.finetune_tasks import TASKS, answers_shared, make_splits
+
+    sizes = {"train": 3000, "dev": 150, "test": 200}
+    rows = make_splits(task, 5, sizes, seed=1)
+    assert {k: len(v) for k, v in rows.items()} == sizes
+    answer_of = TASKS[task][1]
+    for name, split in rows.items():  # each answer is what the task makes of its prompt
+        for r in split[:50]:
+            assert r["output"] == answer_of(r["instruction"][-5:]), name
+    assert answers_shared(rows) == 0
+    answers = {name: {r["output"] for r in split} for name, split in rows.items()}
+    assert not answers["train"] & answers["dev"] and not answers["dev"] & answers["test"]
+    prompts = [r["instruction"] for split in rows.values() for r in split]
+    assert len(prompts) == len(set(prompts))
+    if task == "sort":  # a multiset is one answer: none of its orderings is in two splits
+        assert not answers["train"] & answers["test"]

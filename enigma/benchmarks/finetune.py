@@ -21,6 +21,7 @@ Runs go ``--parallel`` at a time, one process and one thread each.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -174,12 +175,21 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise InputError(f"--tasks: unknown {', '.join(sorted(unknown))}; of {', '.join(TASKS)}")
     runs, before = jobs(args, bases)
-    print(f"{len(runs)} fine-tuning runs, {args.parallel} at a time", flush=True)
+    # Finished runs go to a journal beside the JSON as they end, so a benchmark that is stopped
+    # (it runs for an hour or more) picks up where it was when run again with the same settings.
+    journal = Path(f"{args.json_out}.partial.jsonl") if args.json_out else None
+    kept = _journalled(journal)
+    done = [kept[_key(j)] for j in runs if _key(j) in kept]
+    todo = [j for j in runs if _key(j) not in kept]
+    resumed = f" ({len(done)} already done, from {journal})" if done else ""
+    print(f"{len(runs)} fine-tuning runs, {args.parallel} at a time{resumed}", flush=True)
     with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
         started = list(pool.map(_before, before))
-        done = []
-        for r in pool.map(_one, runs):
+        for job, r in zip(todo, pool.map(_one, todo), strict=True):
             done.append(r)
+            if journal is not None:
+                with journal.open("a") as f:
+                    f.write(json.dumps({"key": _key(job), "run": r}) + "\n")
             print(f"{r['task']}, {r['model']}, {r['variant']}, seed {r['seed']}: test exact match "
                   f"{r['test']:.1%} (dev {r['dev']:.1%} at step {r['best_step']}), "
                   f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
@@ -190,4 +200,24 @@ def run(args: argparse.Namespace) -> dict:
               "before": started}  # fmt: skip
     result["curve"] = [r for r in done if r["variant"].startswith("lora, ")]
     meta.save(result, args.json_out, args.command_line)
+    if journal is not None:
+        journal.unlink(missing_ok=True)
     return result
+
+
+def _key(job: dict) -> str:
+    """What makes a run the same run: everything it is given."""
+    return json.dumps(job, sort_keys=True)
+
+
+def _journalled(journal: Path | None) -> dict:
+    if journal is None or not journal.is_file():
+        return {}
+    kept = {}
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # the line a kill cut short
+            continue
+        kept[entry["key"]] = entry["run"]
+    return kept

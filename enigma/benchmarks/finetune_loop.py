@@ -94,7 +94,7 @@ def finetune(base: str, rows: dict[str, list], recipe: Recipe, seed: int) -> dic
         optimizer.step()
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             dev = exact_match(model, tokenizer, rows["dev"])
-            curve.append({"step": step + 1, "loss": float(loss), "dev": dev})
+            curve.append({"step": step + 1, "loss": loss.item(), "dev": dev})
             if dev > best:
                 best = dev
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters()

@@ -445,6 +445,9 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
         ],
         ["newest checkpoint truncated before the first rerun", r["corrupted_checkpoint"]],
     ]
+    if "killed_in_set_aside" in r:
+        rows.append(["driver SIGKILLed while setting the truncated checkpoint aside, then rerun",
+                     "killed, resumed" if r["killed_in_set_aside"] else "not reached"])  # fmt: skip
     if "checkpoint_without_model_states" in r:
         rows.append(["newest checkpoint's model states removed before the second rerun",
                      r["checkpoint_without_model_states"]])  # fmt: skip
@@ -458,8 +461,23 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
         ["steps logged twice in the final curve", len(r["steps_logged_twice"])],
         ["steps trained again after restarts", r["steps_trained_again"]],
         ["largest per-step loss difference vs the undisturbed run", r["max_loss_diff"]],
-        ["wall s (all runs)", r["wall_seconds"]],
     ]
+    if "s3" in r:
+        s3 = r["s3"]
+        yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+        rows += [
+            ["S3 (moto's server, the endpoint in the URI's query): driver SIGKILLed at step",
+             r["faults_planned"]["sigterm_at_steps"][0]],
+            ["its lock, left as another host's, taken over once its lease lapsed",
+             yes(s3["lease_taken_over"])],
+            ["resumed from the bucket by a driver with another output directory",
+             yes(s3["resumed_from_bucket"])],
+            ["rank 0 SIGKILLed inside its first model swap; the run finished, the model loads",
+             yes(s3["killed_in_model_swap"] and s3["finished"] and s3["model_loads"])],
+            ["S3: steps missing / largest per-step loss difference vs the undisturbed run",
+             f"{len(s3['steps_lost'])} / {s3['max_loss_diff']}"],
+        ]  # fmt: skip
+    rows.append(["wall s (all runs)", r["wall_seconds"]])
     return title, table(["", ""], rows)
 
 

@@ -128,10 +128,15 @@ def load_tokenizer(name_or_path: str | None = HUB_NAME, quiet: bool = False
     name_or_path = name_or_path or HUB_NAME
     tokenizer, source = None, None
     if os.path.isdir(name_or_path):
-        saved = any(os.path.isfile(os.path.join(name_or_path, f))
-                    for f in ("tokenizer.json", "tokenizer_config.json"))  # fmt: skip
-        load = AutoTokenizer if saved else BertTokenizerFast
-        tokenizer, source = load.from_pretrained(name_or_path), name_or_path
+        # Ours are saved as tokenizer.json: loaded as such, they never send transformers to the
+        # model's config (its remote code would ask whether to trust it, on every load).
+        if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        elif os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        else:
+            tokenizer = BertTokenizerFast.from_pretrained(name_or_path)
+        source = name_or_path
     elif name_or_path != HUB_NAME:
         raise InputError(
             f"tokenizer {name_or_path!r} is neither a local directory nor {HUB_NAME!r}"
