@@ -141,3 +141,19 @@ def test_lm_eval_runs_unchanged_on_saved_models(saved, tmp_path):
     assert "enigma_gen" in found["chat"]["results"]
     assert "助手：" in found["chat"]["chat_template"], "the model's own template was applied"
     assert found["plain"].get("chat_template") is None
+
+
+def test_a_saved_tokenizer_loads_without_asking_about_the_models_code(saved):
+    """In a process that has not registered the model with transformers (a data worker, a
+    benchmark's pool), as transformers would ask for any model with remote code."""
+    import subprocess
+    import sys
+
+    code = ("from enigma.data.tokenizer import load_tokenizer; "
+            f"t = load_tokenizer({str(saved / 'chat')!r}, quiet=True); "
+            "print(t.bos_token_id, t.eos_token_id, '助手：' in t.chat_template)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "custom code" not in done.stdout + done.stderr
+    assert done.stdout.split() == ["102", "102", "True"]
