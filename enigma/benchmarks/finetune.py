@@ -10,10 +10,10 @@ LoRA (rank 16 on attention and MLP, the final LayerNorm whole) and fully, for th
 (:mod:`enigma.benchmarks.finetune_loop`). Reported: test exact match before and after, mean ±
 std over seeds, the trained share of the parameters, the steps and the seconds.
 
-``--curve`` adds, for the position tasks and both models (seed 0), what LoRA is given beyond the
-default: rank 64, the head or the embedding as targets too, twice the steps, three times the
-learning rate, a base pretrained three times as long. The default recipe was fixed before the
-curve was run; nothing in it is chosen on test.
+``--curve`` adds, for the position tasks (``--curve-tasks``) and both models (seed 0), what
+LoRA is given beyond the default: rank 64, the head or the embedding as targets too, twice the
+steps, three times the learning rate, a base pretrained three times as long. The default recipe
+was fixed before the curve was run; nothing in it is chosen on test.
 
 Runs go ``--parallel`` at a time, one process and one thread each.
 """
@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--full-lr", type=float, default=5e-4)
     p.add_argument("--curve", action="store_true", help="also what LoRA needs (position tasks)")
+    p.add_argument("--curve-tasks", default=",".join(POSITION_TASKS),
+                   help="the position tasks the curve covers")  # fmt: skip
     p.add_argument("--enigma-long", default="runs/bench-eval/enigma-long/model")
     p.add_argument("--plain-long", default="runs/bench-eval/plain-long/model")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
@@ -113,7 +115,7 @@ def jobs(args: argparse.Namespace, bases: dict) -> tuple[list, list]:
                                  "recipe": asdict(recipes[method])})  # fmt: skip
     if args.curve:
         default = recipes["lora"]
-        for task in [t for t in tasks if t in POSITION_TASKS]:
+        for task in [t for t in tasks if t in args.curve_tasks.split(",")]:
             for model, base in bases.items():
                 for name, change in CURVE.items():
                     recipe, where = default, base
@@ -174,6 +176,10 @@ def run(args: argparse.Namespace) -> dict:
     unknown = set(args.tasks.split(",")) - set(TASKS)
     if unknown:
         raise InputError(f"--tasks: unknown {', '.join(sorted(unknown))}; of {', '.join(TASKS)}")
+    unknown = set(args.curve_tasks.split(",")) - set(POSITION_TASKS)
+    if unknown:
+        raise InputError(f"--curve-tasks: {', '.join(sorted(unknown))} is not a position task; "
+                         f"of {', '.join(POSITION_TASKS)}")  # fmt: skip
     runs, before = jobs(args, bases)
     # Finished runs go to a journal beside the JSON as they end, so a benchmark that is stopped
     # (it runs for an hour or more) picks up where it was when run again with the same settings.
