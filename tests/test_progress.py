@@ -39,3 +39,23 @@ def test_the_printer_says_what_it_waits_for_when_nothing_comes(monkeypatch, caps
     monkeypatch.setattr(progress, "HEARTBEAT_S", 3600.0)
     printer.heartbeat()
     assert capsys.readouterr().out == ""
+
+
+def test_each_checkpoint_carries_the_curve_so_far_to_the_runs_storage(tmp_path):
+    """A run killed outright and resumed on another machine from the bucket has the curve up to
+    the checkpoint it resumes from (uploads came only with evaluations before)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    local, remote = tmp_path / "local", tmp_path / "bucket"
+    upload = lambda: shutil.copytree(local, remote, dirs_exist_ok=True)  # noqa: E731
+    reporter = progress.Reporter(0, str(local), None, 0, upload)
+    for step in range(1, 6):
+        line = dict.fromkeys(progress.TRAIN_SCALARS, 1.0)
+        reporter.train({**line, "step": step, "loss": 1.0 / step})
+    reporter.persist()  # what the loop does before the checkpoint at step 5; then a SIGKILL
+    acc = EventAccumulator(str(remote))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    progress.Reporter(1, "unused", None, 0, upload).persist()  # other ranks upload nothing

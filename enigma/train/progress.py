@@ -54,7 +54,7 @@ class Reporter:
         self, rank: int, log_dir: str, queue=None, resumed_step: int = 0, upload=None, hparams=None
     ):
         """``log_dir``: the run's event directory; ``upload()``, when given, copies the events to
-        the run's storage (after each evaluation and at the end); ``hparams``: written at the
+        the run's storage (before each checkpoint and at the end); ``hparams``: written at the
         end, with the final metrics, for the HPARAMS tab."""
         self.writer, self.queue = None, queue if rank == 0 else None
         self.sent = time.monotonic()
@@ -79,10 +79,16 @@ class Reporter:
         if self.writer:
             self.writer.add_scalar("val/loss", metrics["val_loss"], metrics["step"])
             self.writer.add_scalar("val/ppl", metrics["val_ppl"], metrics["step"])
+        self._send({"kind": "eval", **metrics, "improved": improved})
+
+    def persist(self) -> None:
+        """The events so far to disk and to the run's storage: called before each checkpoint, so
+        a run resumed elsewhere from the bucket has the curve up to where it resumes (what it
+        logs again after a restart, the writer's ``purge_step`` drops)."""
+        if self.writer:
             self.writer.flush()
             if self.upload:
                 self.upload()
-        self._send({"kind": "eval", **metrics, "improved": improved})
 
     def write_hparams(self, step: int, best_val: float) -> None:
         """The run's knobs and its best val perplexity, in this run's own directory (torch's

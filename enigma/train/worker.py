@@ -346,6 +346,7 @@ class Worker:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        self.reporter.persist()
         tmp_root = self.cfg.checkpoint_tmp_dir or str(Path(self.spec.output_dir) / CHECKPOINT_TMP)
         self.fill_disk()
         try:
