@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -184,21 +184,25 @@ def run(args: argparse.Namespace) -> dict:
     # Finished runs go to a journal beside the JSON as they end, so a benchmark that is stopped
     # (it runs for an hour or more) picks up where it was when run again with the same settings.
     journal = Path(f"{args.json_out}.partial.jsonl") if args.json_out else None
-    kept = _journalled(journal)
-    done = [kept[_key(j)] for j in runs if _key(j) in kept]
-    todo = [j for j in runs if _key(j) not in kept]
-    resumed = f" ({len(done)} already done, from {journal})" if done else ""
+    finished = _journalled(journal)
+    todo = [j for j in runs if _key(j) not in finished]
+    resumed = len(runs) - len(todo)
+    resumed = f" ({resumed} already done, from {journal})" if resumed else ""
     print(f"{len(runs)} fine-tuning runs, {args.parallel} at a time{resumed}", flush=True)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.parallel, mp_context=get_context("spawn")) as pool:
         started = list(pool.map(_before, before))
-        for job, r in zip(todo, pool.map(_one, todo), strict=True):
-            done.append(r)
+        futures = {pool.submit(_one, job): _key(job) for job in todo}
+        for future in as_completed(futures):  # each journalled as it ends, whatever the order
+            r = finished[futures[future]] = future.result()
             if journal is not None:
                 with journal.open("a") as f:
-                    f.write(json.dumps({"key": _key(job), "run": r}) + "\n")
+                    f.write(json.dumps({"key": futures[future], "run": r}) + "\n")
             print(f"{r['task']}, {r['model']}, {r['variant']}, seed {r['seed']}: test exact match "
                   f"{r['test']:.1%} (dev {r['dev']:.1%} at step {r['best_step']}), "
                   f"{r['seconds']:.0f} s", flush=True)  # fmt: skip
+    done = [finished[_key(j)] for j in runs]  # in the runs' order, resumed or not
     result = {"benchmark": "finetune", "tasks": args.tasks.split(","), "length": args.length,
               "rows": {"train": args.train_rows, "dev": args.dev_rows, "test": args.test_rows},
               "bases": {k: args.enigma if k == "enigma" else args.plain for k in bases},
@@ -212,8 +216,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _key(job: dict) -> str:
-    """What makes a run the same run: everything it is given."""
-    return json.dumps(job, sort_keys=True)
+    """What makes a run the same run: everything it is given, and the base's weights as they are
+    on disk (a base pretrained again in place is another base)."""
+    weights = Path(job["base"]) / "model.safetensors"
+    found = weights.stat() if weights.is_file() else None
+    base = [found.st_size, found.st_mtime_ns] if found else None
+    return json.dumps({**job, "base_weights": base}, sort_keys=True)
 
 
 def _journalled(journal: Path | None) -> dict:

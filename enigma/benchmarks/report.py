@@ -467,7 +467,7 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
         yes = lambda ok: "yes" if ok else "no"  # noqa: E731
         rows += [
             ["S3 (moto's server, the endpoint in the URI's query): driver SIGKILLed at step",
-             r["faults_planned"]["sigterm_at_steps"][0]],
+             r["faults_planned"]["sigterm_at_steps"][0] if s3["driver_sigkilled"] else "no"],
             ["its lock, left as another host's, taken over once its lease lapsed",
              yes(s3["lease_taken_over"])],
             ["resumed from the bucket by a driver with another output directory",
