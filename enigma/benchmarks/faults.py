@@ -262,22 +262,26 @@ def run(args: argparse.Namespace) -> dict:
             if args.s3:
                 command = lambda out: train_command(args, data, out, ds_config)  # noqa: E731
                 kill_at = faults["sigterm_at_steps"][0]
-                s3, s3_losses = s3_scenario(command, _env(address, None), work, kill_at)
+                s3 = s3_scenario(command, run_until, _env(address, None), work, kill_at)
     finally:
         ray.shutdown()
     result = summarize(args, faults, outcome, losses(ref_out), losses(faulty_out))
     if args.s3:
-        result["s3"] = {**s3, **compare(losses(ref_out), s3_losses, args.steps)}
-        print(f"S3: driver SIGKILLed, lease taken over from another host "
-              f"{result['s3']['lease_taken_over']}, resumed from the bucket "
-              f"{result['s3']['resumed_from_bucket']}, killed inside a model swap "
-              f"{result['s3']['killed_in_model_swap']}, finished {result['s3']['finished']}, "
-              f"model loads {result['s3']['model_loads']}; steps lost "
-              f"{len(result['s3']['steps_lost'])}, largest per-step loss difference "
-              f"{result['s3']['max_loss_diff']}")  # fmt: skip
+        result["s3"] = summarize_s3(s3, losses(ref_out), args.steps)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     meta.save(result, args.json_out, args.command_line)
     return result
+
+
+def summarize_s3(scenario: tuple[dict, dict], reference: dict, steps: int) -> dict:
+    outcome, bucket_losses = scenario
+    s3 = {**outcome, **compare(reference, bucket_losses, steps)}
+    print(f"S3: driver SIGKILLed, lease taken over from another host {s3['lease_taken_over']}, "
+          f"resumed from the bucket {s3['resumed_from_bucket']}, killed inside a model swap "
+          f"{s3['killed_in_model_swap']}, finished {s3['finished']}, model loads "
+          f"{s3['model_loads']}; steps lost {len(s3['steps_lost'])}, largest per-step loss "
+          f"difference {s3['max_loss_diff']}")  # fmt: skip
+    return s3
 
 
 def summarize(args, faults: dict, outcome: dict, reference: dict, faulty: dict) -> dict:

@@ -100,11 +100,10 @@ def model_loads(client, work: Path) -> bool:
         return False
 
 
-def s3_scenario(command, env: dict, work: Path, kill_at: int) -> tuple[dict, dict]:
+def s3_scenario(command, run_until, env: dict, work: Path, kill_at: int) -> tuple[dict, dict]:
     """Runs the scenario; ``command(out)`` is the train command for output directory ``out``
-    (without ``--storage-path``). Returns the outcome and the bucket's losses."""
-    from .faults import run_until
-
+    (without ``--storage-path``), ``run_until`` the faults benchmark's runner. Returns the
+    outcome and the bucket's losses."""
     server, port = _moto()
     try:
         client = _client(port)
