@@ -318,6 +318,15 @@ def test_export_of_a_checkpoint_a_live_run_deleted_is_one_line(tmp_path):
         export.pinned(checkpoint, tmp_path / "copy-to")
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test: a Ray Train run earlier in this process left
+    its handler, which would abort that run's long-gone controller (in a run, it ends the run)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupted(seconds: float = 10.0) -> None:
     """Wait for the heartbeat to interrupt this (the main) thread, as Ctrl-C would."""
     with pytest.raises(KeyboardInterrupt):
@@ -327,7 +336,7 @@ def _interrupted(seconds: float = 10.0) -> None:
 
 
 def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_takers_lock(
-    s3, tmp_path, monkeypatch, capsys
+    s3, tmp_path, monkeypatch, capsys, python_sigint
 ):
     """A holder paused past its term (SIGSTOP, a partition) finds at its next renewal that
     another run took the lock over: it says so in one line and interrupts its main thread,
