@@ -49,18 +49,25 @@ def _run(engine: Engine, arrivals: dict[int, list[Request]], steps: int = 200) -
     [{}, {"use_alibi": False}, {"reversible_layers": True}],
     ids=["alibi", "learned-positions", "reversible-layers"],
 )
-def test_rows_joining_late_get_the_logits_they_get_alone(tokenizer, overrides):
+@pytest.mark.parametrize("mix_tokens", [256, 0], ids=["one-forward", "prefill-apart"])
+def test_rows_joining_late_get_the_logits_they_get_alone(tokenizer, overrides, mix_tokens):
     """Rows join a running batch at different steps, leave, and their slots are refilled; every
     generated token's log-probability equals the one a plain uncached forward of that row alone
-    gives (positions and ALiBi distances are each row's own)."""
+    gives (positions and ALiBi distances are each row's own), whether the new prompts share the
+    running rows' forward (padded to the longest) or have one of their own."""
     model = _lm(**overrides)
-    engine = Engine(model, tokenizer, max_rows=3)
+    engine = Engine(model, tokenizer, max_rows=3, mix_tokens=mix_tokens)
     torch.manual_seed(1)
     prompts = [torch.randint(1, 3000, (n,)).tolist() for n in (3, 9, 5, 14, 7)]
     greedy = Sampling(max_tokens=10, temperature=0, logprobs=0)
     requests = [engine.request(f"r{i}", p, greedy) for i, p in enumerate(prompts)]
     outputs = _run(engine, {0: requests[:1], 2: requests[1:3], 5: requests[3:]})
     assert engine.stats.largest_batch == 3 and engine.stats.prefills >= 3
+    stats = engine.stats
+    if mix_tokens:  # a step that admits rows while others run is still one forward
+        assert stats.mixed >= 2 and stats.model_calls == stats.steps
+    else:
+        assert stats.mixed == 0 and stats.model_calls > stats.steps
     for i, prompt in enumerate(prompts):
         entries = [e for out in outputs[f"r{i}"] for e in out.logprobs]
         generated = [token for token, _, _ in entries]
@@ -71,6 +78,29 @@ def test_rows_joining_late_get_the_logits_they_get_alone(tokenizer, overrides):
             row = alone[len(prompt) - 1 + j]
             assert token == int(row.argmax())
             assert logprob == pytest.approx(float(row[token]), abs=1e-5)
+
+
+def test_a_prompt_that_would_pad_running_rows_past_the_model_has_a_forward_of_its_own(
+    tokenizer,
+):
+    """Learned positions end at ``max_len``: a running row near it is not padded past it to
+    share a forward with a long new prompt; both rows still get their logits alone."""
+    model = _lm(use_alibi=False, max_len=32)
+    engine = Engine(model, tokenizer, max_rows=2)
+    attempts = []
+    model.register_forward_pre_hook(lambda *_: attempts.append(1))
+    greedy = Sampling(max_tokens=20, temperature=0, logprobs=0)
+    first = engine.request("a", [5, 6, 7, 8], greedy)
+    second = engine.request("b", list(range(30, 42)), greedy)
+    outputs = _run(engine, {0: [first], 18: [second]})
+    stats = engine.stats
+    assert stats.mixed == 0 and stats.model_calls == stats.steps + 1
+    assert len(attempts) == stats.model_calls, "no forward was tried that had to fail"
+    for request in (first, second):
+        generated = [t for out in outputs[request.id] for t in out.tokens]
+        with torch.no_grad():
+            alone = model(torch.tensor([request.prompt + generated[:-1]])).logits[0]
+        assert generated == alone[len(request.prompt) - 1 :].argmax(-1).tolist()
 
 
 def test_a_joining_request_gets_its_first_token_at_its_prefill(tokenizer):

@@ -3,11 +3,14 @@
 Each :meth:`Engine.step`:
 
 1. lets go of rows whose requests were aborted (a client that left);
-2. admits waiting requests (:mod:`enigma.serve.scheduler`) and prefills their prompts together,
-   right-padded, into free slots (:mod:`enigma.serve.kv_cache`), sampling each one's first token;
-3. decodes one token for every row that was running before, in one forward of ``(R, 1)``;
+2. admits waiting requests (:mod:`enigma.serve.scheduler`) into free slots
+   (:mod:`enigma.serve.kv_cache`);
+3. runs one forward over every row: a running row feeds its last token, a new one its prompt,
+   right-padded to the longest (a prompt long enough that this padding would cost more than
+   ``mix_tokens`` gets a forward of its own, as vLLM's chunked prefill bounds a mixed step);
 4. samples every row with its own settings in one vectorised pass (:mod:`enigma.serve.sampling`),
-   turns tokens into text and checks stop strings (:mod:`enigma.serve.text`);
+   a new row its first token, turns tokens into text and checks stop strings
+   (:mod:`enigma.serve.text`);
 5. releases finished rows, whose slots the last running rows take.
 
 A failure inside a step (a forward or a sampling that raises) is retried one row at a time, so
@@ -63,7 +66,8 @@ class Stats:
     requests: int = 0
     steps: int = 0
     model_calls: int = 0
-    prefills: int = 0
+    prefills: int = 0  # forwards that took new prompts
+    mixed: int = 0  # of those, forwards that also decoded running rows
     tokens: int = 0
     largest_batch: int = 0
     aborted: int = 0
@@ -75,14 +79,14 @@ class Stats:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_rows: int = 16, max_queue: int = 256,
-                 prefill_tokens: int = 4096, policy: str = "continuous",
-                 batch_wait_s: float = 0.02):  # fmt: skip
+                 prefill_tokens: int = 4096, mix_tokens: int = 256,
+                 policy: str = "continuous", batch_wait_s: float = 0.02):  # fmt: skip
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
         weights = next(model.parameters())
         self.device = weights.device
         self.vocab, self.eos, self.pad = config.vocab_size, config.eos_token_id, config.pad_token_id
-        self.max_len, self.max_rows = config.max_len, max_rows
+        self.max_len, self.max_rows, self.mix_tokens = config.max_len, max_rows, mix_tokens
         self.cache = SlotCache(config, max_rows, self.device, weights.dtype)
         self.sampler = Sampler(max_rows, self.vocab, self.device, config.max_len)
         self.scheduler = Scheduler(max_rows, max_queue, prefill_tokens, policy, batch_wait_s)
@@ -169,11 +173,14 @@ class Engine:
         self._release(aborted)
         admitted = scheduler.admit()
         decoding = len(scheduler.running) - len(admitted)
-        outputs = []
-        if admitted:
-            outputs += self._guarded(self._prefill, decoding, decoding + len(admitted))
-        if decoding:
-            outputs += self._guarded(self._decode, 0, decoding)
+        total, outputs = decoding + len(admitted), []
+        if admitted and decoding and self._mixes(admitted, decoding):
+            outputs += self._guarded(self._forward, 0, total)
+        else:
+            if admitted:
+                outputs += self._guarded(self._forward, decoding, total)
+            if decoding:
+                outputs += self._guarded(self._forward, 0, decoding)
         self._release([r for r in scheduler.running if r.finish_reason])
         if not self.has_work():
             self.cache.drop()
@@ -181,6 +188,18 @@ class Engine:
         self.stats.largest_batch = max(self.stats.largest_batch, decoding + len(admitted))
         self.stats.step_s += time.perf_counter() - started
         return outputs
+
+    def _mixes(self, admitted: list[Request], decoding: int) -> bool:
+        """Whether the new prompts join the running rows' forward: when the padding that
+        costs (every row as wide as the longest prompt) stays within ``mix_tokens``, the
+        running rows' padding within the model's length, and no new row wants its prompt's
+        log-probabilities (the whole logits of every row)."""
+        width = max(len(r.prompt) for r in admitted)
+        if (decoding + len(admitted)) * width > self.mix_tokens:
+            return False
+        longest = max(r.length for r in self.scheduler.running[:decoding])
+        echo = any(r.sampling.prompt_logprobs is not None for r in admitted)
+        return longest + width <= self.max_len and not echo
 
     def _guarded(self, run, start: int, stop: int) -> list[Output]:
         """``run(start, stop)``; if it raises, each row alone, and a row that fails alone ends
@@ -197,44 +216,56 @@ class Engine:
             return [Output(request.id, request.index, finish_reason="error",
                            error=f"{type(err).__name__}: {err}")]  # fmt: skip
 
-    def _prefill(self, start: int, stop: int) -> list[Output]:
+    def _forward(self, start: int, stop: int) -> list[Output]:
+        """One forward and one sampling over slots ``start .. stop - 1``, whatever mix of new
+        rows (their prompts) and running rows (their last token) they hold."""
         rows = self.scheduler.running[start:stop]
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.tensor([r.prompt + [self.pad] * (width - len(r.prompt)) for r in rows],
+        new = [not r.generated for r in rows]
+        if not any(new):
+            self.cache.decode(start, stop, max(r.length for r in rows) + 1)
+            clock = time.perf_counter()
+            out = self.model(self.last[start:stop, None], cache=self.cache,
+                             position_ids=self.cache.positions())  # fmt: skip
+            self._count_model(clock)
+            draw, tokens = self._sample(out.logits[:, -1], start, stop)
+            self.cache.advance()
+            self.last[start:stop] = tokens
+            return [self._emit(r, draw, i) for i, r in enumerate(rows)]
+        feeds = [len(r.prompt) if fresh else 1 for r, fresh in zip(rows, new, strict=True)]
+        width = max(feeds)
+        ids = torch.tensor([(r.prompt if fresh else [self.pad]) + [self.pad] * (width - n)
+                            for r, fresh, n in zip(rows, new, feeds, strict=True)],
                            device=self.device)  # fmt: skip
-        ends = torch.tensor([len(r.prompt) - 1 for r in rows], device=self.device)
-        echo = any(r.sampling.prompt_logprobs is not None for r in rows)
-        for r in rows:
-            self.sampler.assign(r.slot, r.sampling, r.seed, r.prompt)
-        self.cache.prefill(start, stop, width)
+        running = [i for i, fresh in enumerate(new) if not fresh]
+        if running:  # a running row feeds its last token (on the device: no sync)
+            at = torch.tensor(running, device=self.device)
+            ids[at, 0] = self.last[start + at]
+        ends = torch.tensor([n - 1 for n in feeds], device=self.device)
+        echo = any(fresh and r.sampling.prompt_logprobs is not None
+                   for r, fresh in zip(rows, new, strict=True))  # fmt: skip
+        for r, fresh in zip(rows, new, strict=True):
+            if fresh:
+                self.sampler.assign(r.slot, r.sampling, r.seed, r.prompt)
+        starts = [0 if fresh else r.length for r, fresh in zip(rows, new, strict=True)]
+        if running:
+            self.cache.mixed(start, stop, starts, width)
+        else:
+            self.cache.prefill(start, stop, width)
         clock = time.perf_counter()
         out = self.model(ids, cache=self.cache, position_ids=self.cache.positions(),
                          logits_to_keep=0 if echo else ends)  # fmt: skip
-        logits = (
-            out.logits[torch.arange(len(rows), device=self.device), ends]
-            if echo
-            else out.logits[:, 0]
-        )
+        at_ends = torch.arange(len(rows), device=self.device), ends
+        logits = out.logits[at_ends] if echo else out.logits[:, 0]
         self._count_model(clock)
-        prompt_logprobs = self._prompt_logprobs(out.logits, rows) if echo else [None] * len(rows)
+        prompt_logprobs = (
+            self._prompt_logprobs(out.logits, rows, new) if echo else [None] * len(rows)
+        )
         draw, tokens = self._sample(logits, start, stop)
-        for r in rows:
-            self.cache.set_length(r.slot, len(r.prompt))
+        self.cache.advance([s + n for s, n in zip(starts, feeds, strict=True)])
         self.last[start:stop] = tokens
         self.stats.prefills += 1
+        self.stats.mixed += bool(running)
         return [self._emit(r, draw, i, prompt_logprobs[i]) for i, r in enumerate(rows)]
-
-    def _decode(self, start: int, stop: int) -> list[Output]:
-        rows = self.scheduler.running[start:stop]
-        self.cache.decode(start, stop, max(r.length for r in rows) + 1)
-        clock = time.perf_counter()
-        out = self.model(self.last[start:stop, None], cache=self.cache,
-                         position_ids=self.cache.positions())  # fmt: skip
-        self._count_model(clock)
-        draw, tokens = self._sample(out.logits[:, -1], start, stop)
-        self.cache.advance()
-        self.last[start:stop] = tokens
-        return [self._emit(r, draw, i) for i, r in enumerate(rows)]
 
     def _count_model(self, clock: float) -> None:
         self.stats.model_calls += 1
@@ -246,13 +277,14 @@ class Engine:
         self.stats.sampling_s += time.perf_counter() - clock
         return draw, draw.tensor
 
-    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[Request]) -> list:
-        """Each echoing row's prompt tokens with their log-probabilities (the first has none):
-        ``(token, logprob, [(alternative, logprob), ...])``."""
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[Request], new: list[bool]
+                         ) -> list:  # fmt: skip
+        """Each new echoing row's prompt tokens with their log-probabilities (the first has
+        none): ``(token, logprob, [(alternative, logprob), ...])``."""
         found = []
         for i, r in enumerate(rows):
             want = r.sampling.prompt_logprobs
-            if want is None:
+            if want is None or not new[i]:
                 found.append(None)
                 continue
             n = len(r.prompt)

@@ -11,6 +11,10 @@ slot ``s`` holds one request's tokens from index 0, and its length says how many
   ``0 .. length``; the bias the cache hands the model (:meth:`attention_plan`) carries each
   row's own ALiBi distances and hides the slots past its end, so a row's logits are those it
   gets alone whatever it shares the step with.
+- **Mixed** (:meth:`mixed`): new prompts and running rows in one forward, each row writing
+  ``width`` tokens from its own start (a running row's one token then padding, a prompt from
+  0); the same bias hides every key after each query, so the padding changes no real token.
+  A step that admits rows costs one forward instead of two.
 
 The running rows are kept packed in slots ``0 .. R - 1`` (:meth:`move` fills a leaving row's slot
 with the last one), so a step attends over a view of the buffers, never a gathered copy. The
@@ -42,7 +46,8 @@ class SlotCache:
         self.slopes = alibi_slopes(self.heads, device)
         self._rows = slice(0, 0)
         self._width = 0  # new tokens per row in this forward
-        self._span = 0  # key slots attended in a decode step
+        self._span = 0  # key slots attended (0: a prefill, which reads none back)
+        self._starts = self.lengths[:0]  # where each row's new tokens go
 
     def reserve(self, tokens: int) -> None:
         """Room for rows of ``tokens`` tokens; growing copies what is there."""
@@ -68,7 +73,8 @@ class SlotCache:
 
     # the forward being prepared
     def prefill(self, start: int, stop: int, width: int) -> None:
-        """The next forward writes ``width`` tokens from index 0 of slots ``start .. stop - 1``."""
+        """The next forward writes ``width`` tokens from index 0 of slots ``start .. stop - 1``
+        (new rows only: they attend to their own tokens, never read back from the buffers)."""
         self.reserve(width)
         self._rows, self._width, self._span = slice(start, stop), width, 0
 
@@ -77,35 +83,44 @@ class SlotCache:
         1``; ``span`` is one past the longest of them (the host knows it without a sync)."""
         self.reserve(span)
         self._rows, self._width, self._span = slice(start, stop), 1, span
+        self._starts = self.lengths[self._rows]
+
+    def mixed(self, start: int, stop: int, starts: list[int], width: int) -> None:
+        """The next forward writes ``width`` tokens into each of slots ``start .. stop - 1``,
+        row ``i``'s from index ``starts[i]`` (0 for a new prompt, its length for a running
+        row)."""
+        span = max(starts) + width
+        self.reserve(span)
+        self._rows, self._width, self._span = slice(start, stop), width, span
+        self._starts = torch.tensor(starts, device=self.device)
 
     def positions(self) -> Tensor:
         """The new tokens' positions, ``(rows, width)``: a row's own token count."""
-        if self._span:
-            return self.lengths[self._rows, None]
-        return torch.arange(self._width, device=self.device)[None]
+        steps = torch.arange(self._width, device=self.device)[None]
+        return self._starts[:, None] + steps if self._span else steps
 
     def attention_plan(self, dtype: torch.dtype) -> tuple[Tensor | None, bool]:
         """``(bias, is_causal)`` for this forward's attention."""
         if not self._span:  # a prefill: each row alone from position 0
             return attention_bias(self.heads, 0, self._width, self.use_alibi, None, self.device,
                                   dtype)  # fmt: skip
-        lengths = self.lengths[self._rows]
-        distance = lengths[:, None] - torch.arange(self._span, device=self.device)[None]
-        future = (distance < 0)[:, None, None]
+        keys = torch.arange(self._span, device=self.device)
+        distance = self.positions()[:, :, None] - keys  # (rows, width, span)
+        future = (distance < 0)[:, None]
         if self.use_alibi:
-            bias = -self.slopes[None, :, None, None] * distance.clamp(min=0)[:, None, None]
+            bias = -self.slopes[None, :, None, None] * distance.clamp(min=0)[:, None]
         else:
             bias = torch.zeros(future.shape, device=self.device)
         return bias.to(dtype).masked_fill(future, float("-inf")), False
 
-    def advance(self) -> None:
-        """The forward ran: its rows' lengths grow by the tokens it wrote (decode only; a
-        prefill's lengths are set by :meth:`set_length`)."""
-        if self._span:
+    def advance(self, lengths: list[int] | None = None) -> None:
+        """The forward ran: a decode's rows grow by one token; otherwise each row's length is
+        set to ``lengths`` (its real tokens: the padding written after them is hidden and
+        overwritten later)."""
+        if lengths is None:
             self.lengths[self._rows] += 1
-
-    def set_length(self, slot: int, length: int) -> None:
-        self.lengths[slot] = length
+        else:
+            self.lengths[self._rows] = torch.tensor(lengths, device=self.device)
 
     def move(self, source: int, target: int, length: int) -> None:
         """Slot ``source``'s first ``length`` tokens into slot ``target``."""
@@ -123,13 +138,14 @@ class SlotCache:
             keys[rows, :, : self._width] = k
             values[rows, :, : self._width] = v
             return k, v
-        index = torch.arange(rows.start, rows.stop, device=self.device)
-        at = self.lengths[rows]
-        keys[index, :, at] = k[:, :, 0]
-        values[index, :, at] = v[:, :, 0]
+        index = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
+        at = self.positions()
+        # (rows, width) index pairs pick (rows, width, heads, head_dim) entries
+        keys[index, :, at] = k.transpose(1, 2)
+        values[index, :, at] = v.transpose(1, 2)
         return keys[rows, :, : self._span], values[rows, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens before this forward's (the longest row's; positions come from
         :meth:`positions`, not from this)."""
-        return self._span - 1 if self._span else 0
+        return self._span - self._width if self._span else 0
