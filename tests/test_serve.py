@@ -42,15 +42,14 @@ def models(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(models):
+def start_server(model_dir, *options: str) -> dict:
+    """`enigma serve` with the module's key, in a process group of its own, once it serves."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("ENIGMA_API_KEY", None)
-    argv = [sys.executable, "-m", "enigma.cli", "serve", str(models / "chat"), "--port", str(port),
-            "--api-key", KEY, "--max-batch-size", "8", "--max-queue", "8",
-            "--max-body-mb", "0.05"]  # fmt: skip
+    argv = [sys.executable, "-m", "enigma.cli", "serve", str(model_dir), "--port", str(port),
+            "--api-key", KEY, *options]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
     seen = []
@@ -60,10 +59,32 @@ def server(models):
             break
     assert seen and seen[-1].startswith("serving "), "".join(seen)[-3000:]
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield {"proc": proc, "base": f"http://127.0.0.1:{port}", "port": port, "line": seen[-1]}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return {"proc": proc, "base": f"http://127.0.0.1:{port}", "port": port, "line": seen[-1]}
+
+
+def stop_server(server) -> None:
+    if server["proc"].poll() is None:
+        os.killpg(server["proc"].pid, signal.SIGKILL)
+        server["proc"].wait()
+
+
+def ctrl_c_leaves_nothing(server) -> None:
+    proc = server["proc"]
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert family, "the command started Ray's processes"
+    assert any("enigma.serve.engine_process" in " ".join(p.cmdline()) for p in family)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=90) == 0
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left behind: {[p.cmdline()[:2] for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    running = start_server(models / "chat", "--max-batch-size", "8", "--max-queue", "8",
+                           "--max-body-mb", "0.05")  # fmt: skip
+    yield running
+    stop_server(running)
 
 
 def call(server, path, body=None, key=KEY, raw=None, headers=False):
@@ -334,15 +355,50 @@ def test_a_model_without_a_template_refuses_chat_naming_it(models):
 
 
 def test_ctrl_c_stops_the_application_and_the_cluster_it_started(server):
-    proc = server["proc"]
-    family = psutil.Process(proc.pid).children(recursive=True)
-    assert family, "the command started Ray's processes"
-    assert any("enigma.serve.engine_process" in " ".join(p.cmdline()) for p in family)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=90) == 0
-    _, alive = psutil.wait_procs(family, timeout=30)
-    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    ctrl_c_leaves_nothing(server)
     time.sleep(0.5)
+
+
+def test_behind_haproxy_the_same_api_answers_and_ctrl_c_leaves_nothing(models):
+    """``--ingress haproxy``: Ray Serve's throughput-optimized mode on the cluster the command
+    starts. HAProxy holds the port; the key, a reply and its stream are as behind the proxy."""
+    server = start_server(models / "chat", "--ingress", "haproxy")
+    try:
+        assert "HAProxy in front" in server["line"]
+        holder = [c.laddr.port for p in psutil.Process(server["proc"].pid).children(True)
+                  if "haproxy" in p.name() for c in p.net_connections("tcp")
+                  if c.status == psutil.CONN_LISTEN]  # fmt: skip
+        assert server["port"] in holder, "HAProxy listens on the server's port"
+        assert call(server, "/v1/models", key=None)[0] == 401
+        body = {"prompt": "话说天下大势", "max_tokens": 6, "temperature": 0}
+        status, whole = call(server, "/v1/completions", body)
+        assert status == 200
+        _, text = call(server, "/v1/completions", {**body, "stream": True})
+        streamed = "".join(e["choices"][0]["text"] for e in events(text) if e["choices"])
+        assert streamed == whole["choices"][0]["text"]
+        ctrl_c_leaves_nothing(server)
+    finally:
+        stop_server(server)
+
+
+def test_the_haproxy_ingress_on_a_cluster_that_lacks_it_is_refused_naming_the_fix(
+    models, monkeypatch
+):
+    import argparse
+
+    from enigma.errors import InputError
+    from enigma.serve import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([str(models / "chat"), "--ingress", "haproxy"])
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    with pytest.raises(InputError, match="RAY_SERVE_ENABLE_HA_PROXY=1 in its environment"):
+        cli.check(args)
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    cli.check(args)  # the cluster was started with it, as this environment says
 
 
 def test_the_serve_config_file_deploys_the_same_application(models, monkeypatch):
@@ -369,3 +425,19 @@ def test_a_replica_given_a_gpu_runs_the_model_there():
     assert replica_device(1, ["0"], True) == torch.device("cuda", 0)
     with pytest.raises(RuntimeError, match="sees none"):
         replica_device(1, ["0"], False)
+
+
+def test_a_stopped_engine_process_exits_on_its_own(models):
+    """The replica's reader thread is blocked reading the engine's socket when the replica
+    stops it; the engine still sees the end and exits (not killed after a timeout), so Ray
+    Serve's graceful shutdown of the replica does not run out."""
+    from enigma.serve.engine_process import EngineProcess
+
+    engine = EngineProcess(str(models / "chat"), max_rows=2)
+    assert engine.alive() and engine._reader.is_alive()
+    started = time.monotonic()
+    engine.stop()
+    assert engine.process.returncode == 0, "the engine exited by itself"
+    assert time.monotonic() - started < 25, "well before the 30 s after which it is killed"
+    engine._reader.join(timeout=5)
+    assert not engine._reader.is_alive()

@@ -5,18 +5,29 @@ It listens on 127.0.0.1 unless ``--host`` says otherwise; ``--api-key`` (or ``EN
 makes every request without ``Authorization: Bearer KEY`` a 401. A model directory that does not
 load stops the command in one line before Ray starts. Ctrl-C (or SIGTERM) deletes the
 application, and shuts down the cluster when this command started it.
+
+``--ingress haproxy`` starts the cluster in Ray Serve's throughput-optimized mode: HAProxy (C)
+takes the connections and hands them to the replicas' own HTTP servers, in place of Serve's
+Python proxy actor, whose per-request and per-chunk work otherwise shares the machine with the
+engine. It is a setting of the cluster's processes, so it applies to a cluster this command
+starts; a cluster in ``RAY_ADDRESS`` is started with it (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+RAY_SERVE_ENABLE_HA_PROXY=1`` in its environment) or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import time
 from pathlib import Path
 
 from ..errors import InputError
 
 APP_NAME = "enigma"
+# Ray Serve's throughput-optimized mode with HAProxy as the ingress (read by every process of
+# the cluster when it starts).
+HAPROXY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="streamed chunks a second, shared by the open streams (0: one per token)",
     )
     p.add_argument(
+        "--ingress",
+        choices=("proxy", "haproxy"),
+        default="proxy",
+        help="haproxy: Ray Serve's throughput-optimized ingress (for a cluster started here)",
+    )
+    p.add_argument(
         "--batch-wait-ms",
         type=float,
         default=20.0,
@@ -66,6 +83,30 @@ def check(args: argparse.Namespace) -> None:
         )
     if args.cpus_per_replica < 1:
         raise InputError("--cpus-per-replica must be at least 1 (the model's threads)")
+    cluster_has_it = all(os.environ.get(k) == v for k, v in HAPROXY_ENV.items())
+    if args.ingress == "haproxy" and os.environ.get("RAY_ADDRESS") and not cluster_has_it:
+        raise InputError(
+            "--ingress haproxy sets up a cluster this command starts; the one at RAY_ADDRESS "
+            "keeps its own ingress: start it with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+            "RAY_SERVE_ENABLE_HA_PROXY=1 in its environment (and here), or unset RAY_ADDRESS"
+        )
+
+
+def haproxy_environment() -> dict[str, str]:
+    """What a cluster needs for the HAProxy ingress, with free ports for HAProxy's statistics
+    and metrics where they are not set (their fixed defaults would collide with a second
+    server on the machine)."""
+    env = dict(HAPROXY_ENV)
+    # A replica behind it waits this long for outside balancers to see it go; the only
+    # balancer here is the cluster's own HAProxy, and 30 s would hold up Ctrl-C.
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+    env[drain] = os.environ.get(drain, "2")
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        if not os.environ.get(name):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                env[name] = str(s.getsockname()[1])
+    return env
 
 
 def start(args: argparse.Namespace) -> bool:
@@ -92,18 +133,22 @@ def start(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    check(args)
+    if args.ingress == "haproxy" and not os.environ.get("RAY_ADDRESS"):
+        # before Ray Serve is imported here and before the cluster starts: every process reads it
+        os.environ.update(haproxy_environment())
     import ray
     from ray import serve
 
-    check(args)
     args.api_key = args.api_key or os.environ.get("ENIGMA_API_KEY") or None
     key = "an API key (Authorization: Bearer KEY)" if args.api_key else "no API key"
     started = start(args)
     base = f"http://{args.host}:{args.port}/v1"
     name = args.name or Path(args.model).resolve().name
     print(f"serving {name} at {base} (OpenAI API: /models, /completions, /chat/completions), "
-          f"{key}, {args.scheduling} batching of up to {args.max_batch_size} rows; Ctrl-C stops",
-          flush=True)  # fmt: skip
+          f"{key}, {args.scheduling} batching of up to {args.max_batch_size} rows, "
+          f"{'HAProxy' if args.ingress == 'haproxy' else 'the Serve proxy'} in front; "
+          "Ctrl-C stops", flush=True)  # fmt: skip
     try:
         while True:
             time.sleep(3600)

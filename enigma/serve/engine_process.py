@@ -23,8 +23,10 @@ mailboxes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -148,6 +150,11 @@ class EngineProcess:
         return await asyncio.wait_for(future, 30)
 
     def stop(self) -> None:
+        """End the engine: its socket shut down (not only closed: the reader thread's pending
+        read holds the socket open, so the engine would see no end of file until the replica
+        is killed), then its exit awaited."""
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.conn.fileno())) as s:
+            s.shutdown(socket.SHUT_RDWR)
         self.conn.close()
         try:
             self.process.wait(timeout=30)
