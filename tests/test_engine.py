@@ -49,12 +49,12 @@ def _run(engine: Engine, arrivals: dict[int, list[Request]], steps: int = 200) -
     [{}, {"use_alibi": False}, {"reversible_layers": True}],
     ids=["alibi", "learned-positions", "reversible-layers"],
 )
-@pytest.mark.parametrize("mix_tokens", [256, 0], ids=["one-forward", "prefill-apart"])
+@pytest.mark.parametrize("mix_tokens", [1 << 14, 0], ids=["one-forward", "prefill-apart"])
 def test_rows_joining_late_get_the_logits_they_get_alone(tokenizer, overrides, mix_tokens):
     """Rows join a running batch at different steps, leave, and their slots are refilled; every
     generated token's log-probability equals the one a plain uncached forward of that row alone
     gives (positions and ALiBi distances are each row's own), whether the new prompts share the
-    running rows' forward (padded to the longest) or have one of their own."""
+    running rows' forward (packed, one token a batch row) or have one of their own."""
     model = _lm(**overrides)
     engine = Engine(model, tokenizer, max_rows=3, mix_tokens=mix_tokens)
     torch.manual_seed(1)
@@ -80,11 +80,10 @@ def test_rows_joining_late_get_the_logits_they_get_alone(tokenizer, overrides, m
             assert logprob == pytest.approx(float(row[token]), abs=1e-5)
 
 
-def test_a_prompt_that_would_pad_running_rows_past_the_model_has_a_forward_of_its_own(
-    tokenizer,
-):
-    """Learned positions end at ``max_len``: a running row near it is not padded past it to
-    share a forward with a long new prompt; both rows still get their logits alone."""
+def test_a_long_prompt_joins_a_row_near_the_models_end_in_one_forward(tokenizer):
+    """Learned positions end at ``max_len``: a packed forward computes no padding, so a long
+    new prompt shares the forward of a row near that end (no position past it is tried, no
+    forward fails and is retried) and both rows get their logits alone."""
     model = _lm(use_alibi=False, max_len=32)
     engine = Engine(model, tokenizer, max_rows=2)
     attempts = []
@@ -94,7 +93,7 @@ def test_a_prompt_that_would_pad_running_rows_past_the_model_has_a_forward_of_it
     second = engine.request("b", list(range(30, 42)), greedy)
     outputs = _run(engine, {0: [first], 18: [second]})
     stats = engine.stats
-    assert stats.mixed == 0 and stats.model_calls == stats.steps + 1
+    assert stats.mixed == 1 and stats.model_calls == stats.steps
     assert len(attempts) == stats.model_calls, "no forward was tried that had to fail"
     for request in (first, second):
         generated = [t for out in outputs[request.id] for t in out.tokens]

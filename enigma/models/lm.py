@@ -147,6 +147,7 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        rows_to_keep: Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if input_ids is None:
@@ -188,6 +189,8 @@ class EnigmaLM(EnigmaPreTrainedModel, GenerationMixin):
             for block in self.blocks:
                 h = block(h, bias, is_causal, cache=cache)
         h = self.norm(h)
+        if rows_to_keep is not None:  # the rows whose logits are wanted (a packed forward's)
+            h = h[rows_to_keep]
         if isinstance(logits_to_keep, Tensor):  # one position per row: (B,) -> (B, 1, d)
             h = h[torch.arange(h.shape[0], device=device), logits_to_keep][:, None]
         elif logits_to_keep:

@@ -79,7 +79,7 @@ class Stats:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_rows: int = 16, max_queue: int = 256,
-                 prefill_tokens: int = 4096, mix_tokens: int = 256,
+                 prefill_tokens: int = 4096, mix_tokens: int = 1 << 14,
                  policy: str = "continuous", batch_wait_s: float = 0.02):  # fmt: skip
         self.model, self.tokenizer = model.eval(), tokenizer
         config = model.config
@@ -190,16 +190,16 @@ class Engine:
         return outputs
 
     def _mixes(self, admitted: list[Request], decoding: int) -> bool:
-        """Whether the new prompts join the running rows' forward: when the padding that
-        costs (every row as wide as the longest prompt) stays within ``mix_tokens``, the
-        running rows' padding within the model's length, and no new row wants its prompt's
-        log-probabilities (the whole logits of every row)."""
-        width = max(len(r.prompt) for r in admitted)
-        if (decoding + len(admitted)) * width > self.mix_tokens:
+        """Whether the new prompts join the running rows' forward: when the keys it gathers
+        (each token its own slot's, up to the longest row) stay within ``mix_tokens`` token-keys
+        per head, and no new row wants its prompt's log-probabilities (those come from a
+        prefill of its own, whose logits cover every prompt position)."""
+        if any(r.sampling.prompt_logprobs is not None for r in admitted):
             return False
-        longest = max(r.length for r in self.scheduler.running[:decoding])
-        echo = any(r.sampling.prompt_logprobs is not None for r in admitted)
-        return longest + width <= self.max_len and not echo
+        tokens = decoding + sum(len(r.prompt) for r in admitted)
+        running = self.scheduler.running[:decoding]
+        span = max(max(r.length for r in running) + 1, max(len(r.prompt) for r in admitted))
+        return tokens * span <= self.mix_tokens
 
     def _guarded(self, run, start: int, stop: int) -> list[Output]:
         """``run(start, stop)``; if it raises, each row alone, and a row that fails alone ends
@@ -231,41 +231,63 @@ class Engine:
             self.cache.advance()
             self.last[start:stop] = tokens
             return [self._emit(r, draw, i) for i, r in enumerate(rows)]
-        feeds = [len(r.prompt) if fresh else 1 for r, fresh in zip(rows, new, strict=True)]
-        width = max(feeds)
-        ids = torch.tensor([(r.prompt if fresh else [self.pad]) + [self.pad] * (width - n)
-                            for r, fresh, n in zip(rows, new, feeds, strict=True)],
-                           device=self.device)  # fmt: skip
-        running = [i for i, fresh in enumerate(new) if not fresh]
-        if running:  # a running row feeds its last token (on the device: no sync)
-            at = torch.tensor(running, device=self.device)
-            ids[at, 0] = self.last[start + at]
-        ends = torch.tensor([n - 1 for n in feeds], device=self.device)
         echo = any(fresh and r.sampling.prompt_logprobs is not None
                    for r, fresh in zip(rows, new, strict=True))  # fmt: skip
         for r, fresh in zip(rows, new, strict=True):
             if fresh:
                 self.sampler.assign(r.slot, r.sampling, r.seed, r.prompt)
-        starts = [0 if fresh else r.length for r, fresh in zip(rows, new, strict=True)]
-        if running:
-            self.cache.mixed(start, stop, starts, width)
+        if all(new):
+            logits, lengths, prompt_logprobs = self._prefill(start, stop, rows, echo)
         else:
-            self.cache.prefill(start, stop, width)
+            logits, lengths = self._packed(start, stop, rows, new)
+            prompt_logprobs = [None] * len(rows)
+        draw, tokens = self._sample(logits, start, stop)
+        self.cache.advance(lengths)
+        self.last[start:stop] = tokens
+        self.stats.prefills += 1
+        self.stats.mixed += not all(new)
+        return [self._emit(r, draw, i, prompt_logprobs[i]) for i, r in enumerate(rows)]
+
+    def _prefill(self, start: int, stop: int, rows: list[Request], echo: bool):
+        """New rows alone: their prompts right-padded together, each attending to its own."""
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.tensor([r.prompt + [self.pad] * (width - len(r.prompt)) for r in rows],
+                           device=self.device)  # fmt: skip
+        ends = torch.tensor([len(r.prompt) - 1 for r in rows], device=self.device)
+        self.cache.prefill(start, stop, width)
         clock = time.perf_counter()
         out = self.model(ids, cache=self.cache, position_ids=self.cache.positions(),
                          logits_to_keep=0 if echo else ends)  # fmt: skip
-        at_ends = torch.arange(len(rows), device=self.device), ends
-        logits = out.logits[at_ends] if echo else out.logits[:, 0]
+        logits = out.logits[torch.arange(len(rows), device=self.device), ends] if echo else (
+            out.logits[:, 0])  # fmt: skip
         self._count_model(clock)
-        prompt_logprobs = (
-            self._prompt_logprobs(out.logits, rows, new) if echo else [None] * len(rows)
-        )
-        draw, tokens = self._sample(logits, start, stop)
-        self.cache.advance([s + n for s, n in zip(starts, feeds, strict=True)])
-        self.last[start:stop] = tokens
-        self.stats.prefills += 1
-        self.stats.mixed += bool(running)
-        return [self._emit(r, draw, i, prompt_logprobs[i]) for i, r in enumerate(rows)]
+        prompt_logprobs = self._prompt_logprobs(out.logits, rows) if echo else [None] * len(rows)
+        return logits, [len(r.prompt) for r in rows], prompt_logprobs
+
+    def _packed(self, start: int, stop: int, rows: list[Request], new: list[bool]):
+        """New and running rows together, one token a batch row: a running row's last token,
+        every token of a new prompt; the head only at each row's last token."""
+        ids, slots, positions, last, running = [], [], [], [], []
+        for r, fresh in zip(rows, new, strict=True):
+            if fresh:
+                ids += r.prompt
+                positions += range(len(r.prompt))
+            else:
+                running.append(len(ids))
+                ids.append(self.pad)  # its last token, filled in on the device below
+                positions.append(r.length)
+            slots += [r.slot] * (len(ids) - len(slots))
+            last.append(len(ids) - 1)
+        feed = torch.tensor(ids, device=self.device)
+        if running:  # no host sync: the running rows' last tokens stay on the device
+            at = torch.tensor(running, device=self.device)
+            feed[at] = self.last[torch.tensor(slots, device=self.device)[at]]
+        self.cache.packed(start, stop, slots, positions)
+        clock = time.perf_counter()
+        out = self.model(feed[:, None], cache=self.cache, position_ids=self.cache.positions(),
+                         rows_to_keep=torch.tensor(last, device=self.device))  # fmt: skip
+        self._count_model(clock)
+        return out.logits[:, -1], [positions[i] + 1 for i in last]
 
     def _count_model(self, clock: float) -> None:
         self.stats.model_calls += 1
@@ -277,14 +299,13 @@ class Engine:
         self.stats.sampling_s += time.perf_counter() - clock
         return draw, draw.tensor
 
-    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[Request], new: list[bool]
-                         ) -> list:  # fmt: skip
-        """Each new echoing row's prompt tokens with their log-probabilities (the first has
-        none): ``(token, logprob, [(alternative, logprob), ...])``."""
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[Request]) -> list:
+        """Each echoing row's prompt tokens with their log-probabilities (the first has none):
+        ``(token, logprob, [(alternative, logprob), ...])``."""
         found = []
         for i, r in enumerate(rows):
             want = r.sampling.prompt_logprobs
-            if want is None or not new[i]:
+            if want is None:
                 found.append(None)
                 continue
             n = len(r.prompt)

@@ -11,10 +11,10 @@ slot ``s`` holds one request's tokens from index 0, and its length says how many
   ``0 .. length``; the bias the cache hands the model (:meth:`attention_plan`) carries each
   row's own ALiBi distances and hides the slots past its end, so a row's logits are those it
   gets alone whatever it shares the step with.
-- **Mixed** (:meth:`mixed`): new prompts and running rows in one forward, each row writing
-  ``width`` tokens from its own start (a running row's one token then padding, a prompt from
-  0); the same bias hides every key after each query, so the padding changes no real token.
-  A step that admits rows costs one forward instead of two.
+- **Packed** (:meth:`packed`): new prompts and running rows in one forward with one token a
+  batch row (a running row's last token, every token of a new prompt), each written at its own
+  slot and position; a token attends over its own slot's keys up to itself, a copy gathered
+  per token, so no padding is computed and a step that admits rows costs one forward.
 
 The running rows are kept packed in slots ``0 .. R - 1`` (:meth:`move` fills a leaving row's slot
 with the last one), so a step attends over a view of the buffers, never a gathered copy. The
@@ -47,7 +47,8 @@ class SlotCache:
         self._rows = slice(0, 0)
         self._width = 0  # new tokens per row in this forward
         self._span = 0  # key slots attended (0: a prefill, which reads none back)
-        self._starts = self.lengths[:0]  # where each row's new tokens go
+        self._starts = self.lengths[:0]  # where each batch row's new tokens go
+        self._slots: Tensor | None = None  # a packed forward's slot for each batch row
 
     def reserve(self, tokens: int) -> None:
         """Room for rows of ``tokens`` tokens; growing copies what is there."""
@@ -76,26 +77,27 @@ class SlotCache:
         """The next forward writes ``width`` tokens from index 0 of slots ``start .. stop - 1``
         (new rows only: they attend to their own tokens, never read back from the buffers)."""
         self.reserve(width)
-        self._rows, self._width, self._span = slice(start, stop), width, 0
+        self._rows, self._width, self._span, self._slots = slice(start, stop), width, 0, None
 
     def decode(self, start: int, stop: int, span: int) -> None:
         """The next forward writes one token at each row's length in slots ``start .. stop -
         1``; ``span`` is one past the longest of them (the host knows it without a sync)."""
         self.reserve(span)
         self._rows, self._width, self._span = slice(start, stop), 1, span
-        self._starts = self.lengths[self._rows]
+        self._starts, self._slots = self.lengths[self._rows], None
 
-    def mixed(self, start: int, stop: int, starts: list[int], width: int) -> None:
-        """The next forward writes ``width`` tokens into each of slots ``start .. stop - 1``,
-        row ``i``'s from index ``starts[i]`` (0 for a new prompt, its length for a running
-        row)."""
-        span = max(starts) + width
+    def packed(self, start: int, stop: int, slots: list[int], positions: list[int]) -> None:
+        """The next forward is one token a batch row: token ``t`` is written into slot
+        ``slots[t]`` at ``positions[t]`` (rows ``start .. stop - 1`` are the slots it
+        touches)."""
+        span = max(positions) + 1
         self.reserve(span)
-        self._rows, self._width, self._span = slice(start, stop), width, span
-        self._starts = torch.tensor(starts, device=self.device)
+        self._rows, self._width, self._span = slice(start, stop), 1, span
+        self._slots = torch.tensor(slots, device=self.device)
+        self._starts = torch.tensor(positions, device=self.device)
 
     def positions(self) -> Tensor:
-        """The new tokens' positions, ``(rows, width)``: a row's own token count."""
+        """The new tokens' positions, ``(batch, width)``: a row's own token count."""
         steps = torch.arange(self._width, device=self.device)[None]
         return self._starts[:, None] + steps if self._span else steps
 
@@ -105,7 +107,7 @@ class SlotCache:
             return attention_bias(self.heads, 0, self._width, self.use_alibi, None, self.device,
                                   dtype)  # fmt: skip
         keys = torch.arange(self._span, device=self.device)
-        distance = self.positions()[:, :, None] - keys  # (rows, width, span)
+        distance = self.positions()[:, :, None] - keys  # (batch, width, span)
         future = (distance < 0)[:, None]
         if self.use_alibi:
             bias = -self.slopes[None, :, None, None] * distance.clamp(min=0)[:, None]
@@ -115,8 +117,8 @@ class SlotCache:
 
     def advance(self, lengths: list[int] | None = None) -> None:
         """The forward ran: a decode's rows grow by one token; otherwise each row's length is
-        set to ``lengths`` (its real tokens: the padding written after them is hidden and
-        overwritten later)."""
+        set to ``lengths`` (its real tokens: a prefill's padding written after them is hidden
+        and overwritten later)."""
         if lengths is None:
             self.lengths[self._rows] += 1
         else:
@@ -138,11 +140,14 @@ class SlotCache:
             keys[rows, :, : self._width] = k
             values[rows, :, : self._width] = v
             return k, v
-        index = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
-        at = self.positions()
-        # (rows, width) index pairs pick (rows, width, heads, head_dim) entries
-        keys[index, :, at] = k.transpose(1, 2)
-        values[index, :, at] = v.transpose(1, 2)
+        if self._slots is not None:  # packed: each token at its own slot and position
+            keys[self._slots, :, self._starts] = k[:, :, 0]
+            values[self._slots, :, self._starts] = v[:, :, 0]
+            return keys[self._slots, :, : self._span], values[self._slots, :, : self._span]
+        index = torch.arange(rows.start, rows.stop, device=self.device)
+        at = self._starts
+        keys[index, :, at] = k[:, :, 0]
+        values[index, :, at] = v[:, :, 0]
         return keys[rows, :, : self._span], values[rows, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
