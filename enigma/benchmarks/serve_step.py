@@ -6,8 +6,11 @@ decoded through transformers' ``DynamicCache``, one token a row per step, the ne
 argmax (no sampling), timed per forward. The engine's step is the same rows through
 :class:`~enigma.serve.engine.Engine` with the benchmark's sampling: its model call, its
 sampling, and the rest (text, stop strings, bookkeeping), so what the engine adds to the model
-is measured, not guessed. Both run in this process on the replica's threads, before any server
-starts, with nothing else running.
+is measured, not guessed. Under churn the engine keeps ``rows`` requests of 32 tokens running
+that end at different steps, each replaced at once, as a server's rows are: the tokens/s it
+keeps up counts what admitting new prompts costs, with the prompts in the running rows'
+forward and in one of their own. All run in this process on the replica's threads, before any
+server starts, with nothing else running.
 """
 
 from __future__ import annotations
@@ -67,6 +70,38 @@ def engine_step(model, tokenizer, prompts: list[list[int]], sampling, steps: int
             "sampling_s": (stats.sampling_s - sampling_s) / steps}  # fmt: skip
 
 
+def churn(model, tokenizer, prompts: list[list[int]], sampling, mix_tokens: int | None = None,
+          requests: int = 256, max_tokens: int = 32) -> float:  # fmt: skip
+    """Tokens/s of the engine keeping ``len(prompts)`` rows busy: row ``i`` starts with a
+    reply of ``2 i + 2`` tokens (so the rows end at different steps), and each request that
+    ends is replaced by one of ``max_tokens`` until ``requests`` have been sent; timed until
+    the last is sent (the rows drain after, which is not a steady state)."""
+    from dataclasses import replace
+
+    from ..serve.engine import Engine
+
+    mixing = {} if mix_tokens is None else {"mix_tokens": mix_tokens}  # None: the engine's own
+    engine = Engine(model, tokenizer, max_rows=len(prompts), **mixing)
+    sent = 0
+
+    def send(tokens: int) -> None:
+        nonlocal sent
+        prompt = prompts[sent % len(prompts)]
+        settings = replace(sampling, max_tokens=tokens)
+        engine.submit([engine.request(f"r{sent}", prompt, settings)])
+        sent += 1
+
+    for i in range(len(prompts)):
+        send(2 * i + 2)
+    made, start = 0, time.perf_counter()
+    while sent < requests:
+        for out in engine.step():
+            made += len(out.tokens)
+            if out.finish_reason and sent < requests:
+                send(max_tokens)
+    return made / (time.perf_counter() - start)
+
+
 def measure(model_dir: str, rows: int, threads: int, sampling, rounds: int = 3) -> dict:
     """The ceiling and the engine's step, alternated ``rounds`` times (the best of each: the
     machine's noise only ever slows a run)."""
@@ -77,13 +112,18 @@ def measure(model_dir: str, rows: int, threads: int, sampling, rounds: int = 3) 
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir, quiet=True)
     prompts = prompt_rows(tokenizer, rows)
-    ceilings, engines = [], []
+    ceilings, engines, mixed, apart = [], [], [], []
     for _ in range(rounds):
         ceilings.append(ceiling_step(model, prompts))
         engines.append(engine_step(model, tokenizer, prompts, sampling))
+        mixed.append(churn(model, tokenizer, prompts, sampling))
+        apart.append(churn(model, tokenizer, prompts, sampling, mix_tokens=0))
     ceiling = min(ceilings)
     engine = min(engines, key=lambda e: e["step_s"])
     return {
+        "churn_tokens_per_s": max(mixed), "churn_apart_tokens_per_s": max(apart),
+        "churn_over_ceiling": max(mixed) * ceiling / rows,
+        "churn_apart_over_ceiling": max(apart) * ceiling / rows,
         "rows": rows, "threads": threads,
         "ceiling_step_ms": ceiling * 1e3, "ceiling_tokens_per_s": rows / ceiling,
         "engine_step_ms": engine["step_s"] * 1e3, "engine_tokens_per_s": rows / engine["step_s"],
