@@ -218,6 +218,24 @@ def test_a_row_that_fails_in_a_step_ends_alone(tokenizer):
     assert [t for out in later for t in out.tokens] == good, "the engine goes on serving"
 
 
+def test_a_row_that_fails_joining_a_running_one_leaves_its_seeded_draws_untouched(tokenizer):
+    """The failing row joins a sampling row's forward two steps in: the draws the step made
+    before the failure are taken back, so the running row, retried alone, draws what it draws
+    with nobody beside it."""
+    model = _lm()
+    seeded = Sampling(max_tokens=8, temperature=1.0, seed=7)
+    alone = Engine(model, tokenizer, max_rows=4)
+    solo = _run(alone, {0: [alone.request("good", [4, 5, 6], seeded)]})["good"]
+    engine = Engine(model, tokenizer, max_rows=4)
+    poison = Request("bad", [7, 8], Sampling(max_tokens=6, top_k=10**9), seed=1,
+                     text=TextStream(tokenizer))  # fmt: skip
+    outputs = _run(engine, {0: [engine.request("good", [4, 5, 6], seeded)], 2: [poison]})
+    assert outputs["bad"][-1].finish_reason == "error"
+    assert [t for out in outputs["good"] for t in out.tokens] == [
+        t for out in solo for t in out.tokens
+    ]
+
+
 @pytest.mark.parametrize("bad", [{"temperature": math.nan}, {"top_p": 0.0}, {"top_k": 10**20},
                                  {"repetition_penalty": math.nan}, {"presence_penalty": 3.0},
                                  {"logit_bias": ((5, math.inf),)}])  # fmt: skip
@@ -243,6 +261,23 @@ def test_prompt_logprobs_are_the_models_own(tokenizer):
         assert token == prompt[i + 1]
         assert logprob == pytest.approx(float(own[i, token]), abs=1e-5)
         assert [t for t, _ in top] == own[i].topk(2).indices.tolist()
+
+
+def test_prompt_logprobs_of_a_row_joining_running_ones_are_the_models_own(tokenizer):
+    """A scoring request arriving while another decodes has a forward of its own (its prompt's
+    positions all need logits); the other goes on in the same step."""
+    model = _lm()
+    engine = Engine(model, tokenizer)
+    prompt = [9, 42, 77, 1000, 5, 18]
+    running = engine.request("r", [3, 4], Sampling(max_tokens=6, temperature=0))
+    echo = engine.request("e", prompt, Sampling(max_tokens=0, prompt_logprobs=0))
+    outputs = _run(engine, {0: [running], 2: [echo]})
+    assert engine.stats.mixed == 0 and len(outputs["r"]) == 6
+    (out,) = outputs["e"]
+    with torch.no_grad():
+        own = torch.log_softmax(model(torch.tensor([prompt])).logits[0], -1)
+    got = [logprob for _, logprob, _ in out.prompt_logprobs[1:]]
+    assert got == pytest.approx([float(own[i, t]) for i, t in enumerate(prompt[1:])], abs=1e-5)
 
 
 def test_stop_strings_end_the_reply_before_them(tokenizer):

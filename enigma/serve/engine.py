@@ -5,9 +5,10 @@ Each :meth:`Engine.step`:
 1. lets go of rows whose requests were aborted (a client that left);
 2. admits waiting requests (:mod:`enigma.serve.scheduler`) into free slots
    (:mod:`enigma.serve.kv_cache`);
-3. runs one forward over every row: a running row feeds its last token, a new one its prompt,
-   right-padded to the longest (a prompt long enough that this padding would cost more than
-   ``mix_tokens`` gets a forward of its own, as vLLM's chunked prefill bounds a mixed step);
+3. runs one forward over every row, packed one token a batch row: a running row's last token,
+   every token of a new prompt, each at its own slot and position (:meth:`SlotCache.packed`);
+   new prompts whose gathered keys would pass ``mix_tokens``, or that want their prompt's
+   log-probabilities, get a forward of their own first, as a step with no running rows does;
 4. samples every row with its own settings in one vectorised pass (:mod:`enigma.serve.sampling`),
    a new row its first token, turns tokens into text and checks stop strings
    (:mod:`enigma.serve.text`);
@@ -238,7 +239,8 @@ class Engine:
                 self.sampler.assign(r.slot, r.sampling, r.seed, r.prompt)
         if all(new):
             logits, lengths, prompt_logprobs = self._prefill(start, stop, rows, echo)
-        else:
+        else:  # _mixes keeps rows that want their prompt's log-probabilities out of here
+            assert not echo, "a packed forward has no logits for prompt positions"
             logits, lengths = self._packed(start, stop, rows, new)
             prompt_logprobs = [None] * len(rows)
         draw, tokens = self._sample(logits, start, stop)
@@ -279,7 +281,7 @@ class Engine:
             slots += [r.slot] * (len(ids) - len(slots))
             last.append(len(ids) - 1)
         feed = torch.tensor(ids, device=self.device)
-        if running:  # no host sync: the running rows' last tokens stay on the device
+        if running:  # the running rows' last tokens stay on the device (not read back)
             at = torch.tensor(running, device=self.device)
             feed[at] = self.last[torch.tensor(slots, device=self.device)[at]]
         self.cache.packed(start, stop, slots, positions)

@@ -17,7 +17,8 @@ slot ``s`` holds one request's tokens from index 0, and its length says how many
   per token, so no padding is computed and a step that admits rows costs one forward.
 
 The running rows are kept packed in slots ``0 .. R - 1`` (:meth:`move` fills a leaving row's slot
-with the last one), so a step attends over a view of the buffers, never a gathered copy. The
+with the last one), so a decode step attends over a view of the buffers, never a gathered copy
+(only a packed step gathers, each token its own slot's keys). The
 buffers grow (by doubling) to the longest row admitted, and are dropped when the engine idles.
 """
 

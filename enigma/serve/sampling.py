@@ -194,23 +194,31 @@ class Sampler:
     @torch.no_grad()
     def choose(self, logits: Tensor, start: int, stop: int) -> Draw:
         """The next token of slots ``start .. stop - 1`` from their logits ``(stop - start, V)``;
-        their counters and penalty tables advance."""
+        their counters and penalty tables advance, only if every row's draw succeeds: a row
+        that fails leaves the others' random streams where they were, so when the engine
+        retries them alone they draw what they would have drawn."""
         plan = self.plan(start, stop)
         rows = slice(start, stop)
-        raw = logits.float()
-        x = self._penalised(raw, rows, plan)
-        tokens = torch.empty(stop - start, dtype=torch.long, device=self.device)
-        if plan.greedy is not None:
-            plan.greedy.put(tokens, plan.greedy.take(x).argmax(-1))
-        if plan.sampled:
-            temperature = self.temperature[rows].clamp(min=1e-5)[:, None]
-            for group, draw in ((plan.whole, self._whole), (plan.nucleus, self._nucleus),
-                                (plan.top_k, self._top_k)):  # fmt: skip
-                if group is not None:
-                    scaled = group.take(x) / group.take(temperature)
-                    group.put(tokens, draw(scaled, group, start))
+        drawn = self.drawn[rows].copy()
+        try:
+            raw = logits.float()
+            x = self._penalised(raw, rows, plan)
+            tokens = torch.empty(stop - start, dtype=torch.long, device=self.device)
+            if plan.greedy is not None:
+                plan.greedy.put(tokens, plan.greedy.take(x).argmax(-1))
+            if plan.sampled:
+                temperature = self.temperature[rows].clamp(min=1e-5)[:, None]
+                for group, draw in ((plan.whole, self._whole), (plan.nucleus, self._nucleus),
+                                    (plan.top_k, self._top_k)):  # fmt: skip
+                    if group is not None:
+                        scaled = group.take(x) / group.take(temperature)
+                        group.put(tokens, draw(scaled, group, start))
+            found = self._draw(raw, tokens, plan)
+        except Exception:
+            self.drawn[rows] = drawn
+            raise
         self._count(tokens, rows)
-        return self._draw(raw, tokens, plan)
+        return found
 
     def _uniform(self, group: Rows, start: int) -> Tensor:
         """The group's rows' next random numbers; their counters advance."""
