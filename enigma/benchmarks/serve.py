@@ -27,6 +27,7 @@ is not passed on: the ingress is a setting of the cluster's processes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -233,8 +234,11 @@ def server(model: Path, port: int, rows: int, ingress: str = "proxy",
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever of its cluster outlived it
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -19,9 +19,12 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         logging.ERROR
     )
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-        if object_store_memory and not address:
+        # "local": a cluster of its own; with no address Ray would join one that `ray start`
+        # left on this machine, and a command that thinks it started it would shut it down
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        joins = address != "local"
+        local = {} if joins else {"num_cpus": num_cpus, "include_dashboard": False}
+        if object_store_memory and not joins:
             local["object_store_memory"] = object_store_memory
         ray.init(
             address=address,

@@ -103,8 +103,8 @@ def haproxy_environment() -> dict[str, str]:
     env[drain] = os.environ.get(drain, "2")
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         if not os.environ.get(name):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
+            with socket.socket() as s:  # HAProxy binds these on every interface
+                s.bind(("", 0))
                 env[name] = str(s.getsockname()[1])
     return env
 
@@ -134,9 +134,14 @@ def start(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     check(args)
-    if args.ingress == "haproxy" and not os.environ.get("RAY_ADDRESS"):
-        # before Ray Serve is imported here and before the cluster starts: every process reads it
-        os.environ.update(haproxy_environment())
+    if not os.environ.get("RAY_ADDRESS"):
+        # before Ray Serve is imported here and before the cluster starts: every process reads
+        # it (and a shell that exports it does not put HAProxy behind `--ingress proxy`)
+        if args.ingress == "haproxy":
+            os.environ.update(haproxy_environment())
+        else:
+            for name in HAPROXY_ENV:
+                os.environ.pop(name, None)
     import ray
     from ray import serve
 

@@ -87,6 +87,7 @@ class EngineProcess:
         self._streams = 0  # streamed requests open (event loop only)
         self._stats: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._dead: str | None = None
+        self._stopping = False
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
 
@@ -153,6 +154,7 @@ class EngineProcess:
         """End the engine: its socket shut down (not only closed: the reader thread's pending
         read holds the socket open, so the engine would see no end of file until the replica
         is killed), then its exit awaited."""
+        self._stopping = True
         with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.conn.fileno())) as s:
             s.shutdown(socket.SHUT_RDWR)
         self.conn.close()
@@ -178,6 +180,8 @@ class EngineProcess:
             self._dead = (
                 f"exit status {self.process.poll()}" if isinstance(err, EOFError) else str(err)
             )
+            if self._stopping:  # stop() ended it
+                return
             log.error("the engine process stopped (%s); failing the requests in flight", self._dead)
             error = f"the engine process stopped ({self._dead})"
             for box in list(self._boxes.values()):
