@@ -222,36 +222,37 @@ class Engine:
         rows (their prompts) and running rows (their last token) they hold."""
         rows = self.scheduler.running[start:stop]
         new = [not r.generated for r in rows]
-        if not any(new):
-            self.cache.decode(start, stop, max(r.length for r in rows) + 1)
-            clock = time.perf_counter()
-            out = self.model(self.last[start:stop, None], cache=self.cache,
-                             position_ids=self.cache.positions())  # fmt: skip
-            self._count_model(clock)
-            draw, tokens = self._sample(out.logits[:, -1], start, stop)
-            self.cache.advance()
-            self.last[start:stop] = tokens
-            return [self._emit(r, draw, i) for i, r in enumerate(rows)]
-        echo = any(fresh and r.sampling.prompt_logprobs is not None
-                   for r, fresh in zip(rows, new, strict=True))  # fmt: skip
         for r, fresh in zip(rows, new, strict=True):
             if fresh:
                 self.sampler.assign(r.slot, r.sampling, r.seed, r.prompt)
-        if all(new):
-            logits, lengths, prompt_logprobs = self._prefill(start, stop, rows, echo)
-        else:  # _mixes keeps rows that want their prompt's log-probabilities out of here
-            assert not echo, "a packed forward has no logits for prompt positions"
+        prompt_logprobs = [None] * len(rows)
+        if not any(new):
+            logits, lengths = self._decode(start, stop, rows), None
+        elif all(new):
+            logits, lengths, prompt_logprobs = self._prefill(start, stop, rows)
+        else:
             logits, lengths = self._packed(start, stop, rows, new)
-            prompt_logprobs = [None] * len(rows)
         draw, tokens = self._sample(logits, start, stop)
         self.cache.advance(lengths)
         self.last[start:stop] = tokens
-        self.stats.prefills += 1
-        self.stats.mixed += not all(new)
+        if any(new):
+            self.stats.prefills += 1
+            self.stats.mixed += not all(new)
         return [self._emit(r, draw, i, prompt_logprobs[i]) for i, r in enumerate(rows)]
 
-    def _prefill(self, start: int, stop: int, rows: list[Request], echo: bool):
-        """New rows alone: their prompts right-padded together, each attending to its own."""
+    def _decode(self, start: int, stop: int, rows: list[Request]) -> torch.Tensor:
+        """Running rows alone: each row's last token at its own length."""
+        self.cache.decode(start, stop, max(r.length for r in rows) + 1)
+        clock = time.perf_counter()
+        out = self.model(self.last[start:stop, None], cache=self.cache,
+                         position_ids=self.cache.positions())  # fmt: skip
+        self._count_model(clock)
+        return out.logits[:, -1]
+
+    def _prefill(self, start: int, stop: int, rows: list[Request]):
+        """New rows alone: their prompts right-padded together, each attending to its own (and
+        every prompt position's logits kept when a row wants its prompt's log-probabilities)."""
+        echo = any(r.sampling.prompt_logprobs is not None for r in rows)
         width = max(len(r.prompt) for r in rows)
         ids = torch.tensor([r.prompt + [self.pad] * (width - len(r.prompt)) for r in rows],
                            device=self.device)  # fmt: skip
@@ -268,22 +269,26 @@ class Engine:
 
     def _packed(self, start: int, stop: int, rows: list[Request], new: list[bool]):
         """New and running rows together, one token a batch row: a running row's last token,
-        every token of a new prompt; the head only at each row's last token."""
-        ids, slots, positions, last, running = [], [], [], [], []
+        every token of a new prompt; the head only at each row's last token. No logits for
+        prompt positions: :meth:`_mixes` keeps rows that want them out."""
+        ids, slots, positions, last, running, running_slots = [], [], [], [], [], []
         for r, fresh in zip(rows, new, strict=True):
+            assert not (fresh and r.sampling.prompt_logprobs is not None)
             if fresh:
                 ids += r.prompt
                 positions += range(len(r.prompt))
             else:
                 running.append(len(ids))
+                running_slots.append(r.slot)
                 ids.append(self.pad)  # its last token, filled in on the device below
                 positions.append(r.length)
             slots += [r.slot] * (len(ids) - len(slots))
             last.append(len(ids) - 1)
         feed = torch.tensor(ids, device=self.device)
-        if running:  # the running rows' last tokens stay on the device (not read back)
-            at = torch.tensor(running, device=self.device)
-            feed[at] = self.last[torch.tensor(slots, device=self.device)[at]]
+        # the running rows' last tokens stay on the device (not read back)
+        feed[torch.tensor(running, device=self.device)] = self.last[
+            torch.tensor(running_slots, device=self.device)
+        ]
         self.cache.packed(start, stop, slots, positions)
         clock = time.perf_counter()
         out = self.model(feed[:, None], cache=self.cache, position_ids=self.cache.positions(),
