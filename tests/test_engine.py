@@ -3,6 +3,7 @@ samples with its own settings and seed, a failing row ends alone, stop strings, 
 log-probabilities, aborts, and the static policy it is measured against."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import perturb
 from enigma import EnigmaConfig, EnigmaLM
 from enigma.data.tokenizer import join_cjk, load_tokenizer
 from enigma.serve.engine import Engine
-from enigma.serve.sampling import Sampler, Sampling
+from enigma.serve.sampling import BLOCK, Sampler, Sampling, _search
 from enigma.serve.scheduler import QueueFull, Request
 from enigma.serve.text import TextStream
 
@@ -179,6 +180,35 @@ def test_each_path_samples_its_distribution(settings, kept):
     assert ((frequency - reference).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize("width", [3 * BLOCK, 2 * BLOCK + 44, 50])
+def test_the_two_level_search_is_the_inverse_cdf(width):
+    """Each token's share of evenly spread numbers is its weight's share (to a rounding at its
+    edges), and no number, however near 0 or 1, lands on a token of weight 0: the first
+    tokens, a whole block, a block's last and the row's last are all 0 here."""
+    torch.manual_seed(0)
+    weights = torch.rand(2, width) ** 4
+    zero = [0, 1, width - 1, min(BLOCK - 1, width - 2)]
+    if width > 2 * BLOCK:
+        zero += range(BLOCK, 2 * BLOCK)
+    weights[:, zero] = 0
+    weights[1] *= 1e-30  # tiny, unnormalised weights search the same
+    draws = 100_000
+    u = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    for row in range(2):
+        # and the numbers at each token's end (so each block's), where rounding bites
+        one = torch.ones(1, dtype=torch.float64)
+        ends = weights[row].double().cumsum(0) / weights[row].double().sum()
+        ends = torch.cat([ends, torch.tensor([1e-300, 2.0**-60, 1 - 2.0**-53])])
+        edges = torch.cat([ends.nextafter(0 * one), ends, ends.nextafter(one)])
+        edges = edges.clamp(1e-300, 1 - 2.0**-53)
+        picked = torch.cat([_search(weights[row].expand(len(part), width), part)
+                            for part in (u, edges)])  # fmt: skip
+        assert (weights[row, picked] > 0).all(), "a token of weight 0 was found"
+        counts = torch.bincount(picked[:draws], minlength=width).double()
+        share = weights[row].double() / weights[row].double().sum()
+        assert ((counts - share * draws).abs() <= 1.01).all()
+
+
 def test_penalties_change_only_the_seen_tokens_as_the_formulas_say():
     vocab = 50
     sampler = Sampler(2, vocab, torch.device("cpu"), max_len=32)
@@ -297,10 +327,14 @@ def test_stop_strings_end_the_reply_before_them(tokenizer):
 
 
 def test_incremental_text_is_the_whole_decode(tokenizer):
+    """Also with the tokens' own texts shared between streams, as the engine shares them."""
     torch.manual_seed(0)
-    for _ in range(20):
+    pieces = {}
+    for trial in range(40):
         ids = torch.randint(100, 21128, (30,)).tolist()
-        stream = TextStream(tokenizer, context=ids[0])
+        if trial % 2:  # tokens another stream has decoded already
+            ids = [ids[0], *random.Random(trial).choices(list(pieces), k=29)]
+        stream = TextStream(tokenizer, context=ids[0], pieces=pieces)
         text = "".join(stream.add(t) for t in ids[1:]) + stream.finish()
         whole = join_cjk(tokenizer.decode(ids, skip_special_tokens=True))
         assert join_cjk(tokenizer.decode(ids[:1], skip_special_tokens=True)) + text == whole

@@ -94,6 +94,7 @@ class Engine:
         self.last = torch.zeros(max_rows, dtype=torch.long, device=self.device)
         self.stats = Stats()
         self.pending_errors: list[Output] = []  # choices refused after the door (a bug)
+        self.pieces: dict[int, str] = {}  # each token's text alone (see TextStream)
 
     # requests in and out
     def request(self, request_id: str, prompt: list[int], sampling: Sampling, index: int = 0,
@@ -116,7 +117,7 @@ class Engine:
         else:
             seed = (sampling.seed + index * 0x9E3779B97F4A7C15) & MASK63
         context = prompt[-1] if continues_prompt else None
-        text = TextStream(self.tokenizer, sampling.stop, context)
+        text = TextStream(self.tokenizer, sampling.stop, context, self.pieces)
         return Request(request_id, list(prompt), sampling, seed, text, index)
 
     def submit(self, requests: list[Request]) -> None:

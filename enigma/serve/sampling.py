@@ -137,6 +137,13 @@ class Sampler:
         self.counts: Tensor | None = None  # (rows, vocab) reply tokens, presence and frequency
         self.bias: Tensor | None = None  # (rows, vocab) logit_bias
         self._plans: dict[tuple[int, int], _Plan] = {}  # cleared when a slot changes hands
+        # A step's scaled logits and probabilities are written into these, not fresh tensors
+        # (a new (rows, vocab) tensor is cold in the cache: the softmax writing one took half
+        # as long again). Padded to whole blocks of the search: the scaled logits' padding
+        # is -inf, so the probabilities' is 0.
+        width = -(-vocab_size // BLOCK) * BLOCK
+        self._scaled = torch.full((rows, width), -math.inf, **f32)
+        self._probs = torch.zeros(rows, width, **f32)
 
     def assign(self, slot: int, settings: Sampling, seed: int, prompt: list[int]) -> None:
         """Slot ``slot`` now samples for a request: its settings, its seed (``0 <= seed <
@@ -211,8 +218,10 @@ class Sampler:
                 for group, draw in ((plan.whole, self._whole), (plan.nucleus, self._nucleus),
                                     (plan.top_k, self._top_k)):  # fmt: skip
                     if group is not None:
-                        scaled = group.take(x) / group.take(temperature)
-                        group.put(tokens, draw(scaled, group, start))
+                        n = len(group.host)
+                        torch.div(group.take(x), group.take(temperature),
+                                  out=self._scaled[:n, : self.vocab])  # fmt: skip
+                        group.put(tokens, draw(self._scaled[:n], group, start))
             found = self._draw(raw, tokens, plan)
         except Exception:
             self.drawn[rows] = drawn
@@ -229,7 +238,8 @@ class Sampler:
 
     def _whole(self, scaled: Tensor, group: Rows, start: int) -> Tensor:
         """Inverse CDF over the whole vocabulary: no sort."""
-        return _search(torch.softmax(scaled, -1), self._uniform(group, start))
+        probs = torch.softmax(scaled, -1, out=self._probs[: len(scaled)])
+        return _search(probs, self._uniform(group, start))
 
     def _nucleus(self, scaled: Tensor, group: Rows, start: int) -> Tensor:
         """Top-p without a sort, by rejection: draw from the whole distribution and keep the
@@ -406,6 +416,7 @@ class _Plan:
 
 
 BLOCK = 128  # tokens per block of the two-level search
+BELOW = 1 - 2.0**-22  # times a positive fp32 sum: the largest target strictly below it
 
 
 def _search(weights: Tensor, u: Tensor) -> Tensor:
@@ -413,20 +424,22 @@ def _search(weights: Tensor, u: Tensor) -> Tensor:
     running sum first exceeds ``u`` times the row's total. In two levels, so that no running
     sum over the whole vocabulary is made (a sequential pass, the slowest of a step's
     sampling): the block of :data:`BLOCK` tokens from the blocks' sums, then the token inside
-    it. A token's chance is its weight over the total, up to fp32 rounding of the sums."""
-    n, vocab = weights.shape
-    whole = vocab // BLOCK * BLOCK
-    sums = weights[:, :whole].reshape(n, -1, BLOCK).sum(-1)
-    if whole < vocab:
-        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True)], 1)
+    it. Each target is kept inside ``[0, sum)`` of what it searches, so rounding never lands
+    on a token (or a block) of weight 0. A token's chance is its weight over the total, up to
+    fp32 rounding of the sums. Rows as wide as whole blocks (the sampler's buffers) are
+    searched as they are; others are padded with zeros."""
+    n, width = weights.shape
+    if width % BLOCK:
+        weights = torch.nn.functional.pad(weights, (0, BLOCK - width % BLOCK))
+    blocks = weights.view(n, -1, BLOCK)
+    sums = blocks.sum(-1)
     running = sums.cumsum(-1)
-    target = (u.to(running.dtype) * running[:, -1])[:, None]
-    block = torch.searchsorted(running, target, right=True).clamp(max=sums.shape[1] - 1)
-    target = target - (running.gather(1, block) - sums.gather(1, block))  # within the block
-    start = block * BLOCK
-    index = start + torch.arange(BLOCK, device=weights.device)[None]
-    inside = weights.gather(1, index.clamp(max=vocab - 1)) * (index < vocab)
-    # past the block's last weight (rounding), the last token that has any
-    last = torch.where(inside > 0, torch.arange(BLOCK, device=weights.device), 0).amax(-1)
-    picked = torch.searchsorted(inside.cumsum(-1), target, right=True).squeeze(1)
-    return (start.squeeze(1) + torch.minimum(picked, last)).clamp(max=vocab - 1)
+    total = running[:, -1:]
+    target = torch.minimum(u.to(total.dtype)[:, None] * total, total * BELOW)
+    block = torch.searchsorted(running, target, right=True)
+    before = (running - sums).gather(1, block)  # the weight of the blocks before it
+    block = block.squeeze(1)
+    inside = blocks[torch.arange(n, device=weights.device), block].cumsum(-1)
+    target = torch.minimum((target - before).clamp_(min=0), inside[:, -1:] * BELOW)
+    picked = torch.searchsorted(inside, target, right=True).squeeze(1)
+    return (block * BLOCK + picked).clamp_(max=width - 1)

@@ -18,10 +18,14 @@ from ..data.tokenizer import join_cjk
 class TextStream:
     """``add(token)`` gives the text the reply may show now; ``finish()`` what it held back.
     ``context`` is the token before the reply (a completion's text continues its prompt's:
-    ``"hello"`` then ``"world"`` reads ``" world"``); without it the reply starts afresh."""
+    ``"hello"`` then ``"world"`` reads ``" world"``); without it the reply starts afresh.
+    ``pieces``: each token's text alone, shared by the streams of one tokenizer (the engine's),
+    so that a token costs one decode, of it with the token before."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: int | None = None):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: int | None = None,
+                 pieces: dict[int, str] | None = None):  # fmt: skip
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.pieces = {} if pieces is None else pieces
         self.previous = context
         self.text = ""  # the reply so far, a stop string cut off
         self.shown = 0  # characters of text given out
@@ -30,13 +34,19 @@ class TextStream:
     def _decode(self, ids: list[int]) -> str:
         return join_cjk(self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    def _alone(self, token: int) -> str:
+        piece = self.pieces.get(token)
+        if piece is None:
+            piece = self.pieces[token] = self._decode([token])
+        return piece
+
     def add(self, token: int) -> str:
         if self.stopped:
             return ""
         if self.previous is None:
-            piece = self._decode([token])
+            piece = self._alone(token)
         else:
-            before = self._decode([self.previous])
+            before = self._alone(self.previous)
             both = self._decode([self.previous, token])
             piece = both[len(before) :] if both.startswith(before) else both
         self.previous = token
