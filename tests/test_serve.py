@@ -427,14 +427,37 @@ def test_a_replica_given_a_gpu_runs_the_model_there():
         replica_device(1, ["0"], False)
 
 
-def test_a_stopped_engine_process_exits_on_its_own(models):
-    """The replica's reader thread is blocked reading the engine's socket when the replica
-    stops it; the engine still sees the end and exits (not killed after a timeout), so Ray
-    Serve's graceful shutdown of the replica does not run out."""
-    from enigma.serve.engine_process import EngineProcess
+def test_an_engine_process_sends_an_end_at_once_and_exits_on_its_own_when_stopped(models):
+    """A stream's chunks are held to the chunk rate, but not its end: the last output goes out
+    when it comes, not when the next chunk is due (a client waiting for it, and its next
+    request, waited up to ``streams / chunks_per_s`` before). Then: the replica's reader thread
+    is blocked reading the engine's socket when the replica stops it; the engine still sees the
+    end and exits (not killed after a timeout), so Ray Serve's graceful shutdown of the replica
+    does not run out."""
+    import asyncio
+
+    from enigma import EnigmaConfig
+    from enigma.serve.engine_process import Choice, EngineProcess
+    from enigma.serve.sampling import Sampling
 
     engine = EngineProcess(str(models / "chat"), max_rows=2)
     assert engine.alive() and engine._reader.is_alive()
+    eos = EnigmaConfig.from_pretrained(models / "chat").eos_token_id
+    settings = Sampling(max_tokens=8, temperature=0, logit_bias=((eos, -100.0),))
+
+    async def stream() -> list[tuple[float, list]]:
+        loop = asyncio.get_running_loop()
+        box = engine.submit([Choice("r", 0, [2769, 4638, 1962], settings, True)], stream=True)
+        start, seen = loop.time(), []
+        async for batch in engine.outputs(box, chunks_per_s=1):  # one chunk a second at most
+            seen.append((loop.time() - start, batch))
+        return seen
+
+    seen = asyncio.run(stream())
+    assert sum(len(out.tokens) for _, batch in seen for out in batch) == 8
+    assert len(seen) == 2, "the first token at once, the other seven together"
+    assert seen[-1][1][-1].finish_reason == "length"
+    assert seen[-1][0] < 0.6, "the end went out when it came, not a second after the first"
     started = time.monotonic()
     engine.stop()
     assert engine.process.returncode == 0, "the engine exited by itself"

@@ -130,7 +130,11 @@ class EngineProcess:
                 batch = await box.take()
                 due = sent + (self._streams / chunks_per_s if chunks_per_s else 0) - loop.time()
                 if due > 0 and not any(out.finish_reason for out in batch):
-                    await asyncio.sleep(due)
+                    # held until due, or until a choice ends (an end is sent at once: its row
+                    # is free, and a client waiting for it sends its next request)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(box.ended.wait(), due)
+                    box.ended.clear()
                     batch += box.take_ready()
                 finished = sum(1 for out in batch if out.finish_reason)
                 box.open -= finished
@@ -201,6 +205,7 @@ class Mailbox:
         self._items: list[Output] = []
         self._lock = threading.Lock()
         self._event = asyncio.Event()
+        self.ended = asyncio.Event()  # set when a choice's last output is posted
         self._waking = False
         self._ends = 0  # finished choices posted
 
@@ -212,6 +217,8 @@ class Mailbox:
             self._waking = self._waking or wake
         if wake:
             self.loop.call_soon_threadsafe(self._wake)
+        if out.finish_reason:
+            self.loop.call_soon_threadsafe(self.ended.set)
 
     def _wake(self) -> None:
         with self._lock:
