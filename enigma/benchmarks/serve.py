@@ -9,7 +9,9 @@ model's own step.
    forward and with a forward of their own.
 2. **Served throughput**: ``C`` client streams (C = 1, 4, 16) each send ``--requests`` streamed
    completions of ``--max-tokens`` back to back; tokens/s from each reply's ``usage``, time to
-   the first token, latency, served / ceiling; at every C, the CPU seconds each process spent
+   the first token, latency, served / ceiling (the ceiling measured again just before the
+   level, in this process while the server idles: the machine's speed drifts over the
+   minutes a run takes); at every C, the CPU seconds each process spent
    per request (the ingress, the replica's handlers, the engine, this client), which says where
    a step's time went on a machine whose cores they share. EnigmaLM and the plain Transformer
    of its shape, each behind both ingresses ``enigma serve --ingress`` offers: Ray Serve's
@@ -167,18 +169,23 @@ class _gone:
 
 
 def streams_levels(port: int, levels: list[int], requests: int, max_tokens: int,
-                   ceiling: float, name: str) -> list[dict]:  # fmt: skip
+                   ceiling_now, name: str) -> list[dict]:  # fmt: skip
+    """Each level's load, set against the ceiling measured just before it (``ceiling_now``: the
+    model's own step in this process, the server idle)."""
     rows = []
     for streams in levels:
         jobs = [(PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(streams * requests)]
+        ceiling = ceiling_now()
         before = cpu_by_process()
         r = load(port, streams, jobs)
         after = cpu_by_process()
+        r["ceiling_tokens_per_s"] = ceiling
         r["served_over_ceiling"] = r["tokens_per_s"] / ceiling
         r["cpu_s_per_request"] = {k: (after[k] - before[k]) / r["requests"] for k in after}
         rows.append(r)
         print(f"{name}, {streams} stream(s): {r['tokens_per_s']:.0f} tokens/s "
-              f"({r['served_over_ceiling']:.2f} of the ceiling), TTFT p50 {r['ttft_p50_s']:.3f} s, "
+              f"({r['served_over_ceiling']:.2f} of the ceiling, {ceiling:,.0f} tokens/s just "
+              f"before), TTFT p50 {r['ttft_p50_s']:.3f} s, "
               f"latency p50/p95 {r['latency_p50_s']:.2f}/{r['latency_p95_s']:.2f} s",
               flush=True)  # fmt: skip
     return rows
@@ -244,7 +251,7 @@ def server(model: Path, port: int, rows: int, ingress: str = "proxy",
 def run(args: argparse.Namespace) -> dict:
     from ..inference.generate import check_saved_model
     from ..serve.sampling import Sampling
-    from .serve_step import measure
+    from .serve_step import ceiling_meter, measure
 
     if not (Path(args.model) / "config.json").is_file():
         raise InputError(f"{args.model} is not a saved model: run `make demo` first, or --model")
@@ -267,13 +274,13 @@ def run(args: argparse.Namespace) -> dict:
     result = {"benchmark": "serve", "model": args.model, "max_tokens": args.max_tokens,
               "requests_per_stream": args.requests, "max_batch_size": rows,
               "temperature": TEMPERATURE, "steps": steps, "ingresses": {}}  # fmt: skip
+    meters = {name: ceiling_meter(str(path), rows, 1) for name, path in models.items()}
     for ingress in ("proxy", "haproxy"):
         found = result["ingresses"][ingress] = {}
         for name, path in models.items():
             with server(path, args.port, rows, ingress):
-                ceiling = steps[name]["ceiling_tokens_per_s"]
                 found[name] = {"levels": streams_levels(
-                    args.port, levels, args.requests, args.max_tokens, ceiling,
+                    args.port, levels, args.requests, args.max_tokens, meters[name],
                     f"{name} behind {ingress}")}  # fmt: skip
     result["policies"] = {}
     for policy in ("continuous", "static"):

@@ -102,6 +102,23 @@ def churn(model, tokenizer, prompts: list[list[int]], sampling, mix_tokens: int 
     return made / (time.perf_counter() - start)
 
 
+def ceiling_meter(model_dir: str, rows: int, threads: int, rounds: int = 2):
+    """A function giving the ceiling in tokens/s as it is when called (the best of ``rounds``
+    measurements), the model loaded once: a served figure is set against the ceiling measured
+    just before it, as this machine's speed drifts over minutes."""
+    from ..data.tokenizer import load_tokenizer
+    from ..inference.generate import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)
+    prompts = prompt_rows(load_tokenizer(model_dir, quiet=True), rows)
+
+    def now() -> float:
+        return rows / min(ceiling_step(model, prompts) for _ in range(rounds))
+
+    return now
+
+
 def measure(model_dir: str, rows: int, threads: int, sampling, rounds: int = 3) -> dict:
     """The ceiling and the engine's step, alternated ``rounds`` times (the best of each: the
     machine's noise only ever slows a run)."""
