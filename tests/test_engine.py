@@ -201,7 +201,7 @@ def test_the_two_level_search_is_the_inverse_cdf(width):
         ends = torch.cat([ends, torch.tensor([1e-300, 2.0**-60, 1 - 2.0**-53])])
         edges = torch.cat([ends.nextafter(0 * one), ends, ends.nextafter(one)])
         edges = edges.clamp(1e-300, 1 - 2.0**-53)
-        picked = torch.cat([_search(weights[row].expand(len(part), width), part)
+        picked = torch.cat([_search(weights[row].expand(len(part), width), part[:, None])
                             for part in (u, edges)])  # fmt: skip
         assert (weights[row, picked] > 0).all(), "a token of weight 0 was found"
         counts = torch.bincount(picked[:draws], minlength=width).double()

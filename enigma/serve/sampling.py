@@ -119,7 +119,9 @@ class Sampler:
     def __init__(self, rows: int, vocab_size: int, device: torch.device, max_len: int = 2048):
         self.rows, self.vocab, self.device, self.max_len = rows, vocab_size, device, max_len
         f32 = dict(dtype=torch.float32, device=device)
-        self.temperature = torch.ones(rows, **f32)
+        # each row's temperature as the divisor of its logits: a column, greedy rows' 0 raised
+        # to a number that divides (they take the argmax, which no divisor changes)
+        self.temperature = torch.ones(rows, 1, **f32)
         self.top_p = torch.ones(rows, **f32)
         self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
         self.repetition = torch.ones(rows, **f32)
@@ -149,7 +151,7 @@ class Sampler:
         """Slot ``slot`` now samples for a request: its settings, its seed (``0 <= seed <
         2**63``) and its prompt (whose tokens the repetition penalty counts as seen)."""
         self.settings[slot] = settings
-        self.temperature[slot] = settings.temperature
+        self.temperature[slot] = max(settings.temperature, 1e-5)
         self.top_p[slot] = settings.top_p
         self.top_k[slot] = settings.top_k
         self.repetition[slot] = settings.repetition_penalty
@@ -208,20 +210,28 @@ class Sampler:
         rows = slice(start, stop)
         drawn = self.drawn[rows].copy()
         try:
-            raw = logits.float()
+            raw = logits if logits.dtype == torch.float32 else logits.float()
             x = self._penalised(raw, rows, plan)
-            tokens = torch.empty(stop - start, dtype=torch.long, device=self.device)
-            if plan.greedy is not None:
-                plan.greedy.put(tokens, plan.greedy.take(x).argmax(-1))
-            if plan.sampled:
-                temperature = self.temperature[rows].clamp(min=1e-5)[:, None]
-                for group, draw in ((plan.whole, self._whole), (plan.nucleus, self._nucleus),
-                                    (plan.top_k, self._top_k)):  # fmt: skip
-                    if group is not None:
-                        n = len(group.host)
-                        torch.div(group.take(x), group.take(temperature),
-                                  out=self._scaled[:n, : self.vocab])  # fmt: skip
-                        group.put(tokens, draw(self._scaled[:n], group, start))
+            tokens = None  # made only when two groups share the rows
+            temperature = self.temperature[rows]
+            paths = ((plan.greedy, None), (plan.whole, self._whole),
+                     (plan.nucleus, self._nucleus), (plan.top_k, self._top_k))  # fmt: skip
+            for group, draw in paths:
+                if group is None:
+                    continue
+                if draw is None:  # greedy: the argmax, no random number
+                    chosen = group.take(x).argmax(-1)
+                else:
+                    n = len(group.host)
+                    torch.div(group.take(x), group.take(temperature),
+                              out=self._scaled[:n, : self.vocab])  # fmt: skip
+                    chosen = draw(self._scaled[:n], group, start)
+                if group.index is None:  # every row
+                    tokens = chosen
+                else:
+                    if tokens is None:
+                        tokens = torch.empty(stop - start, dtype=torch.long, device=self.device)
+                    group.put(tokens, chosen)
             found = self._draw(raw, tokens, plan)
         except Exception:
             self.drawn[rows] = drawn
@@ -230,11 +240,12 @@ class Sampler:
         return found
 
     def _uniform(self, group: Rows, start: int) -> Tensor:
-        """The group's rows' next random numbers; their counters advance."""
+        """The group's rows' next random numbers, a column; their counters advance."""
         slots = group.host + start
         u = uniform(self.seed[slots], self.drawn[slots])
         self.drawn[slots] += np.uint64(1)
-        return torch.from_numpy(u).to(self.device, non_blocking=True)
+        u = torch.from_numpy(u)[:, None]
+        return u if self.device.type == "cpu" else u.to(self.device, non_blocking=True)
 
     def _whole(self, scaled: Tensor, group: Rows, start: int) -> Tensor:
         """Inverse CDF over the whole vocabulary: no sort."""
@@ -389,10 +400,6 @@ class _Plan:
     logprobs: tuple[Tensor, int] | None
     wanted: list[int] = field(default_factory=list)
 
-    @property
-    def sampled(self) -> bool:
-        return any(g is not None for g in (self.whole, self.nucleus, self.top_k))
-
     @classmethod
     def of(cls, settings: list[Sampling | None], device) -> _Plan:
         live = [s or Sampling(temperature=0) for s in settings]
@@ -421,7 +428,8 @@ BELOW = 1 - 2.0**-22  # times a positive fp32 sum: the largest target strictly b
 
 def _search(weights: Tensor, u: Tensor) -> Tensor:
     """Inverse CDF: in each row of non-negative ``weights`` (unnormalised), the index where the
-    running sum first exceeds ``u`` times the row's total. In two levels, so that no running
+    running sum first exceeds ``u`` (a column: a number in (0, 1) a row) times the row's
+    total. In two levels, so that no running
     sum over the whole vocabulary is made (a sequential pass, the slowest of a step's
     sampling): the block of :data:`BLOCK` tokens from the blocks' sums, then the token inside
     it. Each target is kept inside ``[0, sum)`` of what it searches, so rounding never lands
@@ -435,11 +443,10 @@ def _search(weights: Tensor, u: Tensor) -> Tensor:
     sums = blocks.sum(-1)
     running = sums.cumsum(-1)
     total = running[:, -1:]
-    target = torch.minimum(u.to(total.dtype)[:, None] * total, total * BELOW)
+    target = torch.minimum(u.to(total.dtype) * total, total * BELOW)
     block = torch.searchsorted(running, target, right=True)
-    before = (running - sums).gather(1, block)  # the weight of the blocks before it
+    target -= (running - sums).gather(1, block)  # less the weight of the blocks before it
     block = block.squeeze(1)
     inside = blocks[torch.arange(n, device=weights.device), block].cumsum(-1)
-    target = torch.minimum((target - before).clamp_(min=0), inside[:, -1:] * BELOW)
-    picked = torch.searchsorted(inside, target, right=True).squeeze(1)
-    return (block * BLOCK + picked).clamp_(max=width - 1)
+    target = torch.minimum(target.clamp_(min=0), inside[:, -1:] * BELOW)
+    return block * BLOCK + torch.searchsorted(inside, target, right=True).squeeze(1)
