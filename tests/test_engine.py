@@ -209,6 +209,24 @@ def test_the_two_level_search_is_the_inverse_cdf(width):
         assert ((counts - share * draws).abs() <= 1.01).all()
 
 
+def test_the_search_finds_no_token_of_weight_0_at_a_blocks_edge():
+    """Numbers at a block's edge as the search sums in fp32 (give or take a few roundings), half
+    the tokens and each block's first and last of weight 0: the blocks' sums and the sums inside
+    a block round differently, and the difference must not step onto a token of weight 0."""
+    g = torch.Generator().manual_seed(0)
+    rows, width = 64, 8 * BLOCK
+    for _ in range(50):
+        weights = torch.rand(rows, width, generator=g) ** 8
+        weights[torch.rand(rows, width, generator=g) < 0.5] = 0
+        weights[:, ::BLOCK] = weights[:, BLOCK - 1 :: BLOCK] = 0
+        running = weights.view(rows, -1, BLOCK).sum(-1).cumsum(-1)
+        edge = running.gather(1, torch.randint(0, 7, (rows, 1), generator=g)) / running[:, -1:]
+        nudge = torch.randint(-3, 4, (rows, 1), generator=g) * 2.0**-25
+        u = (edge.double() + nudge).clamp(1e-12, 1 - 2.0**-53)
+        picked = _search(weights, u)
+        assert (weights.gather(1, picked[:, None]) > 0).all(), "a token of weight 0 was found"
+
+
 def test_penalties_change_only_the_seen_tokens_as_the_formulas_say():
     vocab = 50
     sampler = Sampler(2, vocab, torch.device("cpu"), max_len=32)

@@ -435,6 +435,7 @@ def test_an_engine_process_sends_an_end_at_once_and_exits_on_its_own_when_stoppe
     end and exits (not killed after a timeout), so Ray Serve's graceful shutdown of the replica
     does not run out."""
     import asyncio
+    from dataclasses import replace
 
     from enigma import EnigmaConfig
     from enigma.serve.engine_process import Choice, EngineProcess
@@ -445,19 +446,26 @@ def test_an_engine_process_sends_an_end_at_once_and_exits_on_its_own_when_stoppe
     eos = EnigmaConfig.from_pretrained(models / "chat").eos_token_id
     settings = Sampling(max_tokens=8, temperature=0, logit_bias=((eos, -100.0),))
 
-    async def stream() -> list[tuple[float, list]]:
+    async def stream(request_id: str, *lengths: int) -> list[tuple[float, list]]:
         loop = asyncio.get_running_loop()
-        box = engine.submit([Choice("r", 0, [2769, 4638, 1962], settings, True)], stream=True)
+        choices = [Choice(request_id, i, [2769, 4638, 1962], replace(settings, max_tokens=n), True)
+                   for i, n in enumerate(lengths)]  # fmt: skip
+        box = engine.submit(choices, stream=True)
         start, seen = loop.time(), []
         async for batch in engine.outputs(box, chunks_per_s=1):  # one chunk a second at most
             seen.append((loop.time() - start, batch))
         return seen
 
-    seen = asyncio.run(stream())
+    seen = asyncio.run(stream("one", 8))
     assert sum(len(out.tokens) for _, batch in seen for out in batch) == 8
     assert len(seen) == 2, "the first token at once, the other seven together"
     assert seen[-1][1][-1].finish_reason == "length"
     assert seen[-1][0] < 0.6, "the end went out when it came, not a second after the first"
+    # Two choices: the first's end goes out at once, and the second's tokens then wait for its
+    # own end (or the chunk rate), not for nothing.
+    seen = asyncio.run(stream("two", 2, 8))
+    ends = [j for j, (_, batch) in enumerate(seen) if any(o.finish_reason for o in batch)]
+    assert len(ends) == 2 and ends[1] == ends[0] + 1 and seen[-1][0] < 0.6
     started = time.monotonic()
     engine.stop()
     assert engine.process.returncode == 0, "the engine exited by itself"

@@ -10,7 +10,8 @@ is measured, not guessed. Under churn the engine keeps ``rows`` requests of 32 t
 that end at different steps, each replaced at once, as a server's rows are: the tokens/s it
 keeps up counts what admitting new prompts costs, with the prompts in the running rows'
 forward and in one of their own. All run in this process on the replica's threads, before any
-server starts, with nothing else running.
+server starts, with nothing else running; :func:`ceiling_meter` measures the ceiling again
+before each served level, its server idle.
 """
 
 from __future__ import annotations

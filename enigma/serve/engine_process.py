@@ -128,13 +128,15 @@ class EngineProcess:
         try:
             while box.open > 0:
                 batch = await box.take()
+                # an end already taken has set it (no await since): only a later end may wake
+                # the wait below
+                box.ended.clear()
                 due = sent + (self._streams / chunks_per_s if chunks_per_s else 0) - loop.time()
                 if due > 0 and not any(out.finish_reason for out in batch):
                     # held until due, or until a choice ends (an end is sent at once: its row
                     # is free, and a client waiting for it sends its next request)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(box.ended.wait(), due)
-                    box.ended.clear()
                     batch += box.take_ready()
                 finished = sum(1 for out in batch if out.finish_reason)
                 box.open -= finished
@@ -196,7 +198,8 @@ class EngineProcess:
 class Mailbox:
     """One request's outputs between the reader thread, which posts them, and the handler's
     event loop, which takes them. The loop is woken once per batch of posts, not per output:
-    for a streamed request when it is not already due to wake, otherwise only at the end."""
+    for a streamed request when it is not already due to wake, otherwise only at the end; and
+    ``ended`` is set at each choice's end, which a stream held to its chunk rate waits for."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, choices: int,
                  stream: bool):  # fmt: skip

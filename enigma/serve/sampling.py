@@ -7,8 +7,8 @@ slot, so a step builds nothing from Python lists. Per step, by row:
 - penalties (repetition on the prompt's and the reply's tokens, presence and frequency on the
   reply's, a logit bias) only when some row asks for them;
 - greedy rows (temperature 0) take the argmax, with no random draw and no sort;
-- rows that sample the whole vocabulary draw by inverse CDF: a softmax and a cumulative sum over
-  the vocabulary, then one search (no sort);
+- rows that sample the whole vocabulary draw by inverse CDF: a softmax into a buffer the sampler
+  keeps, then a two-level search (the blocks' sums, then the tokens of one block; no sort);
 - top-p rows draw the same way and keep a draw inside the nucleus (rejection: no sort);
 - top-k rows sort only their ``top_k`` candidates (``torch.topk``), top-p then among those.
 
@@ -202,7 +202,8 @@ class Sampler:
 
     @torch.no_grad()
     def choose(self, logits: Tensor, start: int, stop: int) -> Draw:
-        """The next token of slots ``start .. stop - 1`` from their logits ``(stop - start, V)``;
+        """The next token of slots ``start .. stop - 1`` from their logits ``(stop - start, V)``
+        (``V`` the vocabulary: the sampler's buffers are that wide);
         their counters and penalty tables advance, only if every row's draw succeeds: a row
         that fails leaves the others' random streams where they were, so when the engine
         retries them alone they draw what they would have drawn."""
@@ -423,7 +424,7 @@ class _Plan:
 
 
 BLOCK = 128  # tokens per block of the two-level search
-BELOW = 1 - 2.0**-22  # times a positive fp32 sum: the largest target strictly below it
+BELOW = 1 - 2.0**-22  # times a positive fp32 sum: a target a few roundings below it
 
 
 def _search(weights: Tensor, u: Tensor) -> Tensor:

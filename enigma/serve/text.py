@@ -3,8 +3,9 @@
 Decoding the whole reply at every token costs time that grows with the reply. WordPiece joins
 a token to the one before it (a space, none before ``##``, none between two Chinese characters
 once :func:`~enigma.data.tokenizer.join_cjk` has run), so a new token's text is what decoding
-it with the token before adds to decoding that token alone: two short decodes per token, and
-the concatenation equals decoding the whole reply.
+it with the token before adds to decoding that token alone (each token's text alone is kept,
+shared by the engine's streams): one short decode per token, and the concatenation equals
+decoding the whole reply.
 
 A stop string ends the reply where it begins and is not part of it; text that could still
 become one (a suffix that is a stop string's prefix) is held back until the next token says.
