@@ -103,16 +103,22 @@ def churn(model, tokenizer, prompts: list[list[int]], sampling, mix_tokens: int 
     return made / (time.perf_counter() - start)
 
 
-def ceiling_meter(model_dir: str, rows: int, threads: int, rounds: int = 2):
-    """A function giving the ceiling in tokens/s as it is when called (the best of ``rounds``
-    measurements), the model loaded once: a served figure is set against the ceiling measured
-    just before it, as this machine's speed drifts over minutes."""
+def _loaded(model_dir: str, rows: int, threads: int):
+    """The saved model on ``threads`` threads, its tokenizer, and the benchmark's ``rows``
+    prompts."""
     from ..data.tokenizer import load_tokenizer
     from ..inference.generate import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(model_dir)
-    prompts = prompt_rows(load_tokenizer(model_dir, quiet=True), rows)
+    tokenizer = load_tokenizer(model_dir, quiet=True)
+    return load_model(model_dir), tokenizer, prompt_rows(tokenizer, rows)
+
+
+def ceiling_meter(model_dir: str, rows: int, threads: int, rounds: int = 2):
+    """A function giving the ceiling in tokens/s as it is when called (the best of ``rounds``
+    measurements), the model loaded once: a served figure is set against the ceiling measured
+    just before it, as this machine's speed drifts over minutes."""
+    model, _, prompts = _loaded(model_dir, rows, threads)
 
     def now() -> float:
         return rows / min(ceiling_step(model, prompts) for _ in range(rounds))
@@ -123,13 +129,7 @@ def ceiling_meter(model_dir: str, rows: int, threads: int, rounds: int = 2):
 def measure(model_dir: str, rows: int, threads: int, sampling, rounds: int = 3) -> dict:
     """The ceiling and the engine's step, alternated ``rounds`` times (the best of each: the
     machine's noise only ever slows a run)."""
-    from ..data.tokenizer import load_tokenizer
-    from ..inference.generate import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
-    tokenizer = load_tokenizer(model_dir, quiet=True)
-    prompts = prompt_rows(tokenizer, rows)
+    model, tokenizer, prompts = _loaded(model_dir, rows, threads)
     ceilings, engines, mixed, apart = [], [], [], []
     for _ in range(rounds):
         ceilings.append(ceiling_step(model, prompts))

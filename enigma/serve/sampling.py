@@ -430,13 +430,12 @@ BELOW = 1 - 2.0**-22  # times a positive fp32 sum: a target a few roundings belo
 def _search(weights: Tensor, u: Tensor) -> Tensor:
     """Inverse CDF: in each row of non-negative ``weights`` (unnormalised), the index where the
     running sum first exceeds ``u`` (a column: a number in (0, 1) a row) times the row's
-    total. In two levels, so that no running
-    sum over the whole vocabulary is made (a sequential pass, the slowest of a step's
-    sampling): the block of :data:`BLOCK` tokens from the blocks' sums, then the token inside
-    it. Each target is kept inside ``[0, sum)`` of what it searches, so rounding never lands
-    on a token (or a block) of weight 0. A token's chance is its weight over the total, up to
-    fp32 rounding of the sums. Rows as wide as whole blocks (the sampler's buffers) are
-    searched as they are; others are padded with zeros."""
+    total. In two levels, so that no running sum over the whole vocabulary is made (a
+    sequential pass, the slowest of a step's sampling): the block of :data:`BLOCK` tokens from
+    the blocks' sums, then the token inside it. Each target is kept inside ``[0, sum)`` of what
+    it searches, so rounding never lands on a token (or a block) of weight 0. A token's chance
+    is its weight over the total, up to fp32 rounding of the sums. Rows as wide as whole blocks
+    (the sampler's buffers) are searched as they are; others are padded with zeros."""
     n, width = weights.shape
     if width % BLOCK:
         weights = torch.nn.functional.pad(weights, (0, BLOCK - width % BLOCK))
