@@ -165,6 +165,8 @@ def prepare(
     validate(seq_len, val_fraction, test_fraction)
     out = Path(out)
     source.files()  # a missing path fails here, before Ray starts
+    if source.blank():  # and so does a corpus of blank files (other sources: after reading)
+        raise DataError(f"corpus {source.describe()} is empty: no non-blank documents")
     with DirectoryLock(out.parent / f".{out.name}.lock", "enigma data prepare", out):
         return _prepare_locked(source, out, seq_len, val_fraction, test_fraction,
                                tokenizer_name, force, shard_blocks, progress)  # fmt: skip

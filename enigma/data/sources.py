@@ -98,6 +98,18 @@ class Source:
             return sum(os.path.getsize(f) for f in self.files())
         return None
 
+    def blank(self) -> bool:
+        """A text source whose files hold nothing but whitespace, told before Ray starts (read
+        up to the first other character: a corpus with text stops in its first chunk)."""
+        if self.kind != "text":
+            return False
+        for path in self.files():
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    if chunk.strip():
+                        return False
+        return True
+
     def fingerprint(self) -> str:
         """Changes when the input files change (size and mtime), so a rerun rebuilds."""
         h = hashlib.sha256(f"{self.describe()}|{self.text_column}|{self.max_docs}".encode())
