@@ -4,6 +4,7 @@ to 50 kB): each endpoint and streaming, a poisoned batch, the API's parameters (
 echo + logprobs, include_usage, n, token-id prompts), a client that leaves, 413 and 429, the
 400s and 404s, and Ctrl-C leaving no process behind."""
 
+import contextlib
 import json
 import math
 import os
@@ -63,9 +64,28 @@ def start_server(model_dir, *options: str) -> dict:
 
 
 def stop_server(server) -> None:
-    if server["proc"].poll() is None:
-        os.killpg(server["proc"].pid, signal.SIGKILL)
-        server["proc"].wait()
+    """After a test that failed before Ctrl-C: the command and every process under it, HAProxy
+    too (Ray starts it in a process group of its own, and it outlives a killed parent)."""
+    proc = server["proc"]
+    if proc.poll() is None:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait()
+
+
+def listening(pid: int, name: str) -> set[int]:
+    """The TCP ports that processes called ``name`` under ``pid`` listen on; one that ends while
+    being read (HAProxy replaces itself when Serve adds a route) counts nothing."""
+    ports = set()
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if name in p.name():
+                ports |= {c.laddr.port for c in p.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN}  # fmt: skip
+    return ports
 
 
 def ctrl_c_leaves_nothing(server) -> None:
@@ -365,10 +385,10 @@ def test_behind_haproxy_the_same_api_answers_and_ctrl_c_leaves_nothing(models):
     server = start_server(models / "chat", "--ingress", "haproxy")
     try:
         assert "HAProxy in front" in server["line"]
-        holder = [c.laddr.port for p in psutil.Process(server["proc"].pid).children(True)
-                  if "haproxy" in p.name() for c in p.net_connections("tcp")
-                  if c.status == psutil.CONN_LISTEN]  # fmt: skip
-        assert server["port"] in holder, "HAProxy listens on the server's port"
+        deadline = time.monotonic() + 15
+        while server["port"] not in listening(server["proc"].pid, "haproxy"):
+            assert time.monotonic() < deadline, "HAProxy listens on the server's port"
+            time.sleep(0.2)
         assert call(server, "/v1/models", key=None)[0] == 401
         body = {"prompt": "话说天下大势", "max_tokens": 6, "temperature": 0}
         status, whole = call(server, "/v1/completions", body)
