@@ -85,6 +85,22 @@ def ray_cluster():
     ray.shutdown()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this machine's CPU runs a bf16 matmul natively (AVX-512 BF16 or AMX)."""
+    flags = torch.cpu.get_capabilities()
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+
+
+def slow_bf16_reason(fast: bool | None = None) -> str:
+    """The pattern of the reason ``precision: auto`` gives for fp32 under
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` on a CPU with the fast bf16 path or without it (None: this
+    machine's): the variable where the CPU has the fast path, the CPU itself where it has none
+    (the variable then changes nothing)."""
+    if cpu_has_fast_bf16() if fast is None else fast:
+        return r"ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN below AVX512_CORE_BF16"
+    return r"the CPU has (AVX2|AVX-512) but no AVX-512 BF16 or AMX"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,12 +4,13 @@ error naming both."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, cpu_has_fast_bf16, slow_bf16_reason
 
 from enigma.cli import main
 from enigma.errors import InputError
@@ -32,6 +33,10 @@ def _flags(**set_flags):
         (_flags(avx2=True, avx512_f=True, amx_bf16=True), None, True, "the CPU has AMX"),
         (_flags(avx2=True, avx512_f=True, avx512_bf16=True), "AVX2", False, "ONEDNN_MAX_CPU_ISA"),
         (_flags(avx2=True, avx512_f=True, avx512_bf16=True), "avx512_core_amx", True, "BF16"),
+        # Both causes at once: the CPU's own lack is what a user can do nothing about, so it is
+        # the one named (dropping the variable would not make bf16 fast).
+        (_flags(avx2=True), "AVX2", False, "the CPU has AVX2 but no AVX-512 BF16 or AMX"),
+        (_flags(avx2=True, avx512_f=True), "AVX2", False, "AVX-512 but no AVX-512 BF16"),
     ],
 )
 def test_the_cpu_decision_both_ways(monkeypatch, flags, isa, native, why):
@@ -45,18 +50,36 @@ def test_the_cpu_decision_both_ways(monkeypatch, flags, isa, native, why):
     assert ok is native and why in reason
 
 
-def test_this_cpu_and_the_slow_path_forced_on_it():
-    """This machine's answer follows its flags; ``ONEDNN_MAX_CPU_ISA=AVX2`` (what gives a bf16
-    matmul its slow path on a CPU that has the fast one) gives fp32 whatever the CPU."""
-    flags = torch.cpu.get_capabilities()
+# A fresh Python that answers as a CPU with the given flags would (None: this machine's own).
+PROBE = """
+import json, sys, torch
+from enigma.train.precision import native_bf16
+flags = json.loads(sys.argv[1])
+if flags is not None:
+    torch.cpu.get_capabilities = lambda: flags
+print(native_bf16(False))
+"""
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [None, _flags(avx2=True), _flags(avx2=True, avx512_f=True, avx512_bf16=True)],
+    ids=["this-cpu", "avx2-only", "avx512-bf16"],
+)
+def test_this_cpu_and_the_slow_path_forced_on_it(flags):
+    """The answer follows the CPU's flags; ``ONEDNN_MAX_CPU_ISA=AVX2`` (what gives a bf16 matmul
+    its slow path on a CPU that has the fast one) gives fp32 whatever the CPU, blaming the
+    variable where the CPU has the fast path and the CPU where it has none. Run on this machine
+    and as each kind of CPU would answer, so both kinds are checked on either."""
     env = {k: v for k, v in os.environ.items() if "MAX_CPU_ISA" not in k}
-    code = "from enigma.train.precision import native_bf16; print(native_bf16(False))"
-    here = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    expected = bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
-    assert here.stdout.startswith(f"({expected},"), here.stdout + here.stderr
+    probe = [sys.executable, "-c", PROBE, json.dumps(flags)]
+    fast = cpu_has_fast_bf16() if flags is None else flags["avx512_bf16"]
+    here = subprocess.run(probe, env=env, capture_output=True, text=True)
+    assert here.stdout.startswith(f"({fast},"), here.stdout + here.stderr
     env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    slow = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert slow.stdout.startswith("(False,") and "ONEDNN_MAX_CPU_ISA=AVX2" in slow.stdout
+    slow = subprocess.run(probe, env=env, capture_output=True, text=True)
+    assert slow.stdout.startswith("(False,"), slow.stdout + slow.stderr
+    assert re.search(slow_bf16_reason(fast), slow.stdout), slow.stdout
 
 
 def test_the_cluster_decides_once_for_all_its_nodes(monkeypatch):
