@@ -74,15 +74,31 @@ def perturb(module: torch.nn.Module, scale: float, seed: int | None = None) -> t
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local 2-CPU Ray instance shared by one test module (starting one costs seconds)."""
-    import ray
-
+def ray_cluster(_ray_left_up):
+    """A local 2-CPU Ray instance: started by the first module that asks and kept for the next
+    ones that ask (a start costs seconds, and the cluster's warm worker processes carry over). A
+    module that needs a cluster of another shape calls :func:`own_ray_cluster` first; the
+    session's end shuts down whatever is left."""
     from enigma.cluster.ray_setup import init_ray
 
     init_ray(num_cpus=2)
     yield
+
+
+@pytest.fixture(scope="session")
+def _ray_left_up():
+    yield
+    import ray
+
     ray.shutdown()
+
+
+def own_ray_cluster() -> None:
+    """Shut down a cluster an earlier module left up, so that the caller starts its own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -34,17 +34,14 @@ def saved(tmp_path_factory):
     return root
 
 
-def test_harness_tasks_on_saved_models_as_ray_tasks(saved, tmp_path, capsys, monkeypatch):
-    import ray
-
+def test_harness_tasks_on_saved_models_as_ray_tasks(
+    ray_cluster, saved, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # the tasks' data files are found beside their YAML all the same
     out = tmp_path / "results.json"
     argv = ["eval", str(saved / "plain"), str(saved / "chat"), "--tasks", "enigma_mc,enigma_text",
             "--include-path", str(HARNESS), "--ray", "--json", str(out)]  # fmt: skip
-    try:
-        assert main(argv) == 0
-    finally:
-        ray.shutdown()
+    assert main(argv) == 0
     plain, chat = json.loads(out.read_text())
     assert (plain["chat_template"], chat["chat_template"]) == (False, True)
     for result in (plain, chat):

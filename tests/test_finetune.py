@@ -96,14 +96,11 @@ def read_conversations_from(row):
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
+def tuned(ray_cluster, tmp_path_factory):
     """A small saved model (max_len 48, so a chat outgrows it), fine-tuned with LoRA by two Ray
     Train workers under ZeRO-2 in bf16 (the module's weights rounded, the optimizer's masters
-    fp32)."""
-    import ray
-
+    fp32), on the shared cluster."""
     from enigma import EnigmaConfig, EnigmaLM
-    from enigma.cluster.ray_setup import init_ray
 
     root = tmp_path_factory.mktemp("finetune")
     torch.manual_seed(0)
@@ -111,17 +108,13 @@ def tuned(tmp_path_factory):
     base.save_pretrained(root / "base")
     load_tokenizer(quiet=True).save_pretrained(root / "base")
     rows = write_jsonl(root / "rows.jsonl", ROWS * 12)
-    init_ray(num_cpus=2)
     zero2 = str(ROOT / "ds_configs" / "zero2.json")
     argv = ["finetune", "--model", str(root / "base"), "--data", str(rows), "--output-dir",
             str(root / "out"), "--workers", "2", "--ds-config", zero2, "--set", "precision=bf16",
             "--max-steps", "6",
             "--lora-r", "4", "--set", "micro_batch=2", "--set", "seq_len=48",
             "--set", "eval_steps=3", "--set", "lr=5e-3", "--set", "val_fraction=0.2"]  # fmt: skip
-    try:
-        assert main(argv) == 0
-    finally:
-        ray.shutdown()
+    assert main(argv) == 0
     return root
 
 

@@ -2,7 +2,7 @@
 machine has none: nothing here starts a worker on them)."""
 
 import pytest
-from conftest import SMALL_RUN
+from conftest import SMALL_RUN, own_ray_cluster
 
 from enigma.cli import main
 from enigma.train.config import build_config
@@ -14,6 +14,7 @@ def two_gpu_cluster():
 
     from enigma.cluster.ray_setup import init_ray
 
+    own_ray_cluster()
     init_ray(num_cpus=4, num_gpus=2)
     yield
     ray.shutdown()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, cpu_has_fast_bf16, slow_bf16_reason
+from conftest import ROOT, cpu_has_fast_bf16, own_ray_cluster, slow_bf16_reason
 
 from enigma.cli import main
 from enigma.errors import InputError
@@ -134,6 +134,7 @@ def test_explicit_choices_win_and_contradictions_name_both():
 
 
 def test_a_flag_that_contradicts_the_json_stops_before_ray(data, tmp_path, capsys):
+    own_ray_cluster()  # none left up by an earlier module: this one must not start
     ds = tmp_path / "bf16.json"
     ds.write_text(json.dumps({**SHIPPED, "bf16": {"enabled": True}}))
     argv = ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(tmp_path / "o"),

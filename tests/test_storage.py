@@ -6,7 +6,7 @@ from it on a machine that has never seen the run; every object stays under the r
 import shutil
 
 import pytest
-from conftest import UNINTERRUPTED, moto_server
+from conftest import UNINTERRUPTED, moto_server, own_ray_cluster
 
 from enigma.cli import main
 from enigma.train.config import build_config
@@ -20,8 +20,7 @@ def bucket():
 
     from enigma.cluster.ray_setup import init_ray
 
-    if ray.is_initialized():  # a session fixture's cluster, started without these variables
-        ray.shutdown()
+    own_ray_cluster()  # an earlier module's, started without these variables
     with moto_server(endpoint_in_env=False) as client:
         init_ray(num_cpus=2)
         yield client

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, SMALL_RUN
+from conftest import ROOT, SMALL_RUN, own_ray_cluster
 
 from enigma.cli import main
 from enigma.train.sweep import parse_grid, parse_lr, parse_ranges
@@ -31,6 +31,7 @@ def other_job():
     from enigma.benchmarks.other_job import RESOURCE, OtherJob
     from enigma.cluster.ray_setup import init_ray
 
+    own_ray_cluster()
     init_ray(num_cpus=2, resources={RESOURCE: 1})
     with OtherJob(ray.get_runtime_context().gcs_address) as job:
         yield job
