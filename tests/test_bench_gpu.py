@@ -40,13 +40,13 @@ def test_throughput_with_bf16_weights_as_deepspeed_holds_them():
     from enigma.benchmarks.gpu import throughput
     from enigma.benchmarks.report import section_gpu
 
-    args = argparse.Namespace(preset="tiny", batch=2, seq_len=32, rounds=1, peak_tflops=1.0,
+    args = argparse.Namespace(preset="tiny", batch=2, seq_len=16, rounds=1, peak_tflops=1.0,
                               compile=False, weights="bf16")  # fmt: skip
     t = throughput(args, torch.device("cpu"))
     assert t["weights"] == "bf16" and t["param_dtypes"] == ["torch.bfloat16"]
     assert t["plain"]["tokens_per_sec"] > 0 and t["enigma_eager"]["tokens_per_sec"] > 0
     title, _ = section_gpu({"gpu": "cpu", "checks": {"throughput": t}})
-    assert title.endswith("B=2, L=32, bf16 weights)")
+    assert title.endswith("B=2, L=16, bf16 weights)")
 
 
 def test_tf32_block_restores_the_flag():
@@ -61,9 +61,9 @@ def test_tf32_block_restores_the_flag():
 SCRIPT = """
 import argparse, json, sys, torch
 from enigma.benchmarks.gpu import run_checks
-args = argparse.Namespace(preset="tiny", batch=4, seq_len=32, rounds=2, steps=12,
+args = argparse.Namespace(preset="tiny", batch=2, seq_len=16, rounds=1, steps=8,
                           peak_tflops=1.0, json_out=None, compile=False, only=None,
-                          memory_layers=[2, 4], memory_shape=[32, 32, 2], deepest_up_to=8,
+                          memory_layers=[2, 4], memory_shape=[16, 16, 2], deepest_up_to=4,
                           weights="autocast")
 print("RESULT " + json.dumps(run_checks(args, torch.device("cpu"))))
 """
@@ -90,7 +90,7 @@ def test_every_check_runs_on_the_cpu():
     from enigma import EnigmaConfig, EnigmaLM
 
     plain = EnigmaLM(EnigmaConfig.from_preset("tiny", core="none", max_len=2048))
-    assert 0.8 < counted["plain"] / flops_per_token(plain, 32) < 1.2
+    assert 0.8 < counted["plain"] / flops_per_token(plain, 16) < 1.2
     assert abs(t["flops_ratio"] - counted["plain"] / counted["enigma_eager"]) < 1e-3
     assert t["flops_ratio"] < 1
     parts = results["machine_cost"]["parts"]

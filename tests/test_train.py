@@ -98,16 +98,16 @@ def test_zero3_with_reversible_layers_survives_a_killed_worker_and_exports_real_
     data, tmp_path
 ):
     """ZeRO-3 (the chain a leaf, gathered whole) with reversible layers, whose rebuilding
-    backward runs in the run's precision: a worker killed at step 7 resumes from step 4, and the
+    backward runs in the run's precision: a worker killed at step 6 resumes from step 4, and the
     exported model, consolidated from the partitions, holds trained weights."""
     from enigma import EnigmaLM
 
-    summary = run(data, tmp_path, "max_steps=12", "eval_steps=4", "reversible_layers=true",
-                  ds="ds_configs/zero3.json", fail_at=7)  # fmt: skip
-    assert (tmp_path / ".fault-injected-7").read_text() == "7"
-    assert summary["steps"] == 12 and math.isfinite(summary["last_val_ppl"])
+    summary = run(data, tmp_path, "max_steps=8", "eval_steps=4", "reversible_layers=true",
+                  ds="ds_configs/zero3.json", fail_at=6)  # fmt: skip
+    assert (tmp_path / ".fault-injected-6").read_text() == "6"
+    assert summary["steps"] == 8 and math.isfinite(summary["last_val_ppl"])
     logged = sorted(scalars(tmp_path, "val/loss"))
-    assert logged == [4, 8, 12], "evaluations after the restart continue from step 4's state"
+    assert logged == [4, 8], "evaluations after the restart continue from step 4's state"
     exported = EnigmaLM.from_pretrained(tmp_path / "model")
     assert exported.config.reversible_layers and exported.stack is not None
     torch.manual_seed(0)  # the workers' init seed: trained weights must differ from it
@@ -126,15 +126,17 @@ def test_one_and_two_workers_give_the_same_curve_and_compiled_layers_train(
     data per step, so the same curve."""
     from enigma.benchmarks.train_overhead import fp32_ds_config
 
-    one = run(data, tmp_path / "one", f"max_steps={STEPS}", "micro_batch=8", "grad_accum=2",
-              "shuffle_buffer=0", ds=fp32_ds_config(tmp_path, "zero1.json"), workers=1)  # fmt: skip
-    two = run(data, tmp_path / "two", f"max_steps={STEPS}", "micro_batch=8", "grad_accum=1",
-              "shuffle_buffer=0", "compile_layers=on", ds=fp32_zero2, workers=2)  # fmt: skip
+    steps = 10  # enough for the loss to fall well past the two runs' differences
+    sets = (f"max_steps={steps}", "micro_batch=8", "shuffle_buffer=0", "eval_steps=10")
+    one = run(data, tmp_path / "one", *sets, "grad_accum=2",
+              ds=fp32_ds_config(tmp_path, "zero1.json"), workers=1)  # fmt: skip
+    two = run(data, tmp_path / "two", *sets, "grad_accum=1", "compile_layers=on", ds=fp32_zero2,
+              workers=2)  # fmt: skip
     a, b = scalars(tmp_path / "one"), scalars(tmp_path / "two")
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     gaps = [abs(a[s] - b[s]) / a[s] for s in a]
     assert max(gaps) < 0.03, gaps
-    assert a[STEPS] < a[1] - 1.0 and one["steps"] == two["steps"] == STEPS
+    assert a[steps] < a[1] - 1.0 and one["steps"] == two["steps"] == steps
 
 
 def test_resume_is_exact(data, tmp_path, fp32_zero2, fp32_baseline_run):
@@ -234,20 +236,3 @@ def test_bad_input_fails_in_one_line_before_workers(data, tmp_path, capsys, argv
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "ray").exists(), "no worker started"
-
-
-def test_train_overhead_bench_smoke(data, tmp_path):
-    """`enigma bench train-overhead` in seconds: both loops train, JSON has rates and context."""
-    out = tmp_path / "overhead.json"
-    argv = ["bench", "train-overhead", "--data", str(data), "--seq-len", "64"]
-    argv += ["--micro-batch", "8", "--steps", "4", "--warmup", "2"]
-    argv += ["--output-dir", str(tmp_path / "work"), "--json", str(out)]
-    assert main(argv) == 0
-    result = json.loads(out.read_text())
-    rates = result["tokens_per_sec"]
-    assert rates["ray+deepspeed"] > 0 and rates["plain"] > 0
-    assert result["ratio"] == pytest.approx(rates["ray+deepspeed"] / rates["plain"], rel=1e-3)
-    assert (
-        math.isfinite(result["final_loss"]) and result["worker_torch_threads"] == result["threads"]
-    )
-    assert result["git_commit"] and result["machine"]["cpu_count"] and result["command"]
