@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, own_ray_cluster
 
 from enigma.cli import main
 from enigma.errors import InputError
@@ -34,14 +34,18 @@ def saved(tmp_path_factory):
     return root
 
 
-def test_harness_tasks_on_saved_models_as_ray_tasks(
-    ray_cluster, saved, tmp_path, capsys, monkeypatch
-):
+def test_harness_tasks_on_saved_models_as_ray_tasks(saved, tmp_path, capsys, monkeypatch):
+    import ray
+
+    own_ray_cluster()  # `eval --ray` starts its own, as a user's command does
     monkeypatch.chdir(tmp_path)  # the tasks' data files are found beside their YAML all the same
     out = tmp_path / "results.json"
     argv = ["eval", str(saved / "plain"), str(saved / "chat"), "--tasks", "enigma_mc,enigma_text",
             "--include-path", str(HARNESS), "--ray", "--json", str(out)]  # fmt: skip
-    assert main(argv) == 0
+    try:
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
     plain, chat = json.loads(out.read_text())
     assert (plain["chat_template"], chat["chat_template"]) == (False, True)
     for result in (plain, chat):

@@ -9,11 +9,6 @@ import threading
 
 from . import ray_internals
 
-# A local cluster keeps the processes that ran tasks (their torch and pyarrow imported) instead
-# of ending all but one a CPU after a second idle: the next run's data and probe tasks start in
-# them. Two 6-step runs in one process: the second 38 s against 42-50 s with Ray's defaults.
-WARM_WORKERS = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
-
 
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, **kwargs) -> None:
     """``object_store_memory`` applies only to a local cluster started here."""
@@ -28,8 +23,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         # left on this machine, and a command that thinks it started it would shut it down
         address = os.environ.get("RAY_ADDRESS") or "local"
         joins = address != "local"
-        local = {} if joins else {"num_cpus": num_cpus, "include_dashboard": False,
-                                  "_system_config": WARM_WORKERS}  # fmt: skip
+        local = {} if joins else {"num_cpus": num_cpus, "include_dashboard": False}
         if object_store_memory and not joins:
             local["object_store_memory"] = object_store_memory
         ray.init(
