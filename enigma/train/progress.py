@@ -145,6 +145,14 @@ class ProgressPrinter(threading.Thread):
                 continue
             self.show(item)
             self.printed = time.monotonic()
+        # What arrived before the stop is shown too: a failed run's last ranks' errors were
+        # left in the queue when the stop came between two reads.
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except Exception:  # Empty, or the queue's actor gone: nothing more to show
+                break
+            self.show(item)
 
     def heartbeat(self) -> None:
         """A line when nothing was printed for :data:`HEARTBEAT_S`, saying what the run waits
