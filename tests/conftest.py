@@ -112,8 +112,9 @@ def own_ray_cluster() -> None:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this machine's CPU runs a bf16 matmul natively (AVX-512 BF16 or AMX)."""
-    flags = torch.cpu.get_capabilities()
-    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+    from enigma.train.precision import cpu_flags_have_bf16
+
+    return cpu_flags_have_bf16(torch.cpu.get_capabilities())
 
 
 def slow_bf16_reason(fast: bool | None = None) -> str:

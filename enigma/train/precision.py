@@ -58,6 +58,11 @@ def check_agreement(asked: str, ds: dict, path: str) -> str | None:
     return asked
 
 
+def cpu_flags_have_bf16(flags: dict) -> bool:
+    """Whether CPU flags (``torch.cpu.get_capabilities()``) include native bf16 matmuls."""
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
+
+
 def native_bf16(use_gpu: bool) -> tuple[bool, str]:
     """Whether this process's device runs bf16 matmuls natively, and why (or why not)."""
     import torch
@@ -71,7 +76,7 @@ def native_bf16(use_gpu: bool) -> tuple[bool, str]:
         return False, f"a GPU of compute capability {min(caps)[0]}.{min(caps)[1]} has no bf16"
     flags = torch.cpu.get_capabilities()
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+    if not cpu_flags_have_bf16(flags):
         have = "AVX-512" if flags.get("avx512_f") else "AVX2" if flags.get("avx2") else "no AVX2"
         return False, f"the CPU has {have} but no AVX-512 BF16 or AMX"
     if cap and cap.upper() not in BF16_ISAS:

@@ -145,8 +145,8 @@ class ProgressPrinter(threading.Thread):
                 continue
             self.show(item)
             self.printed = time.monotonic()
-        # What arrived before the stop is shown too: a failed run's last ranks' errors were
-        # left in the queue when the stop came between two reads.
+        # What is still queued at the stop is shown too (a failed run's last ranks' errors can
+        # come in its final moments), not left unread.
         while True:
             try:
                 item = self.queue.get_nowait()
