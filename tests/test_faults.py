@@ -257,13 +257,23 @@ def test_early_stopping_after_exactly_patience_bad_evaluations(data, tmp_path):
 def test_bench_faults_smoke_sigterms_and_damaged_checkpoints(data, tmp_path):
     """Two driver SIGTERMs, a truncated checkpoint (the driver SIGKILLed while setting it aside)
     and one cut short (its model states missing), on a cluster shared with another job: all
-    survived, the other job's groups intact, the curve equal to the undisturbed run's step for
-    step (fp32). Worker kills and the S3 part are left to the benchmark's full run (and to
-    test_train, test_storage, test_locks). In its own process: the benchmark starts the shared
-    cluster itself."""
+    survived, the other job's groups intact, every step trained again after a restart equal to
+    its first training (fp32; the comparison with an undisturbed run, one run more, is the
+    benchmark's default). Worker kills and the S3 part are left to the benchmark's full run (and
+    to test_train, test_storage, test_locks). In its own process: the benchmark starts the
+    shared cluster itself."""
     out = tmp_path / "faults.json"
     argv = ["bench", "faults", "--data", str(data), "--steps", "16", "--save-every", "4"]
-    argv += ["--kills", "0", "--no-s3", "--output-dir", str(tmp_path / "work"), "--json", str(out)]
+    argv += [
+        "--kills",
+        "0",
+        "--no-s3",
+        "--no-reference",
+        "--output-dir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-m", "enigma.cli", *argv], capture_output=True,
@@ -277,6 +287,8 @@ def test_bench_faults_smoke_sigterms_and_damaged_checkpoints(data, tmp_path):
     assert result["kills_done"] == []
     assert result["other_job"] == {"created_group_kept": True, "pending_request_kept": True}
     assert result["steps_lost"] == [] and result["steps_logged_twice"] == []
+    # Both restarts resumed before where their run stopped: the steps between trained twice.
+    assert result["compared_with"] == "their first training" and len(result["steps_compared"]) >= 2
     assert result["max_loss_diff"] < 1e-4
 
 

@@ -158,9 +158,10 @@ def test_a_kill_inside_the_set_aside_of_a_damaged_checkpoint_leaves_a_run_that_r
     data, tmp_path, fp32_zero2, fp32_baseline_run, capsys, monkeypatch
 ):
     """Setting a damaged checkpoint aside takes it out of Ray Train's record (rewritten whole),
-    then moves it. Killed between the two, the next run judges it again and resumes from the
-    one before; a record left naming a checkpoint that is gone (the other order, killed
-    between, or a directory deleted by hand) is mended instead of failing Ray's restore."""
+    then moves it. Killed between the two, the next start judges it again and chooses the one
+    before (a real SIGKILL there, and the run that resumes after it: the faults smoke test); a
+    record left naming a checkpoint that is gone (the other order, killed between, or a
+    directory deleted by hand) is mended instead of failing Ray's restore, which a run shows."""
     import shutil
 
     from enigma.cluster.ray_internals import recorded_checkpoints
@@ -187,14 +188,18 @@ def test_a_kill_inside_the_set_aside_of_a_damaged_checkpoint_leaves_a_run_that_r
                     resume.choose_resume(storage, None, {})
             assert "step-0000020" not in recorded_checkpoints(LocalFileSystem(), str(steps))
             assert (steps / "step-0000020").is_dir(), "killed before the move"
-        else:
-            (steps / "step-0000020").rename(steps / "moved-by-hand")
+            current = resume.read_state(str(steps / "step-0000010")).fingerprint
+            chosen = resume.choose_resume(storage, None, current)
+            assert chosen.path.endswith("step-0000010") and chosen.state.step == 10
+            assert (steps / "damaged-step-0000020").is_dir(), "set aside this time"
+            assert not (steps / "step-0000020").exists()
+            continue
+        (steps / "step-0000020").rename(steps / "moved-by-hand")
         capsys.readouterr()
         summary = run(data, out, *common, ds=fp32_zero2, workers=1)
         said = capsys.readouterr().out
         assert "step-0000010 (step 10)" in said and summary["steps"] == 11, said[-2000:]
-        if case == "record names a gone checkpoint":
-            assert "named step-0000020, which are gone; taken out of it" in said
+        assert "named step-0000020, which are gone; taken out of it" in said
 
 
 @pytest.mark.parametrize(

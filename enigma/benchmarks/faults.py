@@ -24,7 +24,9 @@ into the bucket, and the model there must load at the end.
 Reported: faults injected and survived, whether the other job's groups are intact, steps missing
 from or logged twice in the final curve, steps trained again after restarts, and the largest
 per-step difference of the training loss against the undisturbed run. In fp32 with the data
-position in every checkpoint the two curves should agree to rounding.
+position in every checkpoint the two curves should agree to rounding. ``--no-reference`` leaves
+the undisturbed run out (one run fewer) and compares each step trained again after a restart
+with its first training instead: every restart here resumes from before where its run stopped.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="default: a temporary directory")
     p.add_argument("--no-s3", dest="s3", action="store_false",
                    help="leave out the S3 part (its pieces have their own tests)")  # fmt: skip
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="compare the steps trained again after each restart with their first "
+                   "training instead of running the undisturbed run (needs --no-s3)")  # fmt: skip
     p.add_argument("--json", dest="json_out", default=None)
 
 
@@ -130,15 +135,17 @@ def cut_short(out: Path) -> str:
     return latest.name
 
 
-def losses(out: Path) -> dict[int, list[float]]:
-    """Every ``train/loss`` event that survives TensorBoard's purge of re-run steps, by step."""
+def losses(out: Path, purge: bool = True) -> dict[int, list[float]]:
+    """Every ``train/loss`` event that survives TensorBoard's purge of re-run steps, by step;
+    with ``purge=False``, every one written, the attempts that a restart re-ran included."""
     import logging
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # Each purge of re-run steps is a warning while reading; they are expected here.
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
-    acc = EventAccumulator(str(out / "tensorboard" / out.name), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(out / "tensorboard" / out.name), size_guidance={"scalars": 0},
+                           purge_orphaned_data=purge)  # fmt: skip
     acc.Reload()
     by_step: dict[int, list[float]] = {}
     for event in acc.Scalars("train/loss"):
@@ -162,6 +169,18 @@ def compare(reference: dict, faulty: dict, steps: int) -> dict:
     repeated = sorted(s for s, values in faulty.items() if len(values) > 1)
     diffs = [abs(faulty[s][-1] - reference[s][-1]) for s in sorted(expected & set(faulty))]
     return {"steps_lost": lost, "steps_logged_twice": repeated,
+            "max_loss_diff": max(diffs) if diffs else None}  # fmt: skip
+
+
+def compare_retrained(every: dict, faulty: dict, steps: int) -> dict:
+    """:func:`compare` without a reference: each step trained more than once (``every``, the
+    unpurged events) against its other trainings; ``faulty`` is the final curve."""
+    retrained = {s: values for s, values in every.items() if len(values) > 1}
+    diffs = [max(values) - min(values) for values in retrained.values()]
+    lost = sorted(set(range(1, steps + 1)) - set(faulty))
+    return {"steps_lost": lost,
+            "steps_logged_twice": sorted(s for s, values in faulty.items() if len(values) > 1),
+            "compared_with": "their first training", "steps_compared": sorted(retrained),
             "max_loss_diff": max(diffs) if diffs else None}  # fmt: skip
 
 
@@ -220,6 +239,9 @@ def run(args: argparse.Namespace) -> dict:
 
     from .other_job import OtherJob
 
+    if args.s3 and not args.reference:
+        raise InputError("the S3 part compares with the undisturbed run: add --no-s3 to "
+                         "--no-reference, or drop --no-reference")  # fmt: skip
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-faults-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for old in (
@@ -252,10 +274,11 @@ def run(args: argparse.Namespace) -> dict:
     address = shared_cluster()
     try:
         with OtherJob(address) as other:
-            ref_code = run_until(train_command(args, data, ref_out, ds_config),
-                                 _env(address, None), work / "reference.log", None)  # fmt: skip
-            if ref_code != 0:
-                raise RuntimeError(f"the undisturbed run failed; see {work / 'reference.log'}")
+            if args.reference:
+                ref_code = run_until(train_command(args, data, ref_out, ds_config),
+                                     _env(address, None), work / "reference.log", None)  # fmt: skip
+                if ref_code != 0:
+                    raise RuntimeError(f"the undisturbed run failed; see {work / 'reference.log'}")
             cmd = train_command(args, data, faulty_out, ds_config)
             outcome = faulty_run(cmd, faulty_out, faults, address)
             outcome["other_job"] = other.intact()
@@ -265,7 +288,11 @@ def run(args: argparse.Namespace) -> dict:
                 s3 = s3_scenario(command, run_until, _env(address, None), work, kill_at)
     finally:
         ray.shutdown()
-    result = summarize(args, faults, outcome, losses(ref_out), losses(faulty_out))
+    if args.reference:
+        curves = compare(losses(ref_out), losses(faulty_out), args.steps)
+    else:
+        curves = compare_retrained(losses(faulty_out, purge=False), losses(faulty_out), args.steps)
+    result = summarize(args, faults, outcome, curves)
     if args.s3:
         result["s3"] = summarize_s3(s3, losses(ref_out), args.steps)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -284,7 +311,7 @@ def summarize_s3(scenario: tuple[dict, dict], reference: dict, steps: int) -> di
     return s3
 
 
-def summarize(args, faults: dict, outcome: dict, reference: dict, faulty: dict) -> dict:
+def summarize(args, faults: dict, outcome: dict, curves: dict) -> dict:
     finished = outcome["finished"]
     # the kills, two SIGTERMs, two bad checkpoints, a kill inside the set-aside
     injected = len(outcome["kills_done"]) + 2 + 2 + 1
@@ -303,12 +330,13 @@ def summarize(args, faults: dict, outcome: dict, reference: dict, faulty: dict) 
         "faults_injected": injected,
         "faults_survived": survived,
         **outcome,
-        **compare(reference, faulty, args.steps),
+        "compared_with": "the undisturbed run",
+        **curves,
     }
     intact = all(outcome["other_job"].values())
     print(f"faults injected {injected}, survived {survived}; the other job's groups "
           f"{'intact' if intact else 'TOUCHED'}; steps lost {len(result['steps_lost'])}, logged "
           f"twice {len(result['steps_logged_twice'])}; trained again after restarts "
           f"{outcome['steps_trained_again']}; largest per-step loss difference "
-          f"{result['max_loss_diff']}")  # fmt: skip
+          f"{result['max_loss_diff']} (against {result['compared_with']})")  # fmt: skip
     return result
