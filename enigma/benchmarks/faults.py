@@ -234,6 +234,15 @@ def shared_cluster():
     return ray.get_runtime_context().gcs_address
 
 
+def clear_earlier(work: Path) -> None:
+    """What an earlier run of the benchmark left in ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("reference", "faulty", "reference.log", "faulty.log", "s3-a", "s3-b", "s3.log",
+                 "s3-events", "s3-model"):  # fmt: skip
+        target = work / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     import ray
 
@@ -243,20 +252,7 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError("the S3 part compares with the undisturbed run: add --no-s3 to "
                          "--no-reference, or drop --no-reference")  # fmt: skip
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="enigma-faults-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    for old in (
-        "reference",
-        "faulty",
-        "reference.log",
-        "faulty.log",
-        "s3-a",
-        "s3-b",
-        "s3.log",
-        "s3-events",
-        "s3-model",
-    ):  # an earlier run's
-        target = work / old
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    clear_earlier(work)
     data, ds_config = _data(args, work), fp32_ds_config(work)
     faults = plan_faults(args)
     print(
