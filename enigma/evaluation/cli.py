@@ -1,6 +1,7 @@
 """``enigma eval MODEL [MODEL ...]``: lm-evaluation-harness tasks, or perplexity at lengths
 beyond training, for one saved model or several (``--ray``: one Ray task each, on whatever
-cluster ``RAY_ADDRESS`` names or a local one; every node must read the model directories).
+cluster ``RAY_ADDRESS`` names or a local one). A model named by a storage URI is mirrored once on
+each node that reads it (:mod:`enigma.storage.mirror`).
 
     enigma eval runs/demo/model --tasks my_task --include-path tasks/
     enigma eval runs/a/model runs/b/model --perplexity text.jsonl --lengths 1,2,4,8 --ray
@@ -17,7 +18,8 @@ from ..errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="+", help="saved model directories")
+    p.add_argument("models", nargs="+",
+                   help="saved model directories or their storage URIs")  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated")
     what.add_argument("--perplexity", metavar="SOURCE",
@@ -73,31 +75,39 @@ def perplexity_at_lengths(model_dir: str, source: str, multiples: list[int], len
             "stream_tokens": len(stream), "lengths": rows}  # fmt: skip
 
 
-def evaluate_one(args: argparse.Namespace, model_dir: str, threads: int = 0) -> dict:
+def evaluate_one(args: argparse.Namespace, model: str, threads: int = 0) -> dict:
+    """One model's results, named as given; a URI is mirrored on the node this runs on."""
+    from ..storage.mirror import local_model
+
+    model_dir = local_model(model)
     if args.perplexity:
         multiples = [int(m) for m in args.lengths.split(",")]
         length = training_length(model_dir, args.length)
-        return perplexity_at_lengths(model_dir, args.perplexity, multiples, length,
-                                     args.max_tokens, threads)  # fmt: skip
-    from .harness import evaluate_tasks
+        result = perplexity_at_lengths(model_dir, args.perplexity, multiples, length,
+                                       args.max_tokens, threads)  # fmt: skip
+    else:
+        from .harness import evaluate_tasks
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    chat = False if args.no_chat_template else None
-    return evaluate_tasks(model_dir, tasks, args.include_path, args.limit, args.num_fewshot,
-                          args.batch_size, chat)  # fmt: skip
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        chat = False if args.no_chat_template else None
+        result = evaluate_tasks(model_dir, tasks, args.include_path, args.limit,
+                                args.num_fewshot, args.batch_size, chat)  # fmt: skip
+    return {**result, "model": model}
 
 
 def check(args: argparse.Namespace) -> None:
     from ..inference.generate import check_saved_model
+    from ..storage.mirror import local_model
 
-    for model in args.models:
+    local = [local_model(model, "eval") for model in args.models]
+    for model in local:
         check_saved_model(model)
     if args.perplexity and not Path(args.perplexity).exists():
         raise InputError(f"--perplexity {args.perplexity} does not exist")
     if args.perplexity:
         if not all(m.strip().isdigit() and int(m) > 0 for m in args.lengths.split(",")):
             raise InputError(f"--lengths {args.lengths}: positive whole multiples, e.g. 1,2,4,8")
-        for model in args.models:
+        for model in local:
             training_length(model, args.length)
     else:
         from .harness import check_tasks, offline

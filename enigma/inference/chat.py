@@ -115,10 +115,12 @@ class Conversation:
 
 def run(args: argparse.Namespace) -> None:
     from ..data.tokenizer import load_tokenizer
+    from ..storage.mirror import local_model
     from .generate import load_model
 
     if args.max_new_tokens < 1:
         raise InputError("--max-new-tokens must be at least 1")
+    args.model = local_model(args.model)
     model = load_model(args.model)
     saved = (Path(args.model) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(args.model if saved else None, quiet=True)

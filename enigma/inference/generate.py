@@ -10,7 +10,8 @@ from ..errors import InputError
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a directory written by save_pretrained")
+    p.add_argument("--model", required=True,
+                   help="a directory written by save_pretrained, or its storage URI")  # fmt: skip
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -84,7 +85,9 @@ def load_model(path: str):
 
 def generate(args: argparse.Namespace) -> str:
     from ..data.tokenizer import load_tokenizer
+    from ..storage.mirror import local_model
 
+    args.model = local_model(args.model)
     model = load_model(args.model)
     saved = os.path.isfile(os.path.join(args.model, "tokenizer_config.json"))
     tokenizer = load_tokenizer(args.model if saved else None)

@@ -8,7 +8,7 @@ import argparse
 def add_info_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--preset", help="one of tiny, small, base, large")
-    group.add_argument("--model", help="a directory written by save_pretrained")
+    group.add_argument("--model", help="a directory written by save_pretrained, or its URI")
 
 
 def info(args: argparse.Namespace) -> None:
@@ -19,7 +19,9 @@ def info(args: argparse.Namespace) -> None:
     if args.preset:
         model = EnigmaLM(EnigmaConfig.from_preset(args.preset))
     else:
-        model = load_model(args.model)
+        from ..storage.mirror import local_model
+
+        model = load_model(local_model(args.model))
     c = model.config
     print(
         f"EnigmaLM d={c.d} layers={c.num_transformer_layers} heads={c.num_heads} "

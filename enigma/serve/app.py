@@ -208,9 +208,19 @@ class ModelServer:
         return await self.engine.stats()
 
 
+def model_name(model: str) -> str:
+    """The served name by default: the model directory's, of a local path or a URI."""
+    from pathlib import Path
+
+    if "://" in model:
+        return model.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(model).resolve().name
+
+
 def build_app(args: dict):
     """The application ``serve deploy`` / ``serve run`` build from a config's ``args``:
-    ``model`` (a saved model directory every replica's node can read), and optionally ``name``,
+    ``model`` (a saved model directory every replica's node can read, or its storage URI,
+    which each node mirrors once: :mod:`enigma.storage.mirror`), and optionally ``name``,
     ``api_key`` or ``api_key_env`` (the variable that holds it where the application is built;
     naming one that is unset refuses to deploy; without either, ``ENIGMA_API_KEY`` if set),
     ``replicas``, ``gpus_per_replica``, ``cpus_per_replica``, ``max_batch_size``, ``max_queue``,
@@ -220,7 +230,9 @@ def build_app(args: dict):
     import os
     from pathlib import Path
 
-    model = str(Path(args["model"]).resolve())
+    from ..storage.store import is_uri
+
+    model = args["model"] if is_uri(args["model"]) else str(Path(args["model"]).resolve())
     key = args.get("api_key")
     if not key and args.get("api_key_env"):
         key = os.environ.get(args["api_key_env"])
@@ -240,7 +252,7 @@ def build_app(args: dict):
         max_queued_requests=queue,
     )
     return server.bind(
-        model, args.get("name") or Path(model).name, key, rows, queue,
+        model, args.get("name") or model_name(model), key, rows, queue,
         int(args.get("max_body_bytes", 4 << 20)), gpus, cpus,
         args.get("scheduling", "continuous"), float(args.get("batch_wait_ms", 20)) / 1000,
         float(args.get("stream_chunks_per_s", 400)),

@@ -20,7 +20,6 @@ import argparse
 import os
 import socket
 import time
-from pathlib import Path
 
 from ..errors import InputError
 
@@ -31,7 +30,8 @@ HAPROXY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a saved model directory (every replica's node must read it)")
+    p.add_argument("model", help="a saved model directory every replica's node reads, or its "
+                   "storage URI (s3://, gs://: mirrored once on each node)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default=None, help="the model's id in the API (its directory name)")
@@ -71,8 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check(args: argparse.Namespace) -> None:
     from ..inference.generate import check_saved_model
+    from ..storage.mirror import local_model
 
-    check_saved_model(args.model)
+    check_saved_model(local_model(args.model))  # a URI: each replica's node mirrors it too
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port} is not a port")
     if args.replicas < 1 or args.max_batch_size < 1 or args.max_queue < 1:
@@ -149,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     key = "an API key (Authorization: Bearer KEY)" if args.api_key else "no API key"
     started = start(args)
     base = f"http://{args.host}:{args.port}/v1"
-    name = args.name or Path(args.model).resolve().name
+    from .app import model_name
+
+    name = args.name or model_name(args.model)
     print(f"serving {name} at {base} (OpenAI API: /models, /completions, /chat/completions), "
           f"{key}, {args.scheduling} batching of up to {args.max_batch_size} rows, "
           f"{'HAProxy' if args.ingress == 'haproxy' else 'the Serve proxy'} in front; "

@@ -264,12 +264,14 @@ def main(options: dict) -> None:
 
     from ..data.tokenizer import load_tokenizer
     from ..inference.generate import load_model
+    from ..storage.mirror import local_model
     from .engine import Engine
 
     conn = Connection(options["fd"])
     torch.set_num_threads(options["threads"])
-    model = load_model(options["model"]).to(options["device"])
-    tokenizer = load_tokenizer(options["model"], quiet=True)
+    where = local_model(options["model"])  # a URI: mirrored once on this replica's node
+    model = load_model(where).to(options["device"])
+    tokenizer = load_tokenizer(where, quiet=True)
     engine = Engine(model, tokenizer, max_rows=options["max_rows"],
                     max_queue=options["max_queue"] + options["max_rows"],
                     policy=options["policy"], batch_wait_s=options["batch_wait_s"])  # fmt: skip

@@ -111,11 +111,14 @@ def replace_with(out: Path, fill, what: str = "an export", wait_s: float | None 
     with first (:func:`remove_leftovers`); a failure removes its own staging directory."""
     import contextlib
 
+    from .mirror import write_checksums
+
     with model_lock(out, what, wait_s) if wait_s is not None else contextlib.nullcontext():
         remove_leftovers(out)
         staging = staging_dir(out)
         try:
             fill(staging)
+            write_checksums(staging)  # what a node's mirror of the model keys and checks by
             replace_dir(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

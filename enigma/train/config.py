@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -174,7 +175,10 @@ RUN_KNOBS = {"activation_checkpointing", "reversible_backward", "machine_memory_
 
 
 def base_model_dir(path: str) -> Path:
-    """A saved model directory, or an ``enigma train`` output directory's ``model/``."""
+    """A saved model directory, or an ``enigma train`` output directory's ``model/``; of a
+    storage URI, this node's mirror of it (:mod:`enigma.storage.mirror`)."""
+    if "://" in path:
+        return _mirrored(path)
     p = Path(path)
     for candidate in (p, p / "model"):
         if (candidate / "config.json").is_file():
@@ -183,6 +187,14 @@ def base_model_dir(path: str) -> Path:
         f"--model {path} is neither a saved model (no config.json) nor an `enigma train` output "
         "directory (no model/config.json)"
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _mirrored(uri: str) -> Path:
+    """Once per process: the config is asked for the base model's shape many times."""
+    from ..storage.mirror import local_model
+
+    return Path(local_model(uri, "--model"))
 
 
 def base_model_fields(path: str) -> dict:

@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
+from ..storage.store import check_storage_path
 from .config import base_model_dir
 
 # Training keys a fine-tuning run starts from, before --set: a smaller learning rate, shorter
@@ -32,7 +33,8 @@ DEFAULTS = ["lr=2e-4", "warmup_ratio=0.03", "max_epochs=3", "micro_batch=8", "gr
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a saved model or an `enigma train` output dir")
+    p.add_argument("--model", required=True,
+                   help="a saved model or an `enigma train` output dir, or a URI")  # fmt: skip
     p.add_argument("--data", required=True, help="rows to learn from: FILE.jsonl or FILE.parquet")
     p.add_argument("--val", default=None, help="held-out rows (default: 5 %% of --data)")
     p.add_argument("--output-dir", required=True, help="OUT: adapter/, model/, checkpoints")
@@ -50,6 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="also write the summary here")
 
 
+def base_model(given: str) -> str:
+    """What the run records and every worker reads: a storage URI as given (each node mirrors
+    it), a local model resolved to its directory."""
+    if "://" in given:
+        check_storage_path(given, "--model")
+        base_model_dir(given)  # there, and a model: checked on the driver before any worker
+        return given
+    return str(base_model_dir(given))
+
+
 def config_from_args(args: argparse.Namespace):
     from .config import build_config
 
@@ -60,7 +72,7 @@ def config_from_args(args: argparse.Namespace):
     out = Path(args.output_dir).resolve()
     cfg = build_config(
         None, None, [*DEFAULTS, *args.sets],
-        base_model=str(base_model_dir(args.model)), conversations=str(Path(args.data).resolve()),
+        base_model=base_model(args.model), conversations=str(Path(args.data).resolve()),
         val_data=str(Path(args.val).resolve()) if args.val else None, full=args.full or None,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, ds_config=args.ds_config,

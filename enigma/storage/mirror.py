@@ -1,0 +1,163 @@
+"""A model named by a storage URI, as a local directory that every process on a node shares.
+
+``from_pretrained``, the tokenizer, PEFT and lm-evaluation-harness read local files, so a model
+at ``s3://…`` or ``gs://…`` (what ``--storage-path`` exports) is mirrored into a cache on this
+node first: ``$ENIGMA_CACHE/models/KEY`` (default ``~/.cache/enigma``). ``KEY`` is the model's
+content: the checksums its export recorded (``checksums.json``, written by every export) with
+the sizes the store lists, or, for a directory without them, each file's name, size and
+modification time. A new export is a new key, and so is a file replaced behind the export's
+back (whose copy then fails its check). A key is fetched once per node, however many ranks,
+replicas or evaluation tasks ask at once: the fetch happens under a lock of the key, into a
+directory of its own that is checked (every size, and every checksum when recorded) before it
+takes the key's name. A fetch killed midway leaves only that directory, which the next removes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from .store import MARKERS, Storage, check_storage_path, is_uri
+
+CHECKSUMS = "checksums.json"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("ENIGMA_CACHE")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "enigma"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record each file's size and SHA-256 in ``directory/checksums.json`` (an export's last
+    step before it is put in place): what a mirror keys and checks its copy by."""
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.name != CHECKSUMS)
+    sums = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
+
+
+def local_model(path: str, flag: str = "--model") -> str:
+    """``path`` itself when it is local; for a storage URI, the local mirror of the model there
+    (fetched when this node has no verified copy of that content). A URI that holds no model is
+    one line naming it."""
+    if not is_uri(path):
+        return path
+    check_storage_path(path, flag)
+    base, _, query = path.partition("?")
+    root, _, name = base.rstrip("/").rpartition("/")
+    if not name or "://" not in root:
+        raise InputError(f"{flag} {path}: name the model's directory, e.g. s3://bucket/run/model")
+    storage = Storage(root, query)
+    storage.recover_model(name)  # an export that a kill left half-swapped is completed first
+    listing = _listing(storage, name, flag)
+    if not any(m in listing for m in MARKERS):
+        if name != "model" and _has_model(storage, name):  # an `enigma train` output directory
+            return local_model(storage.uri(name, "model"), flag)
+        raise InputError(
+            f"{flag} {storage.uri(name)} holds no saved model (no config.json or "
+            "adapter_config.json in it); name the directory an export wrote"
+        )
+    return str(_mirror(storage, name, listing))
+
+
+def _listing(storage: Storage, name: str, flag: str) -> dict[str, tuple[int, int]]:
+    """``{file name: (size, mtime_ns)}`` of the files directly under ``root/name``."""
+    import pyarrow.fs as pafs
+
+    fs, where = storage.filesystem(name)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    except OSError as err:  # no bucket, no credentials, no route
+        raise InputError(
+            f"{flag} {storage.uri(name)} cannot be read from here ({err}); check the bucket "
+            "and the AWS_* variables (endpoint and credentials)"
+        ) from None
+    return {i.base_name: (i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File}
+
+
+def _has_model(storage: Storage, name: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, where = storage.filesystem(name, "model", "config.json")
+    return fs.get_file_info(where).type == pafs.FileType.File
+
+
+def _recorded(storage: Storage, name: str, listing: dict) -> dict | None:
+    """The checksums the export recorded, when it did and they name exactly the files there."""
+    if CHECKSUMS not in listing:
+        return None
+    fs, where = storage.filesystem(name, CHECKSUMS)
+    with fs.open_input_stream(where) as f:
+        try:
+            sums = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    return sums if set(sums) == set(listing) - {CHECKSUMS} else None
+
+
+def _mirror(storage: Storage, name: str, listing: dict) -> Path:
+    sums = _recorded(storage, name, listing)
+    if sums:
+        content = {"recorded": sums, "listed": {f: v[0] for f, v in listing.items()}}
+    else:
+        content = {f: list(v) for f, v in listing.items()}
+    key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+    models = cache_root() / "models"
+    target = models / key
+    if target.is_dir():  # only a checked copy takes the key's name
+        return target
+    models.mkdir(parents=True, exist_ok=True)
+    with open(models / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds the copy
+        if target.is_dir():
+            return target
+        for stale in models.glob(f".{key}.partial-*"):  # fetches killed midway
+            shutil.rmtree(stale, ignore_errors=True)
+        start = time.perf_counter()
+        partial = models / f".{key}.partial-{os.getpid()}"
+        partial.mkdir()
+        fs, where = storage.filesystem(name)
+        for f in listing:
+            with fs.open_input_stream(f"{where}/{f}") as src, open(partial / f, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        problem = _check(partial, listing, sums)
+        if problem:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise InputError(
+                f"{storage.uri(name)} changed or is damaged ({problem}); export it again, or "
+                "retry if an export was writing it"
+            )
+        os.replace(partial, target)
+    size = sum(v[0] for v in listing.values())
+    print(f"note: {storage.uri(name)} fetched into {target} ({len(listing)} files, "
+          f"{size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)", file=sys.stderr,
+          flush=True)  # fmt: skip
+    return target
+
+
+def _check(local: Path, listing: dict, sums: dict | None) -> str | None:
+    """What differs between the fetched copy and what was listed (and recorded), or None."""
+    for f, (size, _) in listing.items():
+        got = (local / f).stat().st_size
+        if got != size:
+            return f"{f}: {got:,} bytes fetched, {size:,} listed"
+        if sums and f != CHECKSUMS:
+            if got != sums[f]["size"] or file_sha256(local / f) != sums[f]["sha256"]:
+                return f"{f} does not match its recorded checksum"
+    return None
