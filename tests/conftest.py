@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ SMALL_RUN = ["seq_len=64", "micro_batch=4", "eval_batches=2"]
 # user's command trains once, and 8 idle workers hold about 2.7 GB.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+# Models and tokenizers named by a URI are mirrored here, not into the user's ~/.cache (set
+# before any cluster starts, so its workers mirror here too).
+os.environ.setdefault("ENIGMA_CACHE", tempfile.mkdtemp(prefix="enigma-cache-"))
 
 
 @pytest.fixture(scope="session")

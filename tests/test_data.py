@@ -206,16 +206,25 @@ def test_interrupted_prepare_leaves_no_manifest(ray_cluster, tmp_path, monkeypat
 
 
 def test_corrupt_shard_is_detected(sanguo, tmp_path):
+    """A shard cut short is refused before a run starts (its size against the manifest's); one
+    of the right size but other bytes, by whatever reads it, as it reads it."""
     import shutil
+
+    from enigma.data.shards import read_blocks
 
     out, _ = sanguo
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    shard = copy / read_manifest(copy)["splits"]["test"]["shards"][0]["file"]
+    entry = read_manifest(copy)["splits"]["test"]["shards"][0]
+    shard = copy / entry["file"]
     data = bytearray(shard.read_bytes())
+    assert entry["bytes"] == len(data)
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(data)
     with pytest.raises(DataError, match="corrupt"):
+        read_blocks(copy, "test")
+    shard.write_bytes(data[:-10])
+    with pytest.raises(DataError, match=f"holds {len(data) - 10:,} bytes and the manifest says"):
         load_split(copy, "test")
 
 

@@ -50,8 +50,16 @@ def keys(client, prefix: str) -> list[str]:
 def test_resume_from_the_bucket_on_a_machine_that_never_saw_the_run(
     bucket, data, tmp_path, fp32_zero2, fp32_baseline, capsys
 ):
+    from pathlib import Path
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from enigma.storage.store import Storage
+
+    # The data too is read from the bucket, by the workers' Ray Data tasks (each shard's checksum
+    # checked there), its tokenizer mirrored for the export: the same curve as from the disk.
+    Storage.of(uri(bucket, "data"), "").upload(Path(data))
+    data = uri(bucket, "data")
     first = tmp_path / "machine-a"
     storage, query = uri(bucket, "run"), uri(bucket, "run").split("?", 1)[1]
     run(data, first, fp32_zero2, "stop_at_step=10", storage=storage)
@@ -63,11 +71,11 @@ def test_resume_from_the_bucket_on_a_machine_that_never_saw_the_run(
     assert resumed in capsys.readouterr().out
     assert rest["steps"] == 20 and rest["sample"]
     assert rest["model_dir"] == f"s3://runs/run/model?{query}"
-    outside = [k for k in keys(bucket, "") if not k.startswith("run/")]
+    outside = [k for k in keys(bucket, "") if not k.startswith(("run/", "data/"))]
     assert not outside, f"every object under the run's prefix: {outside[:5]}"
     assert not keys(bucket, "run/.lock"), "the lock released, at its own key"
     model_files = {k.rsplit("/", 1)[-1] for k in keys(bucket, "run/model/")}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= model_files
+    assert {"config.json", "model.safetensors", "tokenizer.json", "checksums.json"} <= model_files
     events = tmp_path / "events"
     events.mkdir()
     for key in [k for k in keys(bucket, "run/tensorboard/") if not k.endswith("/")]:
@@ -190,3 +198,44 @@ def test_a_kill_inside_the_adapter_swap_on_s3_is_completed(bucket, tmp_path):
     assert (tmp_path / "read" / "adapter_config.json").read_text() == '{"v": "new"}'
     assert (tmp_path / "read" / "adapter_model.safetensors").read_bytes() == b"new" * 100
     assert not keys(bucket, "swap-adapter/.adapter.next/")
+
+
+def test_data_prepared_into_the_bucket_reads_as_from_the_disk(bucket, tmp_path, capsys):
+    """`data prepare --out s3://…`: the same blocks as prepared on the disk, the manifest put
+    last; up to date a second time; rebuilt with --force for another recipe, the old shards
+    gone; a shard changed in the bucket is caught by whatever reads it."""
+    from enigma.data.shards import read_blocks, read_manifest
+    from enigma.data.sources import DataError
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"第{i}回 话说天下大势，分久必合，合久必分。\n" for i in range(300)))
+    argv = ["data", "prepare", "--source", f"text:{corpus}", "--shard-blocks", "64", "--out"]
+    there, here = uri(bucket, "prepared"), str(tmp_path / "here")
+    assert main([*argv, there, "--seq-len", "16"]) == 0
+    assert "(the manifest last)" in capsys.readouterr().out
+    assert main([*argv, here, "--seq-len", "16"]) == 0
+    for split in ("train", "val", "test"):
+        assert (read_blocks(there, split) == read_blocks(here, split)).all()
+    shards = [s["file"] for s in read_manifest(there)["splits"]["train"]["shards"]]
+    assert len(shards) > 1 and not keys(bucket, "prepared/.lock")
+    capsys.readouterr()
+    assert main(["data", "stats", there]) == 0 and main(["data", "stats", here]) == 0
+    stats_there, stats_here = capsys.readouterr().out.split(f"{here}:")
+    assert stats_there.removeprefix(f"{there}:") == stats_here, "the same counts and tokens"
+    assert main([*argv, there, "--seq-len", "16"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert main([*argv, there, "--seq-len", "32"]) == 2
+    assert "another recipe" in capsys.readouterr().err
+    assert main([*argv, there, "--seq-len", "32", "--force"]) == 0
+    manifest = read_manifest(there)
+    listed = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    stored = {k.removeprefix("prepared/") for k in keys(bucket, "prepared/")}
+    assert {k for k in stored if k.endswith(".parquet")} == listed, "the old shards are gone"
+    assert "manifest.json" in stored and "tokenizer/tokenizer.json" in stored
+    first = manifest["splits"]["test"]["shards"][0]
+    body = bucket.get_object(Bucket="runs", Key=f"prepared/{first['file']}")["Body"].read()
+    changed = bytearray(body)
+    changed[len(changed) // 2] ^= 0xFF
+    bucket.put_object(Bucket="runs", Key=f"prepared/{first['file']}", Body=bytes(changed))
+    with pytest.raises(DataError, match="corrupt"):
+        read_blocks(there, "test")

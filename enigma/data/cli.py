@@ -9,7 +9,8 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source", default="sanguo", help="sanguo, wiki-zh, text:PATH, jsonl:PATH, parquet:PATH"
     )
-    p.add_argument("--out", required=True, help="directory to write (atomically)")
+    p.add_argument("--out", required=True,
+                   help="directory to write (atomically), or a storage URI")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
@@ -38,7 +39,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def add_stats_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("directory")
+    p.add_argument("directory", help="a prepared directory, or its storage URI")
     p.add_argument("--top", type=int, default=20)
 
 

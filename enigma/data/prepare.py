@@ -160,33 +160,76 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Build ``out`` (atomically) and return its manifest; a matching manifest is left alone.
-    One prepare at a time per ``out``: a second is refused, naming the first."""
+    One prepare at a time per ``out``: a second is refused, naming the first. ``out`` may be a
+    storage URI: built on this machine, then put there with its manifest last
+    (:func:`_put_in_storage`)."""
 
     validate(seq_len, val_fraction, test_fraction)
-    out = Path(out)
     source.files()  # a missing path fails here, before Ray starts
     if source.blank():  # and so does a corpus of blank files (other sources: after reading)
         raise DataError(f"corpus {source.describe()} is empty: no non-blank documents")
+    args = (seq_len, val_fraction, test_fraction, tokenizer_name, force, shard_blocks, progress)
+    if "://" in str(out):
+        return _prepare_to_storage(source, str(out), *args)
+    out = Path(out)
     with DirectoryLock(out.parent / f".{out.name}.lock", "enigma data prepare", out):
-        return _prepare_locked(source, out, seq_len, val_fraction, test_fraction,
-                               tokenizer_name, force, shard_blocks, progress)  # fmt: skip
+        return _prepare_locked(source, out, *args)
 
 
-def _prepare_locked(
-    source, out, seq_len, val_fraction, test_fraction, tokenizer_name, force, shard_blocks, progress
-) -> dict:
+def _prepare_to_storage(source, out: str, *args) -> dict:
+    import tempfile
+
+    from ..storage.store import Storage, check_storage_path
+
+    check_storage_path(out, "--out")
+    base, _, query = out.partition("?")
+    storage = Storage(base.rstrip("/"), query)
+    storage.check("--out")  # reachable and writable, before Ray starts
+    with storage.lock("enigma data prepare"), tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "data"
+        manifest = _prepare_locked(source, local, *args, target=out)
+        if local.is_dir():  # else: up to date where it is
+            _put_in_storage(local, storage)
+            print(f"put {out} (the manifest last)")
+        return manifest
+
+
+def _put_in_storage(local: Path, storage) -> None:
+    """The prepared ``local`` directory at ``storage``'s root: first the old manifest goes (no
+    reader trusts the directory from then on), then the old files (the lock's object kept), then
+    the new files, the manifest last."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem()
+    if fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+        fs.delete_file(f"{root}/{MANIFEST}")
+    old = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    for info in old:
+        if info.is_file and info.path != f"{root}/.lock":
+            fs.delete_file(info.path)
+    files = sorted(f for f in local.rglob("*") if f.is_file())
+    for f in sorted(files, key=lambda f: f.name == MANIFEST):
+        with open(f, "rb") as src, fs.open_output_stream(f"{root}/{f.relative_to(local)}") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def _prepare_locked(source, out, seq_len, val_fraction, test_fraction, tokenizer_name, force,
+                    shard_blocks, progress, target: str | None = None) -> dict:  # fmt: skip
+    """``target``: where the data goes when not ``out`` (a URI): its manifest is checked."""
     from ..cluster.ray_setup import init_ray
-    from .shards import read_manifest
+    from .shards import has_manifest, read_manifest
 
     tokenizer = load_tokenizer(tokenizer_name)
     wanted = recipe(source, tokenizer, seq_len, val_fraction, test_fraction)
-    if (out / MANIFEST).is_file() and not force:
-        existing = read_manifest(out)
+    where = target or out
+    if has_manifest(where) and not force:
+        existing = read_manifest(where)
         if _same_recipe(existing, wanted):
-            print(f"{out} is up to date ({source.describe()}, seq_len={seq_len}); --force rebuilds")
+            print(f"{where} is up to date ({source.describe()}, seq_len={seq_len}); --force "
+                  "rebuilds")  # fmt: skip
             return existing
         raise DataError(
-            f"{out} holds data prepared with another recipe (source {existing.get('source')}, "
+            f"{where} holds data prepared with another recipe (source {existing.get('source')}, "
             f"seq_len={existing.get('seq_len')}); pass --force to rebuild it"
         )
 
@@ -201,13 +244,13 @@ def _prepare_locked(
     options.resource_limits = ray.data.ExecutionResources(object_store_memory=PIPELINE_BUFFER)
     staging = staging_directory(out)
     try:
-        return _build(source, out, staging, tokenizer, wanted, shard_blocks, progress)
+        return _build(source, out, staging, tokenizer, wanted, shard_blocks, progress, where)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # no half-built directory survives
         raise
 
 
-def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress) -> dict:
+def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress, shown) -> dict:
     from tqdm import tqdm
 
     seq_len = wanted["seq_len"]
@@ -265,5 +308,5 @@ def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress) -> d
             f"  {split:<5} {s['documents']:>9,} docs {s['tokens']:>12,} tokens "
             f"{s['blocks']:>9,} blocks of {seq_len} in {len(s['shards'])} shards"
         )
-    print(f"wrote {out} ({seen / 1e6:.1f} MB of text in {seconds:.1f} s)")
+    print(f"wrote {shown} ({seen / 1e6:.1f} MB of text in {seconds:.1f} s)")
     return manifest

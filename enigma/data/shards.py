@@ -2,9 +2,14 @@
 
 A prepared directory holds ``{split}-{index:05d}.parquet`` files, each one fixed-size-list column
 ``input_ids`` of ``seq_len`` int32 ids per row, and ``manifest.json``: the recipe (source,
-tokenizer, seq_len, split fractions), per-split counts and every shard's sha256. The manifest is
-written last, inside a temporary directory that is renamed into place, so a directory with a
-manifest is always complete.
+tokenizer, seq_len, split fractions), per-split counts and every shard's size and sha256. The
+manifest is written last, inside a temporary directory that is renamed into place, so a
+directory with a manifest is always complete.
+
+A reader names the directory by a local path or a storage URI (``s3://…?endpoint_override=…``,
+``gs://…``). Before a run, the driver checks each shard's presence and size against the manifest
+(one listing); each shard's checksum is checked by whatever reads it, on its own node, as it
+reads it: the driver never reads the corpus.
 """
 
 from __future__ import annotations
@@ -72,25 +77,73 @@ def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
         table[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
     pq.write_table(pa.table(table), path)
     rows = len(next(iter(columns.values())))
-    return {"file": path.name, "blocks": rows, "sha256": sha256_file(path)}
+    return {"file": path.name, "blocks": rows, "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}  # fmt: skip
+
+
+def _where(directory: str | os.PathLike):
+    """``(pyarrow file system, path)`` of a data directory named by a path or a URI."""
+    import pyarrow.fs as pafs
+
+    from ..storage.store import Storage, check_storage_path
+
+    directory = str(directory)
+    if "://" not in directory:
+        return pafs.LocalFileSystem(), str(Path(directory).absolute())
+    check_storage_path(directory, "--data")
+    base, _, query = directory.partition("?")
+    storage = Storage(base.rstrip("/"), query)
+    try:
+        return pafs.FileSystem.from_uri(storage.uri())
+    except pa.ArrowInvalid as err:  # an unknown scheme or option, a malformed URI
+        raise DataError(f"data {directory}: {err}") from None
+
+
+def _member(directory: str | os.PathLike, name: str) -> str:
+    """``name`` inside the data directory, as a path or a URI (its query kept last)."""
+    directory = str(directory)
+    if "://" not in directory:
+        return str(Path(directory) / name)
+    base, _, query = directory.partition("?")
+    return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+
+
+def has_manifest(directory: str | os.PathLike) -> bool:
+    fs, root = _where(directory)
+    try:
+        return fs.get_file_info(f"{root}/{MANIFEST}").is_file
+    except OSError:
+        return False  # unreadable: read_manifest says why
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
+    import pyarrow.fs as pafs
+
+    fs, root = _where(directory)
+    try:
+        kind = fs.get_file_info(root).type
+        text = None
+        if kind == pafs.FileType.Directory and fs.get_file_info(f"{root}/{MANIFEST}").is_file:
+            with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+                text = f.read().decode("utf-8", errors="replace")
+    except OSError as err:  # no bucket, no credentials, no route
+        raise DataError(f"data {directory} cannot be read from here ({err}); check the bucket "
+                        "and the AWS_* variables (endpoint and credentials)") from None  # fmt: skip
+    if kind != pafs.FileType.Directory:
         raise DataError(
             f"data directory {directory} does not exist; create it with "
             f"`enigma data prepare --out {directory}`"
         )
-    if not path.is_file():
+    if text is None:
         raise DataError(
             f"{directory} has no {MANIFEST} (an unfinished prepare?); rebuild it with "
             f"`enigma data prepare --out {directory} --force`"
         )
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err}); rebuild with --force") from err
+        raise DataError(f"{_member(directory, MANIFEST)} is not valid JSON ({err}); rebuild with "
+                        "--force") from err  # fmt: skip
 
 
 def check_compatible(manifest: dict, seq_len: int | None, vocab_hash: str | None, where: str):
@@ -114,24 +167,27 @@ def shard_paths(
     seq_len: int | None = None,
     vocab_hash: str | None = None,
     verify: bool = True,
-) -> tuple[dict, list[str]]:
-    """The manifest and the verified shard files of one split."""
+) -> tuple[dict, list[dict]]:
+    """The manifest and one split's shards, each ``{"path", "bytes", "sha256"}`` (a path or a
+    URI), every one present at its recorded size (one listing; older manifests record no size).
+    Their contents are checked by :func:`read_shard` as they are read (``verify=False``: not)."""
+    import pyarrow.fs as pafs
+
     manifest = read_manifest(directory)
     if split not in manifest["splits"]:
         raise DataError(f"split {split!r} is not in {directory}; it has {list(manifest['splits'])}")
     check_compatible(manifest, seq_len, vocab_hash, str(directory))
-    paths = []
+    fs, root = _where(directory)
+    sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(root))}
+    refs = []
     for shard in manifest["splits"][split]["shards"]:
-        path = Path(directory) / shard["file"]
-        if not path.is_file():
+        path, size = _member(directory, shard["file"]), shard.get("bytes")
+        if shard["file"] not in sizes:
             raise DataError(f"shard {path} is missing; rebuild with `enigma data prepare --force`")
-        if verify and sha256_file(path) != shard["sha256"]:
-            raise DataError(
-                f"shard {path} is corrupt (sha256 mismatch); rebuild with "
-                "`enigma data prepare --force`"
-            )
-        paths.append(str(path))
-    return manifest, paths
+        if size is not None and sizes[shard["file"]] != size:
+            raise _wrong_size(path, sizes[shard["file"]], size)
+        refs.append({"path": path, "bytes": size, "sha256": shard["sha256"] if verify else None})
+    return manifest, refs
 
 
 def load_split(
@@ -149,23 +205,45 @@ def load_split(
     would wait for one for ever."""
     import ray
 
-    _, paths = shard_paths(directory, split, seq_len, vocab_hash, verify)
-    if not paths:
+    _, refs = shard_paths(directory, split, seq_len, vocab_hash, verify)
+    if not refs:
         raise DataError(f"split {split!r} of {directory} has no blocks; use a larger corpus")
-    files = ray.data.from_items([{"path": p} for p in paths])
-    return files.map_batches(_read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0)
+    files = ray.data.from_items(refs)
+    return files.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0)
 
 
-def _read_shard(batch: pa.Table) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in batch.column("path").to_pylist()])
+def _read_shards(batch: pa.Table) -> pa.Table:
+    return pa.concat_tables([read_shard(ref) for ref in batch.to_pylist()])
+
+
+def read_shard(ref: dict) -> pa.Table:
+    """One shard (``{"path", "bytes", "sha256"}``, a path or a URI), its size and checksum
+    checked against the manifest's as it is read, where it is read."""
+    fs, path = _where(ref["path"]) if "://" in ref["path"] else (None, ref["path"])
+    if fs is None:
+        data = Path(path).read_bytes()
+    else:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    if ref.get("bytes") is not None and len(data) != ref["bytes"]:
+        raise _wrong_size(ref["path"], len(data), ref["bytes"])
+    if ref.get("sha256") and hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise DataError(
+            f"shard {ref['path']} is corrupt (sha256 mismatch); rebuild with "
+            "`enigma data prepare --force`"
+        )
+    return pq.read_table(pa.BufferReader(data))
+
+
+def _wrong_size(path: str, got: int, recorded: int) -> DataError:
+    return DataError(f"shard {path} holds {got:,} bytes and the manifest says {recorded:,}; "
+                     "rebuild with `enigma data prepare --force`")  # fmt: skip
 
 
 def read_blocks(directory: str | os.PathLike, split: str, verify: bool = True) -> np.ndarray:
     """All blocks of a split as an ``(N, seq_len)`` int32 array, without Ray."""
-    manifest, paths = shard_paths(directory, split, verify=verify)
-    arrays = [
-        pq.read_table(p).column("input_ids").combine_chunks().flatten().to_numpy() for p in paths
-    ]
+    manifest, refs = shard_paths(directory, split, verify=verify)
+    arrays = [read_shard(r).column("input_ids").combine_chunks().flatten().to_numpy() for r in refs]
     flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
     return flat.reshape(-1, manifest["seq_len"])
 

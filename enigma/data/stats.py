@@ -12,8 +12,15 @@ from .tokenizer import load_tokenizer
 
 def stats(directory: str, top: int = 20) -> dict:
     manifest = read_manifest(directory)
-    tok_dir = Path(directory) / "tokenizer"
-    tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else None, quiet=True)
+    if "://" in directory:
+        from ..storage.mirror import local_tokenizer
+
+        saved = local_tokenizer(directory)
+    else:
+        saved = (
+            str(Path(directory) / "tokenizer") if (Path(directory) / "tokenizer").is_dir() else None
+        )
+    tokenizer = load_tokenizer(saved, quiet=True)
     vocab = manifest["tokenizer"]["vocab_size"]
     counts = np.zeros(vocab, np.int64)
     print(f"{directory}: source {manifest['source']}, seq_len {manifest['seq_len']}")

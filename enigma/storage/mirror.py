@@ -76,6 +76,15 @@ def local_model(path: str, flag: str = "--model") -> str:
     return str(_mirror(storage, name, listing))
 
 
+def local_tokenizer(data: str) -> str | None:
+    """The tokenizer that the prepared data directory ``data`` (a URI) holds, mirrored like a
+    model; None when it holds none."""
+    base, _, query = data.partition("?")
+    storage = Storage(base.rstrip("/"), query)
+    listing = _listing(storage, "tokenizer", "--data")
+    return str(_mirror(storage, "tokenizer", listing)) if "tokenizer.json" in listing else None
+
+
 def _listing(storage: Storage, name: str, flag: str) -> dict[str, tuple[int, int]]:
     """``{file name: (size, mtime_ns)}`` of the files directly under ``root/name``."""
     import pyarrow.fs as pafs

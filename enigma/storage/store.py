@@ -97,7 +97,7 @@ class Storage:
         except pa.ArrowInvalid as err:  # an unknown scheme or option, a malformed URI
             raise InputError(f"--storage-path {self.uri()}: {err}") from None
 
-    def check(self) -> None:
+    def check(self, flag: str = "--storage-path") -> None:
         """Reachable and writable, before any worker starts: a file is written and removed."""
         fs, path = self.filesystem(".enigma-probe")
         try:
@@ -107,7 +107,7 @@ class Storage:
             fs.delete_file(path)
         except OSError as err:  # pyarrow's errors: no bucket, no credentials, no route
             raise InputError(
-                f"--storage-path {self.uri()} is not writable from here ({err}); check the "
+                f"{flag} {self.uri()} is not writable from here ({err}); check the "
                 "bucket and the AWS_* variables (endpoint and credentials)"
             ) from None
 

@@ -177,7 +177,7 @@ def prepare_run(
         train=cfg,
         deepspeed_config=deepspeed_json.fill_auto(ds, cfg, cfg.workers),
         plan=RunPlan.from_manifest(cfg, manifest),
-        data_dir=str(Path(cfg.data).resolve()),
+        data_dir=cfg.data if "://" in cfg.data else str(Path(cfg.data).resolve()),
         output_dir=str(Path(cfg.output_dir).resolve()),
         storage_path=storage.uri() if cfg.storage_path else "",
         fingerprint=stamp,

@@ -117,7 +117,12 @@ class RunSpec:
         return self.train.gpus_per_worker > 0
 
     @property
-    def tokenizer_dir(self) -> str:
+    def tokenizer_dir(self) -> str | None:
+        """The data's tokenizer, on this node (of data at a URI: mirrored once per node)."""
+        if "://" in self.data_dir:
+            from ..storage.mirror import local_tokenizer
+
+            return local_tokenizer(self.data_dir)
         return f"{self.data_dir}/tokenizer"
 
     @property
