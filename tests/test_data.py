@@ -260,3 +260,36 @@ def test_stats_reports_coverage(sanguo, capsys):
     text = capsys.readouterr().out
     assert "vocabulary coverage" in text and "[UNK]" in text and "曰" in text
     assert main(["data", "stats", str(out / "nowhere")]) == 2
+
+
+def test_uint16_shards_give_the_same_batches_as_int32_in_half_the_ids(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """The vocabulary (21,128 ids) fits in uint16: shards store it, the manifest says so, Ray
+    Data's blocks carry it at half the bytes, and the ids are those of int32 shards of the same
+    corpus (read_blocks gives them as int32)."""
+    import pyarrow.parquet as pq
+
+    import enigma.data.prepare as prepare_module
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"第{i}回 话说天下大势，分久必合，合久必分。\n" for i in range(400)))
+    source = Source.parse(f"text:{corpus}")
+    narrow = prepare(source, tmp_path / "uint16", seq_len=16, progress=False)
+    monkeypatch.setattr(prepare_module, "ids_dtype", lambda vocab: np.int32)
+    wide = prepare(source, tmp_path / "int32", seq_len=16, progress=False)
+    assert (narrow["ids_dtype"], wide["ids_dtype"]) == ("uint16", "int32")
+    first = narrow["splits"]["train"]["shards"][0]["file"]
+    stored = pq.read_schema(tmp_path / "uint16" / first).field("input_ids").type.value_type
+    assert str(stored) == "uint16"
+    for split in ("train", "val", "test"):
+        a, b = read_blocks(tmp_path / "uint16", split), read_blocks(tmp_path / "int32", split)
+        assert a.dtype == b.dtype == np.int32 and (a == b).all()
+    splits = [load_split(tmp_path / d, "train") for d in ("uint16", "int32")]
+    rows = [split.take_all() for split in splits]
+    # What a training worker gets (model_inputs widens it on the device).
+    batch = next(iter(splits[0].iter_torch_batches(batch_size=4)))["input_ids"]
+    assert str(batch.dtype) == "torch.uint16" and tuple(batch.shape) == (4, 16)
+    assert [list(r["input_ids"]) for r in rows[0]] == [list(r["input_ids"]) for r in rows[1]]
+    held = [split.materialize().size_bytes() for split in splits]
+    assert held[0] < 0.6 * held[1], held

@@ -138,13 +138,34 @@ def test_a_sweep_beside_a_job_holding_room_runs_its_trials_in_turn(data, tmp_pat
     assert all(r["error"] == "False" and int(r["steps"]) == 4 for r in rows)
 
 
-def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, tmp_path):
-    """2 trials chosen by Optuna (a discrete and a continuous knob), ASHA on top, one at a time;
-    the driver is killed after the first, and the same command restores the sweep."""
-    out = tmp_path / "sweep"
-    argv = sweep_argv(data, out, "--max-concurrent", "1", "--search", "optuna")
-    argv += ["--num-samples", "2", "--range", "warmup_ratio=uniform:0.05:0.5"]
-    cmd = [sys.executable, "-m", "enigma.cli", *argv]
+@pytest.fixture
+def bucket():
+    from conftest import moto_server
+
+    with moto_server(endpoint_in_env=False) as client:
+        yield client
+
+
+def test_killed_optuna_sweep_with_asha_is_restored_from_the_bucket_on_another_machine(
+    data, tmp_path, bucket
+):
+    """2 trials chosen by Optuna (a discrete and a continuous knob), ASHA on top, one at a time,
+    every lasting thing in an S3 bucket (moto's server); the driver is killed after the first,
+    and the same command from another output directory (another machine's disk) restores the
+    sweep from the bucket without training the finished trial again."""
+    endpoint = bucket.meta.endpoint_url.removeprefix("http://")
+    storage = f"s3://runs/sweep?scheme=http&endpoint_override={endpoint}"
+
+    def command(out):
+        argv = sweep_argv(data, out, "--max-concurrent", "1", "--search", "optuna")
+        argv += ["--num-samples", "2", "--range", "warmup_ratio=uniform:0.05:0.5"]
+        return [sys.executable, "-m", "enigma.cli", *argv, "--storage-path", storage]
+
+    def objects(prefix: str) -> dict[str, str]:
+        pages = bucket.get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix=prefix)
+        return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+    cmd = command(tmp_path / "machine-a")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # its own cluster, which dies with its driver
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -159,15 +180,19 @@ def test_killed_optuna_sweep_with_asha_is_restored_without_redoing_trials(data, 
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the cluster it started
     first.wait()
     finished = done_line.split()[2]
-    marker = out / "trials" / finished / "tensorboard"
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in marker.iterdir())
-    assert not (out / "results.csv").exists()
+    # The finished trial's events and reports, in the bucket: a new event file (or a changed
+    # one) would say it trained again.
+    before = objects(f"sweep/trials/{finished}/tensorboard/")
+    assert before and objects(f"sweep/trials/{finished}/reports.json")
+    assert not objects("sweep/results.csv")
 
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = tmp_path / "machine-b"  # machine-a's disk is not there
+    second = subprocess.run(command(out), capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=600)  # fmt: skip
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "restoring the interrupted sweep" in second.stdout
-    # Not trained again: training opens a new TensorBoard event file at its start.
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in marker.iterdir()) == before
+    assert objects(f"sweep/trials/{finished}/tensorboard/") == before
+    assert objects("sweep/results.csv") and objects("sweep/best.json")
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and {r["trial"] for r in rows} >= {finished}
     assert len({r["warmup_ratio"] for r in rows}) == 2  # Optuna drew each trial's warmup

@@ -19,7 +19,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..storage.locks import DirectoryLock
-from .shards import FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, publish, staging_directory
+from .shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    ShardWriter,
+    ids_dtype,
+    publish,
+    staging_directory,
+)
 from .sources import DataError, Source
 from .tokenizer import load_tokenizer, vocab_hash
 
@@ -266,10 +274,12 @@ def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress, show
             "test": test_fraction,
         },
     )
+    dtype = ids_dtype(len(tokenizer))
     packers = {
-        s: Packer(ShardWriter(staging, s, seq_len, shard_blocks), seq_len, tokenizer.sep_token_id)
+        s: Packer(ShardWriter(staging, s, seq_len, shard_blocks, dtype), seq_len,
+                  tokenizer.sep_token_id)
         for s in SPLITS
-    }
+    }  # fmt: skip
     total_bytes = source.total_bytes()
     bar = tqdm(
         total=total_bytes or None,
@@ -297,6 +307,7 @@ def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress, show
         raise DataError(f"corpus {source.describe()} is empty: no non-blank documents")
     manifest = {
         **wanted,
+        "ids_dtype": np.dtype(dtype).name,
         "splits": splits,
         "input_bytes": seen,
         "seconds": round(seconds, 2),

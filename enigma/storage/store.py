@@ -120,6 +120,42 @@ class Storage:
             return ObjectLock(self.uri(".lock"), what, shown=self.uri())
         return DirectoryLock(Path(self.root) / ".lock", what)
 
+    def read_text(self, *parts: str) -> str | None:
+        """The file ``root/parts`` as text; None when there is none."""
+        fs, path = self.filesystem(*parts)
+        if not fs.get_file_info(path).is_file:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8")
+
+    def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode("utf-8"), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write ``root/parts`` whole: locally through a rename, on an object store in one PUT
+        (an object appears when its upload completes), so a reader never sees half of it."""
+        if not self.remote:
+            path = Path(self.root, *parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            return
+        fs, path = self.filesystem(*parts)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def delete(self, *parts: str) -> None:
+        """Remove the file or directory ``root/parts``, if there is one."""
+        import pyarrow.fs as pafs
+
+        fs, path = self.filesystem(*parts)
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+
     def list_dirs(self, *parts: str) -> list[str]:
         """Names of the directories under ``root/parts`` (none when it does not exist)."""
         import pyarrow.fs as pafs

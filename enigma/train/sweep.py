@@ -14,9 +14,9 @@ The trial itself is :mod:`enigma.train.sweep_trial`; the tables, plot and ``best
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +25,7 @@ from ray.tune import Callback
 
 from ..errors import InputError
 from ..storage.locks import DirectoryLock
+from ..storage.store import Storage
 from .config import (
     MODEL_KEYS,
     TRAIN_KEYS,
@@ -37,6 +38,9 @@ from .sweep_results import collect, write_outputs
 from .sweep_trial import sweep_trial, trial_config
 
 SPEC_FILE = "sweep.json"
+# What a sweep writes in its output directory and, with --storage-path, also puts there.
+RESULT_FILES = ("results.csv", "results.md", "trials.json", "sweep-summary.json",
+                "val_ppl_vs_knobs.png", "best.json")  # fmt: skip
 EXPERIMENT = "tune"
 DEFAULT_GRID = ["num_transformer_layers=1,2", "num_rev_blocks=0,2", "num_rotors=0,2"]
 SEARCHES = ("grid", "random", "optuna")
@@ -51,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ds-config", default=None, help="DeepSpeed JSON (default ds_configs/zero2.json)"
     )
     p.add_argument("--output-dir", default="runs/sweep")
+    p.add_argument("--storage-path", default=None,
+                   help="where the sweep lasts: a local or NFS path, or a storage URI every node "
+                   "reaches (s3://, gs://); the same command on any machine restores it from "
+                   "there (default: --output-dir)")  # fmt: skip
     p.add_argument(
         "--grid",
         nargs="+",
@@ -278,9 +286,8 @@ def sweep_config(args: argparse.Namespace) -> TrainConfig:
         max_steps=args.max_steps,
         output_dir=str(Path(args.output_dir).resolve()),
     )
-    return cfg.replace(
-        data=str(Path(cfg.data).resolve()), ds_config=str(Path(cfg.ds_config).resolve())
-    )
+    data = cfg.data if "://" in cfg.data else str(Path(cfg.data).resolve())
+    return cfg.replace(data=data, ds_config=str(Path(cfg.ds_config).resolve()))
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -322,24 +329,24 @@ class Concurrency:
             self.alg.max_concurrent = self.now(placed)
 
 
-def claim_directory(out: Path, spec: dict, force: bool) -> bool:
-    """Make ``out`` this sweep's directory; True when it holds this sweep, interrupted."""
+def claim_directory(store: Storage, spec: dict, force: bool) -> bool:
+    """Make the storage ``store`` this sweep's; True when it holds this sweep, interrupted."""
     from ray import tune
 
-    out.mkdir(parents=True, exist_ok=True)
-    experiment, spec_path = out / EXPERIMENT, out / SPEC_FILE
+    if not store.remote:
+        Path(store.root).mkdir(parents=True, exist_ok=True)
     if force:
-        for path in (experiment, out / "train", out / "trials"):
-            shutil.rmtree(path, ignore_errors=True)
-        spec_path.unlink(missing_ok=True)
-    restoring = experiment.is_dir() and tune.Tuner.can_restore(str(experiment))
+        for part in (EXPERIMENT, "train", "trials", SPEC_FILE):
+            store.delete(part)
+    restoring = tune.Tuner.can_restore(store.uri(EXPERIMENT))
     if restoring:
-        saved = json.loads(spec_path.read_text()) if spec_path.is_file() else None
-        if saved != json.loads(json.dumps(spec)):
+        saved = store.read_text(SPEC_FILE)
+        if (json.loads(saved) if saved else None) != json.loads(json.dumps(spec)):
+            where = "--storage-path" if store.remote else "--output-dir"
             raise InputError(
-                f"{out} holds a different sweep; use another --output-dir, or --force to start over"
+                f"{store} holds a different sweep; use another {where}, or --force to start over"
             )
-    spec_path.write_text(json.dumps(spec, indent=2))
+    store.write_text(json.dumps(spec, indent=2), SPEC_FILE)
     return restoring
 
 
@@ -365,6 +372,7 @@ def search_space(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
         "base": cfg.to_dict(),
         "knob_keys": [*grid, *(k for k in ranges if k != "lr")],
         "sweep_dir": cfg.output_dir,
+        "sweep_storage": args.storage_path or "",
         "seed": tune.grid_search(seeds) if args.search == "grid" else seeds[0],
         "lr": cfg.lr,
     }
@@ -392,17 +400,18 @@ def make_searcher(search: str, seed: int, concurrent: int):
     return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent)
 
 
-def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: Concurrency, restoring: bool):
-    """A new ``Tuner`` over ``space``, or the interrupted one restored (with its searcher)."""
+def build_tuner(args, store: Storage, cfg: TrainConfig, space: dict, concurrent: Concurrency,
+                restoring: bool):  # fmt: skip
+    """A new ``Tuner`` over ``space``, or the interrupted one restored (with its searcher), its
+    experiment in the sweep's storage."""
     from ray import tune
 
-    out = Path(cfg.output_dir)
     # The trial function only drives its Train run: no CPU (its workers hold those), and a
     # token of memory because Tune needs a non-empty bundle.
     trainable = tune.with_resources(sweep_trial, {"CPU": 0, "memory": 64 * 2**20})
     if restoring:
         return tune.Tuner.restore(
-            str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True, resume_errored=True
+            store.uri(EXPERIMENT), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     concurrent.alg = make_searcher(args.search, cfg.seed, concurrent.now())
     callbacks = [
@@ -421,7 +430,7 @@ def build_tuner(args, cfg: TrainConfig, space: dict, concurrent: Concurrency, re
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=callbacks
+            name=EXPERIMENT, storage_path=store.uri(), verbose=0, callbacks=callbacks
         ),
     )
 
@@ -438,11 +447,19 @@ def run(args: argparse.Namespace) -> dict:
     elif lr is not None:
         args.sets = [*args.sets, f"lr={lr}"]
     cfg = sweep_config(args)
-    with DirectoryLock(Path(cfg.output_dir) / ".lock", "enigma tune"):
-        return _run_locked(args, cfg, grid, ranges)
+    store = Storage.of(args.storage_path or "", cfg.output_dir)
+    if store.remote:
+        store.check()  # reachable and writable, before Ray starts
+    with (
+        DirectoryLock(Path(cfg.output_dir) / ".lock", "enigma tune"),
+        contextlib.ExitStack() as held,
+    ):
+        if store.remote:  # one sweep at a time there too, whichever machine runs it
+            held.enter_context(store.lock("enigma tune"))
+        return _run_locked(args, store, cfg, grid, ranges)
 
 
-def _run_locked(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
+def _run_locked(args, store: Storage, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
     from .driver import prepare_run
 
     combos = grid_points(grid)
@@ -453,10 +470,13 @@ def _run_locked(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
     cfg = spec.train.replace(max_steps=spec.plan.total_steps)
     concurrent = Concurrency(cfg, args.max_concurrent)
     space = search_space(args, cfg, grid, ranges)
-    sweep = {"base": cfg.to_dict(), "grid": grid, "ranges": args.ranges, "lr": args.lr}
+    # What makes it the same sweep (the output directory not among it: with --storage-path
+    # another machine's disk restores it).
+    base = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
+    sweep = {"base": base, "grid": grid, "ranges": args.ranges, "lr": args.lr}
     sweep.update(search=args.search, num_samples=args.num_samples, seeds=args.seeds)
     sweep.update(scheduler=args.scheduler)
-    restoring = claim_directory(Path(cfg.output_dir), sweep, args.force)
+    restoring = claim_directory(store, sweep, args.force)
     print(
         f"sweep: {describe_trials(args, len(combos))}, {cfg.max_steps} steps each, "
         f"{args.scheduler.upper()}, {concurrent.now()} at a time ({cfg.workers} worker(s) x "
@@ -464,16 +484,22 @@ def _run_locked(args, cfg: TrainConfig, grid: dict, ranges: dict) -> dict:
         + (" - restoring the interrupted sweep" if restoring else ""),
         flush=True,
     )
-    tuner = build_tuner(args, cfg, space, concurrent, restoring)
+    tuner = build_tuner(args, store, cfg, space, concurrent, restoring)
     # Tune's console output engine prints its configuration box and paths even at verbose=0;
     # ConsoleLines prints what a user needs. The classic engine is silent at verbose=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid_result = tuner.fit()
     release_leftovers()
     knob_keys = space["knob_keys"]
-    rows = collect(grid_result, knob_keys, cfg, Path(cfg.output_dir))
+    rows = collect(grid_result, knob_keys, cfg, store)
     out = Path(cfg.output_dir)
-    return write_outputs(out, rows, knob_keys, cfg, cfg.max_steps, args.command_line)
+    outputs = write_outputs(out, rows, knob_keys, cfg, cfg.max_steps, args.command_line)
+    if store.remote:
+        for name in RESULT_FILES:
+            if (out / name).is_file():
+                store.write_bytes((out / name).read_bytes(), name)
+        print(f"results also in {store}", flush=True)
+    return outputs
 
 
 def describe_trials(args, combos: int) -> str:

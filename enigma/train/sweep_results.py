@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from .config import TrainConfig
-from .sweep_trial import REPORTS, read_reports, trial_config, trial_label
+from .sweep_trial import read_reports, trial_config, trial_label
 
 
 def count_params(cfg: TrainConfig) -> int:
@@ -28,12 +28,12 @@ def count_params(cfg: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def trial_row(result, knob_keys: list[str], base: dict, sweep_dir: Path, params: int) -> dict:
+def trial_row(result, knob_keys: list[str], base: dict, store, params: int) -> dict:
     """One trial's row: its knobs, lr, seed, size, last and best val ppl, speed, wall time, and
     its history of evaluations (from the trial's own report log, which survives a restore)."""
     c = result.config
     trial_id = (result.metrics or {}).get("trial_id", "")
-    reports = read_reports(sweep_dir / "trials" / trial_id / REPORTS)["reports"]
+    reports = read_reports(store, trial_id)["reports"]
     history = [
         {k: r.get(k, math.nan) for k in ("step", "val_loss", "wall_s", "tokens_per_sec")}
         for r in reports
@@ -58,8 +58,9 @@ def trial_row(result, knob_keys: list[str], base: dict, sweep_dir: Path, params:
     }
 
 
-def collect(grid_result, knob_keys: list[str], cfg: TrainConfig, sweep_dir: Path) -> list[dict]:
-    """A row per trial; each configuration's parameters are counted once."""
+def collect(grid_result, knob_keys: list[str], cfg: TrainConfig, store) -> list[dict]:
+    """A row per trial (its reports read from the sweep's storage, ``store``); each
+    configuration's parameters are counted once."""
     rows, params_cache = [], {}
     base = cfg.to_dict()
     for result in grid_result:
@@ -67,7 +68,7 @@ def collect(grid_result, knob_keys: list[str], cfg: TrainConfig, sweep_dir: Path
         key = json.dumps(knobs, sort_keys=True)
         if key not in params_cache:
             params_cache[key] = count_params(trial_config(base, knobs))
-        rows.append(trial_row(result, knob_keys, base, sweep_dir, params_cache[key]))
+        rows.append(trial_row(result, knob_keys, base, store, params_cache[key]))
     return rows
 
 

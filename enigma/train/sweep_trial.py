@@ -1,17 +1,20 @@
 """One sweep trial, run inside a Tune trial actor: a ``TorchTrainer`` of the ordinary training loop
 (Ray Train V2) whose reports reach Tune through ``TuneReportCallback``, and a log of those reports
-that survives a killed driver.
+that survives a killed driver. Everything that lasts goes to the sweep's storage (its output
+directory, or ``--storage-path``: a URI every node reaches): the log, the trial's Train
+checkpoints, TensorBoard events and model; its node's output directory is scratch.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import time
 from pathlib import Path
 
 from ray.train import UserCallback
 
+from ..storage.store import Storage
 from .config import TrainConfig, apply_overrides
 
 REPORTS = "reports.json"
@@ -37,32 +40,36 @@ class ReportLog(UserCallback):
     The callback runs in the Train controller, not in the trial function, so it keeps no state
     between reports: the file is the state."""
 
-    def __init__(self, path: Path, max_steps: int):
-        self.path, self.max_steps = path, max_steps
+    def __init__(self, store: Storage, trial: str, max_steps: int):
+        self.store, self.trial, self.max_steps = store, trial, max_steps
         self.start, self.offset = time.perf_counter(), None
 
     def after_report(self, run_context, metrics, checkpoint):
-        state = read_reports(self.path)
+        state = read_reports(self.store, self.trial)
         if self.offset is None:  # wall time carries on across a restore
             self.offset = state["reports"][-1]["wall_s"] if state["reports"] else 0.0
         report = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))}
         report["wall_s"] = self.offset + time.perf_counter() - self.start
         # A resumed run repeats the steps after its checkpoint: keep the later reports.
         kept = [r for r in state["reports"] if r.get("step", -1) < report.get("step", 0)]
-        write_reports(self.path, [*kept, report], report.get("step", 0) >= self.max_steps)
+        complete = report.get("step", 0) >= self.max_steps
+        write_reports(self.store, self.trial, [*kept, report], complete)
 
 
-def read_reports(path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    return {"complete": False, "reports": []}
+def read_reports(store: Storage, trial: str) -> dict:
+    """Trial ``trial``'s report log in the sweep's storage."""
+    text = store.read_text("trials", trial, REPORTS)
+    return json.loads(text) if text else {"complete": False, "reports": []}
 
 
-def write_reports(path: Path, reports: list[dict], complete: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"complete": complete, "reports": reports}, indent=1))
-    os.replace(tmp, path)
+def write_reports(store: Storage, trial: str, reports: list[dict], complete: bool) -> None:
+    body = json.dumps({"complete": complete, "reports": reports}, indent=1)
+    store.write_text(body, "trials", trial, REPORTS)
+
+
+def sweep_storage(config: dict) -> Storage:
+    """The sweep's storage, from a trial's config."""
+    return Storage.of(config.get("sweep_storage", ""), config["sweep_dir"])
 
 
 def sweep_trial(config: dict) -> None:
@@ -73,10 +80,14 @@ def sweep_trial(config: dict) -> None:
     from .driver import build_trainer, prepare_run
 
     name = ray.tune.get_context().get_trial_id()  # stable across a restore
-    out = Path(config["sweep_dir"]) / "trials" / name
+    store = sweep_storage(config)
+    # This node's scratch: the sweep's output directory, or with remote storage a directory of
+    # this node's own (a restored sweep's configs name the first machine's output directory).
+    scratch = Path(tempfile.gettempdir()) / "enigma-sweeps" if store.remote else None
+    out = (scratch or Path(config["sweep_dir"])) / "trials" / name
     # After a restore, give Tune whatever this trial already reported (Tune may have lost it);
     # a finished trial stops there, an unfinished one resumes from its last checkpoint.
-    done = read_reports(out / REPORTS)
+    done = read_reports(store, name)
     for report in done["reports"]:
         ray.tune.report({k: v for k, v in report.items() if k != "wall_s"})
     if done["complete"]:
@@ -84,13 +95,15 @@ def sweep_trial(config: dict) -> None:
     knobs = {k: config[k] for k in config["knob_keys"]}
     params = {**knobs, "seed": config["seed"], "lr": config["lr"], "output_dir": str(out)}
     params["run_name"] = trial_label(knobs, config["lr"], config["seed"])
+    # Local storage: the trial's own directory (as before); remote: its place in the bucket.
+    params["storage_path"] = store.uri("trials", name) if store.remote else ""
     cfg = trial_config(config["base"], params)
     trainer = build_trainer(
         prepare_run(cfg),
         name=name,  # a restored trial finds its Train run by name and resumes it
-        storage_path=str(Path(config["sweep_dir"]) / "train"),
-        callbacks=[TuneReportCallback(), ReportLog(out / REPORTS, cfg.max_steps)],
+        storage_path=store.uri("train"),
+        callbacks=[TuneReportCallback(), ReportLog(store, name, cfg.max_steps)],
     )
     trainer.fit()
     # Early stopping ends a run before max_steps: it is complete all the same.
-    write_reports(out / REPORTS, read_reports(out / REPORTS)["reports"], complete=True)
+    write_reports(store, name, read_reports(store, name)["reports"], complete=True)
