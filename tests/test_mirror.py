@@ -167,3 +167,33 @@ def test_fine_tuning_keeps_the_uri_for_its_workers_and_reads_the_shape_through_t
     assert base_model_fields(run)["d"] == 32
     with pytest.raises(InputError, match="holds no saved model"):
         base_model(uri(bucket, "no-such-run"))
+
+
+def test_reading_writes_nothing_and_reads_an_export_swapped_halfway(bucket, tmp_path, monkeypatch):
+    """An export into a bucket swaps in steps; a reader meanwhile (or after a kill) reads the
+    whole model there is, and never writes: model/ while it carries its marker, else the whole
+    copy beside it. Files beside an export that its checksums do not name are refused."""
+    monkeypatch.setenv("ENIGMA_CACHE", str(tmp_path / "cache"))
+    old, new = exported(tmp_path, 7), exported(tmp_path, 8)
+    base, _, query = uri(bucket, "swapping").partition("?")
+    store = Storage(base, query)
+    store.replace_model(old, "model")
+    model = uri(bucket, "swapping/model")
+
+    def objects() -> dict:
+        listed = bucket.list_objects_v2(Bucket="runs", Prefix="swapping/").get("Contents", [])
+        return {o["Key"]: o["ETag"] for o in listed}
+
+    def weights(directory) -> str:
+        return file_sha256(os.path.join(directory, "model.safetensors"))
+
+    for stop_after, expected in (("upload", old), ("empty", new)):
+        store.replace_model(new, "model", stop_after=stop_after)
+        before = objects()
+        assert weights(local_model(model)) == weights(expected), stop_after
+        assert objects() == before, f"a reader wrote to the bucket ({stop_after})"
+    store.replace_model(new, "model")  # the next export completes it
+    assert weights(local_model(model)) == weights(new)
+    bucket.put_object(Bucket="runs", Key="swapping/model/extra.bin", Body=b"\0" * 8)
+    with pytest.raises(InputError, match="does not hold the files its checksums.json records"):
+        local_model(model)

@@ -101,10 +101,19 @@ def ctrl_c_leaves_nothing(server) -> None:
 
 @pytest.fixture(scope="module")
 def server(models):
-    running = start_server(models / "chat", "--max-batch-size", "8", "--max-queue", "8",
-                           "--max-body-mb", "0.05")  # fmt: skip
-    yield running
-    stop_server(running)
+    """The chat model served from an S3 bucket (moto's server), as a cluster's replicas read it:
+    each mirrors it on its node (the plain model and the other servers read a directory)."""
+    from conftest import moto_server
+
+    from enigma.storage.store import Storage
+
+    with moto_server(endpoint_in_env=False) as bucket:
+        query = f"scheme=http&endpoint_override={bucket.meta.endpoint_url[len('http://') :]}"
+        Storage("s3://runs/serve", query).upload(models / "chat", "chat")
+        running = start_server(f"s3://runs/serve/chat?{query}", "--max-batch-size", "8",
+                               "--max-queue", "8", "--max-body-mb", "0.05")  # fmt: skip
+        yield running
+        stop_server(running)
 
 
 def call(server, path, body=None, key=KEY, raw=None, headers=False):

@@ -239,3 +239,8 @@ def test_data_prepared_into_the_bucket_reads_as_from_the_disk(bucket, tmp_path, 
     bucket.put_object(Bucket="runs", Key=f"prepared/{first['file']}", Body=bytes(changed))
     with pytest.raises(DataError, match="corrupt"):
         read_blocks(there, "test")
+    # A prefix holding anything else is not replaced unless asked.
+    bucket.put_object(Bucket="runs", Key="elsewhere/notes.txt", Body=b"mine")
+    assert main([*argv, uri(bucket, "elsewhere"), "--seq-len", "16"]) == 2
+    assert "holds files a prepare did not write (notes.txt)" in capsys.readouterr().err
+    assert keys(bucket, "elsewhere/") == ["elsewhere/notes.txt"]

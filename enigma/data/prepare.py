@@ -193,6 +193,13 @@ def _prepare_to_storage(source, out: str, *args) -> dict:
     base, _, query = out.partition("?")
     storage = Storage(base.rstrip("/"), query)
     storage.check("--out")  # reachable and writable, before Ray starts
+    force = args[4]  # (seq_len, val, test, tokenizer, force, shard_blocks, progress)
+    foreign = _not_prepared_data(storage)
+    if foreign and not force:
+        raise DataError(
+            f"--out {out} holds files a prepare did not write ({', '.join(foreign[:3])}); "
+            "name an empty prefix, or --force to replace everything under it"
+        )
     with storage.lock("enigma data prepare"), tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "data"
         manifest = _prepare_locked(source, local, *args, target=out)
@@ -200,6 +207,19 @@ def _prepare_to_storage(source, out: str, *args) -> dict:
             _put_in_storage(local, storage)
             print(f"put {out} (the manifest last)")
         return manifest
+
+
+def _not_prepared_data(storage) -> list[str]:
+    """Files under ``storage``'s root that no prepare writes (shards, manifest, tokenizer, its
+    lock): what replacing the directory would destroy."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem()
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    names = [i.path[len(root) + 1 :] for i in infos if i.is_file]
+    ours = lambda n: n in (MANIFEST, ".lock") or n.startswith("tokenizer/") or (
+        "/" not in n and n.endswith(".parquet"))  # fmt: skip
+    return [n for n in names if not ours(n)]
 
 
 def _put_in_storage(local: Path, storage) -> None:

@@ -70,9 +70,11 @@ class ModelServer:
         import torch
 
         from ..data.tokenizer import load_tokenizer
+        from ..storage.mirror import local_model
         from .engine_process import EngineProcess
 
         device = replica_device(gpus, ray.get_gpu_ids(), torch.cuda.is_available())
+        model_dir = local_model(model_dir)  # a URI: mirrored once on this replica's node
         self.tokenizer = load_tokenizer(model_dir, quiet=True)
         self.name, self.api_key, self.max_body = name, api_key, max_body_bytes
         self.chunks_per_s = stream_chunks_per_s
@@ -230,8 +232,9 @@ def build_app(args: dict):
     import os
     from pathlib import Path
 
-    from ..storage.store import is_uri
+    from ..storage.store import check_storage_path, is_uri
 
+    check_storage_path(args["model"], "model")  # credentials would sit in the app's config
     model = args["model"] if is_uri(args["model"]) else str(Path(args["model"]).resolve())
     key = args.get("api_key")
     if not key and args.get("api_key_env"):

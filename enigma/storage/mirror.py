@@ -8,8 +8,13 @@ the sizes the store lists, or, for a directory without them, each file's name, s
 modification time. A new export is a new key, and so is a file replaced behind the export's
 back (whose copy then fails its check). A key is fetched once per node, however many ranks,
 replicas or evaluation tasks ask at once: the fetch happens under a lock of the key, into a
-directory of its own that is checked (every size, and every checksum when recorded) before it
-takes the key's name. A fetch killed midway leaves only that directory, which the next removes.
+directory of its own that is checked (every size, and every checksum when recorded) and synced
+before it takes the key's name. A fetch killed midway leaves only that directory, which the
+next fetch of that key removes.
+
+Reading never writes to the store: an export swapped in by steps (see
+:meth:`enigma.storage.store.Storage.replace_model`) is read from ``model/`` when it carries its
+marker, else from the whole copy beside it (``.model.next/``), which the next export completes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from .atomic import fsync_dir, fsync_tree
 from .store import MARKERS, Storage, check_storage_path, is_uri
 
 CHECKSUMS = "checksums.json"
@@ -64,9 +70,11 @@ def local_model(path: str, flag: str = "--model") -> str:
     if not name or "://" not in root:
         raise InputError(f"{flag} {path}: name the model's directory, e.g. s3://bucket/run/model")
     storage = Storage(root, query)
-    storage.recover_model(name)  # an export that a kill left half-swapped is completed first
     listing = _listing(storage, name, flag)
     if not any(m in listing for m in MARKERS):
+        beside = _listing(storage, f".{name}.next", flag)
+        if any(m in beside for m in MARKERS):  # a swap under way, or killed: the whole copy
+            return str(_mirror(storage, f".{name}.next", beside))
         if name != "model" and _has_model(storage, name):  # an `enigma train` output directory
             return local_model(storage.uri(name, "model"), flag)
         raise InputError(
@@ -108,7 +116,8 @@ def _has_model(storage: Storage, name: str) -> bool:
 
 
 def _recorded(storage: Storage, name: str, listing: dict) -> dict | None:
-    """The checksums the export recorded, when it did and they name exactly the files there."""
+    """The checksums the export recorded (None: an export from before they were); ones that do
+    not parse, or do not name exactly the files there, are a damaged model."""
     if CHECKSUMS not in listing:
         return None
     fs, where = storage.filesystem(name, CHECKSUMS)
@@ -116,8 +125,13 @@ def _recorded(storage: Storage, name: str, listing: dict) -> dict | None:
         try:
             sums = json.loads(f.read())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-    return sums if set(sums) == set(listing) - {CHECKSUMS} else None
+            sums = None
+    if not isinstance(sums, dict) or set(sums) != set(listing) - {CHECKSUMS}:
+        raise InputError(
+            f"{storage.uri(name)} does not hold the files its {CHECKSUMS} records; export it "
+            "again, or retry if an export was writing it"
+        )
+    return sums
 
 
 def _mirror(storage: Storage, name: str, listing: dict) -> Path:
@@ -141,23 +155,37 @@ def _mirror(storage: Storage, name: str, listing: dict) -> Path:
         start = time.perf_counter()
         partial = models / f".{key}.partial-{os.getpid()}"
         partial.mkdir()
-        fs, where = storage.filesystem(name)
-        for f in listing:
-            with fs.open_input_stream(f"{where}/{f}") as src, open(partial / f, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-        problem = _check(partial, listing, sums)
+        try:
+            problem = _fetch(storage, name, listing, partial) or _check(partial, listing, sums)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if problem:
             shutil.rmtree(partial, ignore_errors=True)
             raise InputError(
                 f"{storage.uri(name)} changed or is damaged ({problem}); export it again, or "
                 "retry if an export was writing it"
             )
+        fsync_tree(partial)  # on disk before its name says it is checked
         os.replace(partial, target)
+        fsync_dir(models)
     size = sum(v[0] for v in listing.values())
     print(f"note: {storage.uri(name)} fetched into {target} ({len(listing)} files, "
           f"{size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)", file=sys.stderr,
           flush=True)  # fmt: skip
     return target
+
+
+def _fetch(storage: Storage, name: str, listing: dict, local: Path) -> str | None:
+    """Copy the listed files into ``local``; what went missing meanwhile, or None."""
+    fs, where = storage.filesystem(name)
+    for f in listing:
+        try:
+            with fs.open_input_stream(f"{where}/{f}") as src, open(local / f, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except FileNotFoundError:  # replaced or removed by an export since the listing
+            return f"{f} went while it was fetched"
+    return None
 
 
 def _check(local: Path, listing: dict, sums: dict | None) -> str | None:

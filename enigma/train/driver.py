@@ -220,7 +220,7 @@ def build_trainer(
         ),
         datasets={
             "train": load_split(spec.data_dir, "train", verify=True),
-            "val": load_split(spec.data_dir, "val", verify=False),
+            "val": load_split(spec.data_dir, "val", verify=True),
         },
         dataset_config=DataConfig(
             datasets_to_split=["train", "val"],

@@ -448,13 +448,14 @@ def run(args: argparse.Namespace) -> dict:
         args.sets = [*args.sets, f"lr={lr}"]
     cfg = sweep_config(args)
     store = Storage.of(args.storage_path or "", cfg.output_dir)
-    if store.remote:
+    apart = store.root != str(Path(cfg.output_dir).resolve())
+    if apart:
         store.check()  # reachable and writable, before Ray starts
     with (
         DirectoryLock(Path(cfg.output_dir) / ".lock", "enigma tune"),
         contextlib.ExitStack() as held,
     ):
-        if store.remote:  # one sweep at a time there too, whichever machine runs it
+        if apart:  # one sweep at a time there too, whichever machine runs it
             held.enter_context(store.lock("enigma tune"))
         return _run_locked(args, store, cfg, grid, ranges)
 
@@ -494,7 +495,7 @@ def _run_locked(args, store: Storage, cfg: TrainConfig, grid: dict, ranges: dict
     rows = collect(grid_result, knob_keys, cfg, store)
     out = Path(cfg.output_dir)
     outputs = write_outputs(out, rows, knob_keys, cfg, cfg.max_steps, args.command_line)
-    if store.remote:
+    if store.root != str(out.resolve()):
         for name in RESULT_FILES:
             if (out / name).is_file():
                 store.write_bytes((out / name).read_bytes(), name)

@@ -81,9 +81,10 @@ def sweep_trial(config: dict) -> None:
 
     name = ray.tune.get_context().get_trial_id()  # stable across a restore
     store = sweep_storage(config)
-    # This node's scratch: the sweep's output directory, or with remote storage a directory of
+    # This node's scratch: the sweep's output directory, or with --storage-path a directory of
     # this node's own (a restored sweep's configs name the first machine's output directory).
-    scratch = Path(tempfile.gettempdir()) / "enigma-sweeps" if store.remote else None
+    apart = bool(config.get("sweep_storage"))
+    scratch = Path(tempfile.gettempdir()) / "enigma-sweeps" if apart else None
     out = (scratch or Path(config["sweep_dir"])) / "trials" / name
     # After a restore, give Tune whatever this trial already reported (Tune may have lost it);
     # a finished trial stops there, an unfinished one resumes from its last checkpoint.
@@ -95,8 +96,8 @@ def sweep_trial(config: dict) -> None:
     knobs = {k: config[k] for k in config["knob_keys"]}
     params = {**knobs, "seed": config["seed"], "lr": config["lr"], "output_dir": str(out)}
     params["run_name"] = trial_label(knobs, config["lr"], config["seed"])
-    # Local storage: the trial's own directory (as before); remote: its place in the bucket.
-    params["storage_path"] = store.uri("trials", name) if store.remote else ""
+    # Without --storage-path: the trial's own directory; with it: its place there.
+    params["storage_path"] = store.uri("trials", name) if apart else ""
     cfg = trial_config(config["base"], params)
     trainer = build_trainer(
         prepare_run(cfg),
