@@ -334,10 +334,14 @@ def _build(source, out, staging, tokenizer, wanted, shard_blocks, progress, show
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     publish(staging, out, manifest)
+    show_splits(splits, seq_len)
+    print(f"wrote {shown} ({seen / 1e6:.1f} MB of text in {seconds:.1f} s)")
+    return manifest
+
+
+def show_splits(splits: dict, seq_len: int) -> None:
     for split, s in splits.items():
         print(
             f"  {split:<5} {s['documents']:>9,} docs {s['tokens']:>12,} tokens "
             f"{s['blocks']:>9,} blocks of {seq_len} in {len(s['shards'])} shards"
         )
-    print(f"wrote {shown} ({seen / 1e6:.1f} MB of text in {seconds:.1f} s)")
-    return manifest
