@@ -15,7 +15,8 @@ from enigma.cli import main
 from enigma.errors import InputError
 from enigma.models.lm import EnigmaLM
 from enigma.models.lm_config import EnigmaConfig
-from enigma.storage.mirror import CHECKSUMS, file_sha256, local_model
+from enigma.storage.atomic import CHECKSUMS, file_sha256
+from enigma.storage.mirror import local_model
 from enigma.storage.store import Storage
 from enigma.train.export import write_model_dir
 

@@ -18,12 +18,18 @@ Callers hold the directory's lock (:mod:`enigma.storage.locks`) around a replace
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+# Each file of an export, its size and SHA-256: what a node's mirror of a model at a URI keys
+# and checks its copy by (:mod:`enigma.storage.mirror`).
+CHECKSUMS = "checksums.json"
 
 
 def fsync_tree(root: Path) -> None:
@@ -111,8 +117,6 @@ def replace_with(out: Path, fill, what: str = "an export", wait_s: float | None 
     with first (:func:`remove_leftovers`); a failure removes its own staging directory."""
     import contextlib
 
-    from .mirror import write_checksums
-
     with model_lock(out, what, wait_s) if wait_s is not None else contextlib.nullcontext():
         remove_leftovers(out)
         staging = staging_dir(out)
@@ -148,3 +152,19 @@ def replace_dir(staging: Path, out: Path) -> None:
         os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)
     fsync_dir(out.parent)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record each file's size and SHA-256 in ``directory/checksums.json`` (an export's last
+    step before it is put in place): what a mirror keys and checks its copy by."""
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.name != CHECKSUMS)
+    sums = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
+    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")

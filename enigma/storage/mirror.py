@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from .atomic import fsync_dir, fsync_tree
+from .atomic import CHECKSUMS, file_sha256, fsync_dir, fsync_tree
 from .store import MARKERS, Storage, check_storage_path, is_uri
-
-CHECKSUMS = "checksums.json"
 
 
 def cache_root() -> Path:
@@ -40,22 +38,6 @@ def cache_root() -> Path:
     if base:
         return Path(base)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "enigma"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_checksums(directory: Path) -> None:
-    """Record each file's size and SHA-256 in ``directory/checksums.json`` (an export's last
-    step before it is put in place): what a mirror keys and checks its copy by."""
-    files = sorted(f for f in directory.iterdir() if f.is_file() and f.name != CHECKSUMS)
-    sums = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
-    (directory / CHECKSUMS).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
 
 
 def local_model(path: str, flag: str = "--model") -> str:
