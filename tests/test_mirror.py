@@ -198,3 +198,6 @@ def test_reading_writes_nothing_and_reads_an_export_swapped_halfway(bucket, tmp_
     bucket.put_object(Bucket="runs", Key="swapping/model/extra.bin", Body=b"\0" * 8)
     with pytest.raises(InputError, match="does not hold the files its checksums.json records"):
         local_model(model)
+    bucket.put_object(Bucket="runs", Key="swapping/model/sub/weights.bin", Body=b"\0" * 8)
+    with pytest.raises(InputError, match=r"holds subdirectories \(sub\)"):
+        local_model(model)

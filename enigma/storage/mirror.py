@@ -63,7 +63,21 @@ def local_model(path: str, flag: str = "--model") -> str:
             f"{flag} {storage.uri(name)} holds no saved model (no config.json or "
             "adapter_config.json in it); name the directory an export wrote"
         )
+    inside = _subdirectories(storage, name)
+    if inside:  # the mirror fetches a model's files, not folders: it would be incomplete
+        raise InputError(
+            f"{flag} {storage.uri(name)} holds subdirectories ({', '.join(inside[:3])}), which "
+            "the mirror does not fetch; name a directory that `save_pretrained` wrote"
+        )
     return str(_mirror(storage, name, listing))
+
+
+def _subdirectories(storage: Storage, name: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, where = storage.filesystem(name)
+    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def local_tokenizer(data: str) -> str | None:
