@@ -198,7 +198,8 @@ def prepare_conversations(
     like ``enigma data prepare``'s (``train``/``val`` shards with ``input_ids``, ``labels`` and
     ``attention_mask``, the tokenizer with its chat template, the manifest last), unless ``out``
     already holds exactly this; returns its manifest."""
-    from .shards import MANIFEST, publish, read_manifest, sha256_file, staging_directory
+    from ..storage.atomic import file_sha256
+    from .shards import MANIFEST, publish, read_manifest, staging_directory
     from .shards import write_columns as write
     from .tokenizer import vocab_hash
 
@@ -207,7 +208,7 @@ def prepare_conversations(
     wanted = {
         "kind": "conversations",
         "source": {name: str(Path(f).resolve()) for name, f in files.items()},
-        "source_sha256": {name: sha256_file(Path(f)) for name, f in files.items()},
+        "source_sha256": {name: file_sha256(Path(f)) for name, f in files.items()},
         "seq_len": seq_len, "val_fraction": 0.0 if val_data else val_fraction, "seed": seed,
         "chat_template": CHAT_TEMPLATE,
         "tokenizer": {"name": getattr(tokenizer, "enigma_source", tokenizer.name_or_path),

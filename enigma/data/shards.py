@@ -31,19 +31,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..storage.atomic import file_sha256
 from .sources import DataError
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -87,7 +80,7 @@ def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
     pq.write_table(pa.table(table), path)
     rows = len(next(iter(columns.values())))
     return {"file": path.name, "blocks": rows, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path)}  # fmt: skip
+            "sha256": file_sha256(path)}  # fmt: skip
 
 
 def _where(directory: str | os.PathLike):
