@@ -192,14 +192,17 @@ def _prepare_to_storage(source, out: str, *args) -> dict:
     check_storage_path(out, "--out")
     base, _, query = out.partition("?")
     storage = Storage(base.rstrip("/"), query)
-    storage.check("--out")  # reachable and writable, before Ray starts
     force = args[4]  # (seq_len, val, test, tokenizer, force, shard_blocks, progress)
-    foreign = _not_prepared_data(storage)
+    try:  # refused before anything is written there (the probe below writes)
+        foreign = _not_prepared_data(storage)
+    except OSError:
+        foreign = []  # unreachable: the probe says so in one line
     if foreign and not force:
         raise DataError(
             f"--out {out} holds files a prepare did not write ({', '.join(foreign[:3])}); "
             "name an empty prefix, or --force to replace everything under it"
         )
+    storage.check("--out")  # reachable and writable, before Ray starts
     with storage.lock("enigma data prepare"), tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "data"
         manifest = _prepare_locked(source, local, *args, target=out)
