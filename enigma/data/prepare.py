@@ -187,11 +187,9 @@ def prepare(
 def _prepare_to_storage(source, out: str, *args) -> dict:
     import tempfile
 
-    from ..storage.store import Storage, check_storage_path
+    from ..storage.store import Storage
 
-    check_storage_path(out, "--out")
-    base, _, query = out.partition("?")
-    storage = Storage(base.rstrip("/"), query)
+    storage = Storage.at(out, "--out")
     force = args[4]  # (seq_len, val, test, tokenizer, force, shard_blocks, progress)
     try:  # refused before anything is written there (the probe below writes)
         foreign = _not_prepared_data(storage)

@@ -87,27 +87,25 @@ def _where(directory: str | os.PathLike):
     """``(pyarrow file system, path)`` of a data directory named by a path or a URI."""
     import pyarrow.fs as pafs
 
-    from ..storage.store import Storage, check_storage_path
+    from ..storage.store import Storage
 
     directory = str(directory)
     if "://" not in directory:
         return pafs.LocalFileSystem(), str(Path(directory).absolute())
-    check_storage_path(directory, "--data")
-    base, _, query = directory.partition("?")
-    storage = Storage(base.rstrip("/"), query)
     try:
-        return pafs.FileSystem.from_uri(storage.uri())
+        return pafs.FileSystem.from_uri(Storage.at(directory, "--data").uri())
     except pa.ArrowInvalid as err:  # an unknown scheme or option, a malformed URI
         raise DataError(f"data {directory}: {err}") from None
 
 
 def _member(directory: str | os.PathLike, name: str) -> str:
     """``name`` inside the data directory, as a path or a URI (its query kept last)."""
+    from ..storage.store import Storage
+
     directory = str(directory)
     if "://" not in directory:
         return str(Path(directory) / name)
-    base, _, query = directory.partition("?")
-    return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
+    return Storage.at(directory, "--data").uri(name)
 
 
 def has_manifest(directory: str | os.PathLike) -> bool:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .atomic import CHECKSUMS, file_sha256, fsync_dir, fsync_tree
-from .store import MARKERS, Storage, check_storage_path, is_uri
+from .store import MARKERS, Storage, is_uri
 
 
 def cache_root() -> Path:
@@ -46,12 +46,11 @@ def local_model(path: str, flag: str = "--model") -> str:
     one line naming it."""
     if not is_uri(path):
         return path
-    check_storage_path(path, flag)
-    base, _, query = path.partition("?")
-    root, _, name = base.rstrip("/").rpartition("/")
+    given = Storage.at(path, flag)
+    root, _, name = given.root.rpartition("/")
     if not name or "://" not in root:
         raise InputError(f"{flag} {path}: name the model's directory, e.g. s3://bucket/run/model")
-    storage = Storage(root, query)
+    storage = Storage(root, given.query)
     listing = _listing(storage, name, flag)
     if not any(m in listing for m in MARKERS):
         beside = _listing(storage, f".{name}.next", flag)
@@ -83,8 +82,7 @@ def _subdirectories(storage: Storage, name: str) -> list[str]:
 def local_tokenizer(data: str) -> str | None:
     """The tokenizer that the prepared data directory ``data`` (a URI) holds, mirrored like a
     model; None when it holds none."""
-    base, _, query = data.partition("?")
-    storage = Storage(base.rstrip("/"), query)
+    storage = Storage.at(data, "--data")
     listing = _listing(storage, "tokenizer", "--data")
     return str(_mirror(storage, "tokenizer", listing)) if "tokenizer.json" in listing else None
 

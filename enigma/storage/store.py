@@ -68,10 +68,15 @@ class Storage:
         if not storage_path:
             return cls(str(Path(output_dir).resolve()))
         if is_uri(storage_path):
-            check_storage_path(storage_path)
-            base, _, query = storage_path.partition("?")
-            return cls(base.rstrip("/"), query)
+            return cls.at(storage_path)
         return cls(str(Path(storage_path).resolve()))
+
+    @classmethod
+    def at(cls, uri: str, flag: str = "--storage-path") -> Storage:
+        """The storage a URI names, credentials in it refused naming ``flag``."""
+        check_storage_path(uri, flag)
+        base, _, query = uri.partition("?")
+        return cls(base.rstrip("/"), query)
 
     @property
     def remote(self) -> bool:

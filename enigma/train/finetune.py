@@ -23,7 +23,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from ..storage.store import check_storage_path
 from .config import base_model_dir
 
 # Training keys a fine-tuning run starts from, before --set: a smaller learning rate, shorter
@@ -56,8 +55,7 @@ def base_model(given: str) -> str:
     """What the run records and every worker reads: a storage URI as given (each node mirrors
     it), a local model resolved to its directory."""
     if "://" in given:
-        check_storage_path(given, "--model")
-        base_model_dir(given)  # there, and a model: checked on the driver before any worker
+        base_model_dir(given)  # there, a model, no credentials: checked before any worker
         return given
     return str(base_model_dir(given))
 
