@@ -68,18 +68,17 @@ def test_vocab_is_read_by_newlines_only():
     assert len(path.read_text(encoding="utf-8").splitlines()) != VOCAB_SIZE
 
 
-def test_worker_tokenizer_gives_bert_tokenizer_ids(tmp_path):
+def test_worker_tokenizer_gives_bert_tokenizer_ids():
     """Workers tokenize with the Rust backend alone; its ids must be BertTokenizerFast's."""
-    import pyarrow as pa
-
-    from enigma.data.prepare import NORMALIZE, _tokenize
+    from enigma.data.prepare import tokenize, worker_tokenizer
+    from enigma.data.sources import normalize
 
     tok = load_tokenizer(quiet=True)
-    tok.save_pretrained(tmp_path)
-    texts = ["话说天下大势，分久必合。", "“曹操”曰：Hello 123…", "  ", "玄德" * 300]
-    out = _tokenize(pa.table({"text": texts}), str(tmp_path), 0.0, 0.0)
-    kept = [t.strip().translate(NORMALIZE) for t in texts if t.strip()]
-    assert out.column("ids").to_pylist() == tok(kept, add_special_tokens=False)["input_ids"]
+    texts = ["话说天下大势，分久必合。", "“曹操”曰：Hello 123…", "玄德" * 300]
+    kept = [normalize(t) for t in texts]
+    values, lengths = tokenize(worker_tokenizer(tok.backend_tokenizer.to_str()), kept)
+    ids = [a.tolist() for a in np.split(values, np.cumsum(lengths)[:-1])]
+    assert ids == tok(kept, add_special_tokens=False)["input_ids"]
 
 
 def test_packer_keeps_every_token_and_separates_documents(tmp_path):
@@ -114,7 +113,7 @@ def test_manifest_counts_are_consistent(sanguo):
     assert sum(s["documents"] for s in manifest["splits"].values()) == 120
     for split, s in manifest["splits"].items():
         assert s["tokens"] + s["separators"] == s["blocks"] * 128 + s["dropped_tokens"]
-        assert s["dropped_tokens"] < 128
+        assert s["dropped_tokens"] < 128 * manifest["units"]  # a unit's last partial block
         assert sum(shard["blocks"] for shard in s["shards"]) == s["blocks"]
         assert len(read_blocks(out, split)) == s["blocks"]
 
@@ -128,7 +127,7 @@ def test_no_document_is_in_two_splits(sanguo):
         cuts = np.flatnonzero(stream == 102)
         pieces = np.split(stream, cuts + 1)[:-1]  # the last piece is a cut-off tail
         docs[split] = {p[:40].tobytes() for p in pieces if len(p) > 41}
-        assert len(docs[split]) >= manifest["splits"][split]["documents"] - 1
+        assert len(docs[split]) >= manifest["splits"][split]["documents"] - manifest["units"]
     assert docs["train"].isdisjoint(docs["val"])
     assert docs["train"].isdisjoint(docs["test"]) and docs["val"].isdisjoint(docs["test"])
 
@@ -179,30 +178,102 @@ def test_text_jsonl_parquet_sources(ray_cluster, tmp_path):
 @pytest.mark.parametrize("size", [1, 7, 64, 10_000])
 def test_text_ranges_give_every_line_once(tmp_path, size):
     """A large file is read in byte ranges; every line, multi-byte ones included, exactly once."""
-    import pyarrow as pa
-
-    from enigma.data.sources import read_text_ranges, text_ranges
+    from enigma.data.sources import read_text_range, text_ranges
 
     lines = [f"第{i}回 " + "宴桃园豪杰三结义" * (i % 5) for i in range(60)]
     path = tmp_path / "big.txt"
     path.write_text("\n".join(lines[:30]) + "\n\n  \n" + "\n".join(lines[30:]))
-    ranges = list(text_ranges([str(path)], size=size))
     got = []
-    for r in ranges:
-        batch = pa.table({k: [v] for k, v in r.items()})
-        got += read_text_ranges(batch).column("text").to_pylist()
+    for r in text_ranges([str(path)], size=size):
+        got += read_text_range(r["path"], r["start"], r["end"])
     assert got == [line.strip() for line in lines]
 
 
-def test_interrupted_prepare_leaves_no_manifest(ray_cluster, tmp_path, monkeypatch):
-    def interrupt(self, docs):
-        raise KeyboardInterrupt
+def _row_groups(path, groups: list[list[str]]) -> None:
+    """A parquet file of one ``text`` row group per list: a prepare's units."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    monkeypatch.setattr(Packer, "add", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(Source.parse("sanguo"), tmp_path / "cut", seq_len=32, progress=False)
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+        for rows in groups:
+            writer.write_table(pa.table({"text": rows}))
+
+
+def test_a_killed_prepare_leaves_no_manifest_and_resumes_to_the_same_shards(ray_cluster, tmp_path):
+    """SIGKILL the driver while one big unit is still being tokenized and others are written: no
+    manifest anywhere; the rerun keeps the finished units and writes the rest, and its shards
+    are byte for byte an uninterrupted run's (so none twice, none missing)."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    big = [f"{i} " + "话说天下大势，分久必合，合久必分。" * 100 for i in range(400)]
+    small = [[f"第{g}卷{i} 滚滚长江东逝水。" * 8 for i in range(60)] for g in range(6)]
+    _row_groups(tmp_path / "c.parquet", [big, *small])
+    source = Source.parse(f"parquet:{tmp_path}/c.parquet")
+    whole = prepare(source, tmp_path / "whole", seq_len=32, progress=False)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", "--seq-len", "32",
+           f"--source=parquet:{tmp_path}/c.parquet", "--out", str(tmp_path / "cut")]  # fmt: skip
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = tmp_path / ".cut.prepare" / ".prepare"
+    deadline = time.monotonic() + 120
+    while len(list(records.glob("unit-*.json"))) < 2 and child.poll() is None:
+        assert time.monotonic() < deadline, "no unit finished in 2 minutes"
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    finished = len(list(records.glob("unit-*.json")))
+    assert 2 <= finished < 7, "killed while the big unit was still running"
     assert not (tmp_path / "cut").exists()
-    assert not list(tmp_path.glob(".cut.tmp-*")), "the staging directory is cleaned up"
+    assert not list((tmp_path / ".cut.prepare").rglob(MANIFEST + "*"))
+    with pytest.raises(DataError, match="does not exist"):
+        read_manifest(tmp_path / "cut")
+    resumed = prepare(source, tmp_path / "cut", seq_len=32, progress=False)
+    shards = lambda m: [(s["file"], s["sha256"]) for x in m["splits"].values() for s in x["shards"]]
+    assert shards(resumed) == shards(whole) and resumed["splits"] == whole["splits"]
+    assert not (tmp_path / ".cut.prepare").exists()
+
+
+def test_exact_duplicates_are_left_out_across_units_and_counted(ray_cluster, tmp_path, capsys):
+    """Copies (after normalization, whitespace runs as one) in the same unit and in later units
+    are left out, the first occurrence kept; ``data stats`` says how many; --no-dedup keeps all."""
+    docs = [f"第{i}回 话说天下大势，分久必合。" for i in range(30)]
+    copies = [docs[3], "  " + docs[4].replace(" ", " \t  "), docs[5].replace("。", "…")]
+    docs[5] = docs[5].replace("。", "...")  # the same after normalization
+    _row_groups(tmp_path / "d.parquet", [docs[:20] + [docs[0]], docs[20:] + copies])
+    source = Source.parse(f"parquet:{tmp_path}/d.parquet")
+    m = prepare(source, tmp_path / "dedup", seq_len=16, progress=False)
+    assert m["duplicates"] == 4 and m["units"] == 2
+    assert sum(s["documents"] for s in m["splits"].values()) == 30
+    assert main(["data", "stats", str(tmp_path / "dedup")]) == 0
+    assert "4 documents left out" in capsys.readouterr().out
+    kept = prepare(source, tmp_path / "all", seq_len=16, progress=False, dedup=False)
+    assert kept["duplicates"] == 0 and sum(s["documents"] for s in kept["splits"].values()) == 34
+    capped = Source.parse(f"parquet:{tmp_path}/d.parquet", max_docs=25)
+    m = prepare(capped, tmp_path / "capped", seq_len=16, progress=False)
+    assert sum(s["documents"] for s in m["splits"].values()) == 25 and m["duplicates"] == 1
+
+
+def test_hf_source_streams_a_local_dataset_one_unit_per_shard(ray_cluster, tmp_path):
+    """``hf:PATH`` streams a dataset's files (here two parquet files saved by ``datasets``), one
+    task per dataset shard, with its text column named by --text-column."""
+    import datasets
+
+    rows = [f"第{i}回 宴桃园豪杰三结义，斩黄巾英雄首立功。" for i in range(50)]
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for k in range(2):
+        part = datasets.Dataset.from_dict({"content": rows[k::2], "id": list(range(25))})
+        part.to_parquet(str(folder / f"train-{k:05d}.parquet"))
+    with pytest.raises(DataError, match="no 'text' column"):
+        prepare(Source.parse(f"hf:{folder}"), tmp_path / "no", seq_len=16, progress=False)
+    source = Source.parse(f"hf:{folder}:default:train", text_column="content")
+    m = prepare(source, tmp_path / "hf", seq_len=16, progress=False)
+    assert m["units"] == 2 and sum(s["documents"] for s in m["splits"].values()) == 50
+    assert Source.parse("wiki-zh").describe() == "hf:wikimedia/wikipedia:20231101.zh:train"
 
 
 def test_corrupt_shard_is_detected(sanguo, tmp_path):

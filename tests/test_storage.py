@@ -201,9 +201,9 @@ def test_a_kill_inside_the_adapter_swap_on_s3_is_completed(bucket, tmp_path):
 
 
 def test_data_prepared_into_the_bucket_reads_as_from_the_disk(bucket, tmp_path, capsys):
-    """`data prepare --out s3://…`: the same blocks as prepared on the disk, the manifest put
-    last; up to date a second time; rebuilt with --force for another recipe, the old shards
-    gone; a shard changed in the bucket is caught by whatever reads it."""
+    """`data prepare --out s3://…`: each task writes its shards there, the same blocks as
+    prepared on the disk; up to date a second time; rebuilt with --force for another recipe,
+    the old shards gone; a shard changed in the bucket is caught by whatever reads it."""
     from enigma.data.shards import read_blocks, read_manifest
     from enigma.data.sources import DataError
 
@@ -212,7 +212,8 @@ def test_data_prepared_into_the_bucket_reads_as_from_the_disk(bucket, tmp_path, 
     argv = ["data", "prepare", "--source", f"text:{corpus}", "--shard-blocks", "64", "--out"]
     there, here = uri(bucket, "prepared"), str(tmp_path / "here")
     assert main([*argv, there, "--seq-len", "16"]) == 0
-    assert "(the manifest last)" in capsys.readouterr().out
+    assert f"wrote {there}" in capsys.readouterr().out
+    assert not keys(bucket, "prepared/.prepare/"), "the units' records go once the manifest is in"
     assert main([*argv, here, "--seq-len", "16"]) == 0
     for split in ("train", "val", "test"):
         assert (read_blocks(there, split) == read_blocks(here, split)).all()

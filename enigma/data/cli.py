@@ -7,18 +7,23 @@ import argparse
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--source", default="sanguo", help="sanguo, wiki-zh, text:PATH, jsonl:PATH, parquet:PATH"
+        "--source",
+        default="sanguo",
+        help="sanguo, wiki-zh, hf:NAME[:CONFIG[:SPLIT]] (a hub dataset or a local directory of "
+        "its files), text:PATH, jsonl:PATH, parquet:PATH",
     )
     p.add_argument("--out", required=True,
                    help="directory to write (atomically), or a storage URI")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--test-fraction", type=float, default=0.05)
-    p.add_argument("--text-column", default="text", help="for parquet sources")
+    p.add_argument("--text-column", default="text", help="for parquet and hf sources")
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="a local tokenizer directory")
     p.add_argument("--shard-blocks", type=int, default=8192, help="blocks per parquet shard")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="keep documents that repeat an earlier one (normalized)")  # fmt: skip
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -35,6 +40,7 @@ def prepare(args: argparse.Namespace) -> dict:
         tokenizer_name=args.tokenizer,
         force=args.force,
         shard_blocks=args.shard_blocks,
+        dedup=args.dedup,
     )
 
 

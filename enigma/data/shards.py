@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage.atomic import file_sha256
 from .sources import DataError
 
 MANIFEST = "manifest.json"
@@ -40,11 +39,19 @@ FORMAT_VERSION = 1
 
 
 class ShardWriter:
-    """Collects packed blocks of one split and writes a shard every ``shard_blocks`` rows."""
+    """Collects packed blocks of one split and writes a shard every ``shard_blocks`` rows to
+    ``destination`` (a directory, or a :class:`~enigma.storage.store.Storage` of a path or a URI),
+    each whole (:meth:`Storage.write_bytes`), its sha256 computed from the bytes written.
+    ``unit``: the prepare unit writing (its number goes in the names, so no two units' names meet
+    and a unit written again replaces its own shards)."""
 
-    def __init__(self, directory: Path, split: str, seq_len: int, shard_blocks: int,
-                 dtype=np.int32):  # fmt: skip
-        self.directory, self.split, self.dtype = directory, split, dtype
+    def __init__(self, destination, split: str, seq_len: int, shard_blocks: int,
+                 dtype=np.int32, unit: int | None = None):  # fmt: skip
+        from ..storage.store import Storage
+
+        if not isinstance(destination, Storage):
+            destination = Storage(str(Path(destination).absolute()))
+        self.destination, self.split, self.dtype, self.unit = destination, split, dtype, unit
         self.seq_len, self.shard_blocks = seq_len, shard_blocks
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
@@ -66,21 +73,33 @@ class ShardWriter:
         stacked = np.concatenate(self.pending)
         out, rest = stacked[:rows], stacked[rows:]
         self.pending, self.pending_rows = ([rest] if len(rest) else []), len(rest)
-        name = f"{self.split}-{len(self.shards):05d}.parquet"
-        ids = out.astype(self.dtype, copy=False)
-        self.shards.append(write_columns(self.directory / name, {"input_ids": ids}))
+        unit = "" if self.unit is None else f"{self.unit:05d}-"
+        name = f"{self.split}-{unit}{len(self.shards):05d}.parquet"
+        data = columns_bytes({"input_ids": out.astype(self.dtype, copy=False)})
+        self.destination.write_bytes(data, name)
+        self.shards.append({"file": name, "blocks": rows, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
 
 
-def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
-    """One shard of fixed-size-list int columns, each ``(rows, seq_len)``; its manifest entry."""
+def columns_bytes(columns: dict[str, np.ndarray]) -> bytes:
+    """A parquet file of fixed-size-list int columns, each ``(rows, seq_len)``."""
     table = {}
     for name, values in columns.items():
         flat = pa.array(values.reshape(-1))
         table[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
-    pq.write_table(pa.table(table), path)
+    sink = pa.BufferOutputStream()
+    # zstd over parquet's dictionary pages: 1.30 bytes an id where snappy gives 1.49, at the
+    # same read speed (8,192 blocks of 256 uint16 ids of 三国演义 text)
+    pq.write_table(pa.table(table), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_columns(path: Path, columns: dict[str, np.ndarray]) -> dict:
+    """One shard of fixed-size-list int columns, each ``(rows, seq_len)``; its manifest entry."""
+    path.write_bytes(data := columns_bytes(columns))
     rows = len(next(iter(columns.values())))
-    return {"file": path.name, "blocks": rows, "bytes": path.stat().st_size,
-            "sha256": file_sha256(path)}  # fmt: skip
+    return {"file": path.name, "blocks": rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
 
 
 def _where(directory: str | os.PathLike):

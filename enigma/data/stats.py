@@ -25,6 +25,9 @@ def stats(directory: str, top: int = 20) -> dict:
     counts = np.zeros(vocab, np.int64)
     print(f"{directory}: source {manifest['source']}, seq_len {manifest['seq_len']}")
     print(f"  tokenizer {manifest['tokenizer']['name']} ({vocab} tokens)")
+    if "duplicates" in manifest:  # older manifests: not deduplicated
+        print(f"  deduplication {manifest['dedup']}: {manifest['duplicates']:,} documents left "
+              f"out; {manifest['units']:,} units")  # fmt: skip
     print(f"  {'split':<6}{'documents':>11}{'tokens':>14}{'blocks':>10}{'shards':>8}")
     for split, s in manifest["splits"].items():
         print(
@@ -37,6 +40,7 @@ def stats(directory: str, top: int = 20) -> dict:
     sep, unk = tokenizer.sep_token_id, tokenizer.unk_token_id
     text_tokens = total - int(counts[sep])
     result = {
+        "duplicates": manifest.get("duplicates"),
         "distinct_tokens": int((counts > 0).sum()),
         "coverage": float((counts > 0).mean()),
         "unk_share": float(counts[unk] / max(text_tokens, 1)),

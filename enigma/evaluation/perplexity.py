@@ -10,7 +10,8 @@ context and each is scored once (the strided evaluation of transformers' perplex
 
 The text comes from a file (``.txt``: one document per non-empty line; ``.jsonl``: each record's
 ``text``; ``.parquet``: the ``text`` column) or from a prepared directory (``enigma data
-prepare``'s), whose test split is read as the token stream it was packed from.
+prepare``'s), whose test split is read as the token stream it was packed from; either may be
+named by a storage URI.
 """
 
 from __future__ import annotations
@@ -57,15 +58,21 @@ def read_documents(path: str) -> list[str]:
 def token_stream(source: str, tokenizer) -> np.ndarray:
     """The text of ``source`` as one stream of token ids, [SEP] before the first document and
     after each."""
-    from ..data.prepare import NORMALIZE
+    from ..data.sources import normalize
 
     sep = tokenizer.sep_token_id
-    if Path(source).is_dir():
+    if "://" in source:  # a prepared directory in a bucket is read there; a file, mirrored
+        from ..data.shards import has_manifest
+        from ..storage.mirror import local_file
+
+        if not has_manifest(source):
+            source = local_file(source, "--perplexity")
+    if "://" in source or Path(source).is_dir():
         from ..data.shards import read_blocks
 
         blocks = read_blocks(source, "test")
         return np.concatenate([[sep], blocks.reshape(-1)]).astype(np.int64)
-    docs = [d.strip().translate(NORMALIZE) for d in read_documents(source)]
+    docs = [normalize(d) for d in read_documents(source)]
     stream = [sep]
     for ids in tokenizer(docs, add_special_tokens=False).input_ids:
         stream += ids + [sep]
