@@ -272,10 +272,24 @@ def section_train(r: dict) -> tuple[str, list[str]]:
 
 def section_data_scale(r: dict) -> tuple[str, list[str]]:
     title = f"`enigma data prepare` at scale (`enigma bench data-scale`, seq {r['seq_len']})"
-    rows = [[f"{r['corpus_mb']:.0f} MB", f"{r['wall_seconds']:.1f}", f"{r['mb_per_sec_wall']:.2f}",
-             f"{r['mb_per_sec_pipeline']:.2f}", f"{r['peak_rss_mb']:,.0f}",
-             f"{r['peak_pss_mb']:,.0f}"]]  # fmt: skip
-    head = ["corpus", "wall s", "MB/s wall", "MB/s pipeline", "peak RSS sum MB", "peak PSS sum MB"]
+    if "tokenizer_limit_mb_per_sec" not in r:  # before the tasks wrote their own shards
+        rows = [[f"{r['corpus_mb']:.0f} MB", f"{r['wall_seconds']:.1f}",
+                 f"{r['mb_per_sec_wall']:.2f}", f"{r['mb_per_sec_pipeline']:.2f}",
+                 f"{r['peak_rss_mb']:,.0f}", f"{r['peak_pss_mb']:,.0f}"]]  # fmt: skip
+        head = ["corpus", "wall s", "MB/s wall", "MB/s pipeline", "peak RSS sum MB",
+                "peak PSS sum MB"]  # fmt: skip
+        return title, table(head, rows)
+    head = ["corpus", "units", "wall s", "MB/s wall", "MB/s after start-up",
+            "tokenizer's limit MB/s", "ratio wall / after start-up", "driver CPU share",
+            "peak RSS / PSS sum MB", "shard bytes a token"]  # fmt: skip
+    rows = [[f"{r['corpus_mb']:.0f} MB", str(r["units"]), f"{r['wall_seconds']:.1f}",
+             f"{r['mb_per_sec_wall']:.2f}", f"{r['mb_per_sec_pipeline']:.2f}",
+             f"{r['tokenizer_limit_mb_per_sec']:.2f} ({r['tokenizer_mb_per_sec_per_core']:.2f} "
+             f"a core x {r['cpus']})", f"{r['ratio_wall']:.2f} / {r['ratio_pipeline']:.2f}",
+             f"{100 * r['driver_share']:.2f} % ({r['driver_cpu_seconds']:.1f} s of "
+             f"{r['task_cpu_seconds']:.0f} s)",
+             f"{r['peak_rss_mb']:,.0f} / {r['peak_pss_mb']:,.0f}",
+             f"{r['shard_bytes_per_token']:.3f} ({r['ids_dtype']})"]]  # fmt: skip
     return title, table(head, rows)
 
 
