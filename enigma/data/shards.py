@@ -36,6 +36,7 @@ from .sources import DataError
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
+READERS = 4  # shard-reading tasks in flight per split
 
 
 class ShardWriter:
@@ -228,7 +229,12 @@ def load_split(
     if not refs:
         raise DataError(f"split {split!r} of {directory} has no blocks; use a larger corpus")
     files = ray.data.from_items(refs)
-    return files.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0)
+    # Zero-CPU tasks have no resource to bound them: without a pool, one worker process starts
+    # per shard at once (a hundred small shards on a 2-CPU cluster: a hundred processes). A
+    # shard's read is cheap next to a training step; a few at a time keep up.
+    pool = ray.data.TaskPoolStrategy(size=READERS)
+    return files.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                             compute=pool)  # fmt: skip
 
 
 def _read_shards(batch: pa.Table) -> pa.Table:
