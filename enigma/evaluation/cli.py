@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated")
     what.add_argument("--perplexity", metavar="SOURCE",
                       help="a .txt, .jsonl or .parquet file, or a prepared data directory "
-                      "(its test split)")  # fmt: skip
+                      "(its test split), or either at a storage URI")  # fmt: skip
     p.add_argument("--include-path", default=None, help="a directory of local task YAML files")
     p.add_argument("--limit", type=float, default=None, help="rows per task (a count or share)")
     p.add_argument("--num-fewshot", type=int, default=None)
@@ -102,7 +102,7 @@ def check(args: argparse.Namespace) -> None:
     local = [local_model(model, "eval") for model in args.models]
     for model in local:
         check_saved_model(model)
-    if args.perplexity and not Path(args.perplexity).exists():
+    if args.perplexity and "://" not in args.perplexity and not Path(args.perplexity).exists():
         raise InputError(f"--perplexity {args.perplexity} does not exist")
     if args.perplexity:
         if not all(m.strip().isdigit() and int(m) > 0 for m in args.lengths.split(",")):

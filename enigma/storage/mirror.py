@@ -71,6 +71,28 @@ def local_model(path: str, flag: str = "--model") -> str:
     return str(_mirror(storage, name, listing))
 
 
+def local_file(path: str, flag: str) -> str:
+    """``path`` itself when it is local; for a storage URI, this node's mirror of that one file
+    (keyed by its URI, size and modification time; fetched once, like a model)."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(path):
+        return path
+    given = Storage.at(path, flag)
+    root, _, name = given.root.rpartition("/")
+    storage = Storage(root, given.query)
+    fs, where = given.filesystem()
+    try:
+        info = fs.get_file_info(where)
+    except OSError as err:  # no bucket, no credentials, no route
+        raise InputError(f"{flag} {path} cannot be read from here ({err}); check the bucket and "
+                         "the AWS_* variables (endpoint and credentials)") from None  # fmt: skip
+    if info.type != pafs.FileType.File:
+        raise InputError(f"{flag} {path} does not exist")
+    listing = {name: (info.size, info.mtime_ns or 0)}
+    return str(_mirror(storage, "", listing, source=path) / name)
+
+
 def _subdirectories(storage: Storage, name: str) -> list[str]:
     import pyarrow.fs as pafs
 
@@ -128,12 +150,15 @@ def _recorded(storage: Storage, name: str, listing: dict) -> dict | None:
     return sums
 
 
-def _mirror(storage: Storage, name: str, listing: dict) -> Path:
+def _mirror(storage: Storage, name: str, listing: dict, source: str = "") -> Path:
+    """``source``: the URI of the one file mirrored (part of the key, and what notes name)."""
     sums = _recorded(storage, name, listing)
     if sums:
         content = {"recorded": sums, "listed": {f: v[0] for f, v in listing.items()}}
     else:
         content = {f: list(v) for f, v in listing.items()}
+    if source:
+        content = {"content": content, "from": source.partition("?")[0]}
     key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
     models = cache_root() / "models"
     target = models / key
@@ -164,7 +189,7 @@ def _mirror(storage: Storage, name: str, listing: dict) -> Path:
         os.replace(partial, target)
         fsync_dir(models)
     size = sum(v[0] for v in listing.values())
-    print(f"note: {storage.uri(name)} fetched into {target} ({len(listing)} files, "
+    print(f"note: {source or storage.uri(name)} fetched into {target} ({len(listing)} files, "
           f"{size / 2**20:.1f} MiB, {time.perf_counter() - start:.1f} s)", file=sys.stderr,
           flush=True)  # fmt: skip
     return target

@@ -83,7 +83,7 @@ class Storage:
         return is_uri(self.root)
 
     def uri(self, *parts: str) -> str:
-        path = "/".join([self.root, *parts])
+        path = "/".join([self.root, *(p for p in parts if p)])
         return f"{path}?{self.query}" if self.query else path
 
     def __str__(self) -> str:

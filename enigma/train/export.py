@@ -274,8 +274,8 @@ def write_model_dir(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="an `enigma train` output directory")
-    p.add_argument("out", help="the directory to write (replaced whole if it exists)")
+    p.add_argument("run_dir", help="an `enigma train` output directory, or its --storage-path")
+    p.add_argument("out", help="the directory to write (replaced whole if it exists), or a URI")
     p.add_argument(
         "--step",
         default="best",
@@ -300,11 +300,53 @@ def consolidated_weights(checkpoint: Path) -> dict:
 
 def export_run(run_dir: str, out: str, step: str = "best") -> dict:
     """Write ``out`` from a run's best model or one of its checkpoints, holding ``out``'s lock
-    throughout; returns what was used."""
+    throughout; returns what was used. Either may be a storage URI: a run there is read from a
+    copy of what the export needs (never written); an ``out`` there is built here and put in
+    place as a run's export is (:meth:`Storage.replace_model`), under its parent's lock."""
     from ..storage.atomic import model_lock
+    from ..storage.store import Storage
 
-    with model_lock(Path(out), "enigma export"):
-        return _export_locked(Path(run_dir), out, step)
+    with tempfile.TemporaryDirectory(prefix="enigma-export-run-") as tmp:
+        run = _fetched_run(run_dir, step, Path(tmp)) if "://" in run_dir else Path(run_dir)
+        if "://" not in out:
+            with model_lock(Path(out), "enigma export"):
+                return _export_locked(run, out, step)
+        given = Storage.at(out, "out")
+        root, _, name = given.root.rpartition("/")
+        parent = Storage(root, given.query)
+        parent.check("out")
+        with parent.lock("enigma export"):
+            done = _export_locked(run, str(Path(tmp) / "out"), step)
+            parent.replace_model(Path(tmp) / "out", name)
+        return {**done, "out": out}
+
+
+def _fetched_run(run_dir: str, step: str, tmp: Path) -> Path:
+    """The part of a run at a URI that an export of ``step`` reads, laid out as the run is:
+    every kept checkpoint's state files, the chosen checkpoint whole, the exported model."""
+    import pyarrow.fs as pafs
+
+    from ..storage.mirror import local_model
+    from ..storage.store import CHECKPOINT_PARTS, Storage
+
+    storage, run = Storage.at(run_dir, "run_dir"), tmp / "run"
+    steps = [d for d in storage.list_dirs(*CHECKPOINT_PARTS) if d.startswith("step-")]
+    numbers = {int(d.split("-")[1]): d for d in steps if d.split("-")[1].isdigit()}
+    chosen = max(numbers) if step == "latest" else int(step) if step.isdigit() else None
+    for number, name in numbers.items():
+        fs, where = storage.filesystem(*CHECKPOINT_PARTS, name)
+        local = run.joinpath(*CHECKPOINT_PARTS, name)
+        local.mkdir(parents=True)
+        if number == chosen:
+            pafs.copy_files(where, str(local), source_filesystem=fs)
+            continue
+        for small in (RUN_FILE, STATE_FILE):
+            if fs.get_file_info(f"{where}/{small}").is_file:
+                pafs.copy_files(f"{where}/{small}", str(local / small), source_filesystem=fs)
+    if storage.read_text("model", "config.json") or storage.read_text(".model.next",
+                                                                        "config.json"):  # fmt: skip
+        shutil.copytree(local_model(storage.uri("model"), "run_dir"), run / "model")
+    return run
 
 
 def _export_locked(run: Path, out: str, step: str) -> dict:

@@ -34,7 +34,8 @@ DEFAULTS = ["lr=2e-4", "warmup_ratio=0.03", "max_epochs=3", "micro_batch=8", "gr
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="a saved model or an `enigma train` output dir, or a URI")  # fmt: skip
-    p.add_argument("--data", required=True, help="rows to learn from: FILE.jsonl or FILE.parquet")
+    p.add_argument("--data", required=True,
+                   help="rows to learn from: FILE.jsonl or FILE.parquet, or its URI")  # fmt: skip
     p.add_argument("--val", default=None, help="held-out rows (default: 5 %% of --data)")
     p.add_argument("--output-dir", required=True, help="OUT: adapter/, model/, checkpoints")
     group = p.add_mutually_exclusive_group()
@@ -60,6 +61,12 @@ def base_model(given: str) -> str:
     return str(base_model_dir(given))
 
 
+def _rows(path: str) -> str:
+    """A rows file as the run records it: absolute, or its storage URI (mirrored where the
+    rows are tokenized)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def config_from_args(args: argparse.Namespace):
     from .config import build_config
 
@@ -70,8 +77,8 @@ def config_from_args(args: argparse.Namespace):
     out = Path(args.output_dir).resolve()
     cfg = build_config(
         None, None, [*DEFAULTS, *args.sets],
-        base_model=base_model(args.model), conversations=str(Path(args.data).resolve()),
-        val_data=str(Path(args.val).resolve()) if args.val else None, full=args.full or None,
+        base_model=base_model(args.model), conversations=_rows(args.data),
+        val_data=_rows(args.val) if args.val else None, full=args.full or None,
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, ds_config=args.ds_config,
         storage_path=args.storage_path, max_steps=args.max_steps, output_dir=str(out),

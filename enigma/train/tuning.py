@@ -91,7 +91,10 @@ def prepare_data(cfg) -> None:
     when ``cfg.data`` already holds exactly that)."""
     from ..data.conversations import prepare_conversations
     from ..data.tokenizer import load_tokenizer
+    from ..storage.mirror import local_file
 
     tokenizer = load_tokenizer(str(base_model_dir(cfg.base_model)), quiet=True)
-    prepare_conversations(cfg.conversations, Path(cfg.data), tokenizer, cfg.resolved_seq_len,
-                          cfg.val_fraction, cfg.val_data, cfg.seed)  # fmt: skip
+    rows = local_file(cfg.conversations, "--data")
+    val = local_file(cfg.val_data, "--val") if cfg.val_data else cfg.val_data
+    prepare_conversations(rows, Path(cfg.data), tokenizer, cfg.resolved_seq_len,
+                          cfg.val_fraction, val, cfg.seed)  # fmt: skip
