@@ -140,6 +140,26 @@ def test_rerun_is_up_to_date_and_another_recipe_needs_force(sanguo, capsys):
         prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
 
 
+def test_a_seeded_split_reads_shards_and_blocks_in_the_same_shuffled_order_each_time(sanguo):
+    """``seed``: every block once, not in the written order, the same order for the same seed
+    (what a resumed run reads again), another for another seed."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # as training
+    out, manifest = sanguo
+    rows = lambda seed: [
+        tuple(r["input_ids"][:8])
+        for r in load_split(
+            out,
+            "train",  # noqa: E731
+            seed=seed,
+        ).take_all()
+    ]
+    written, first, again, other = rows(None), rows(1), rows(1), rows(2)
+    assert first == again and first != written and first != other
+    assert sorted(first) == sorted(written) and len(first) == manifest["splits"]["train"]["blocks"]
+
+
 def test_load_split_streams_verified_shards(sanguo):
     out, manifest = sanguo
     ds = load_split(out, "val", seq_len=128)

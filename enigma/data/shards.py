@@ -216,9 +216,13 @@ def load_split(
     seq_len: int | None = None,
     vocab_hash: str | None = None,
     verify: bool = True,
+    seed: int | None = None,
 ):
     """A ``ray.data.Dataset`` of the split's rows (``input_ids``; fine-tuning data also has
-    ``labels`` and ``attention_mask``), for ``get_dataset_shard`` streaming.
+    ``labels`` and ``attention_mask``), for ``get_dataset_shard`` streaming. ``seed``: the
+    shards in a seeded order and each shard's blocks in a seeded order of their own (the same
+    for every epoch and every resume of a run; the trainer's local buffer reshuffles each
+    epoch), so a run does not walk the corpus in the order it was written.
 
     The dataset is the list of shard paths, each read by a zero-CPU task: training workers usually
     hold every CPU, and ``read_parquet``'s file-listing task, which always asks for a whole CPU,
@@ -228,6 +232,9 @@ def load_split(
     _, refs = shard_paths(directory, split, seq_len, vocab_hash, verify)
     if not refs:
         raise DataError(f"split {split!r} of {directory} has no blocks; use a larger corpus")
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(len(refs))
+        refs = [{**refs[i], "seed": [seed, int(i)]} for i in order]
     files = ray.data.from_items(refs)
     # Zero-CPU tasks have no resource to bound them: without a pool, one worker process starts
     # per shard at once (a hundred small shards on a 2-CPU cluster: a hundred processes). A
@@ -259,6 +266,8 @@ def read_shard(ref: dict, widen: bool = True) -> pa.Table:
             "`enigma data prepare --force`"
         )
     table = pq.read_table(pa.BufferReader(data))
+    if ref.get("seed") is not None:  # [run seed, the shard's place in the manifest]
+        table = table.take(np.random.default_rng(ref["seed"]).permutation(table.num_rows))
     return as_int32(table) if widen else table
 
 

@@ -219,7 +219,7 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={
-            "train": load_split(spec.data_dir, "train", verify=True),
+            "train": load_split(spec.data_dir, "train", verify=True, seed=cfg.seed),
             "val": load_split(spec.data_dir, "val", verify=True),
         },
         dataset_config=DataConfig(
