@@ -115,18 +115,10 @@ def tokenizer_limit(corpus: Path, megabytes: float) -> dict:
     return rates
 
 
-def run(args: argparse.Namespace) -> dict:
-    import os
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="enigma-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
-    corpus = work / "corpus.txt"
-    size = write_corpus(corpus, args.mb)
-    # Timed before and after the prepare, and averaged: a shared machine's speed drifts.
-    before = tokenizer_limit(corpus, min(args.probe_mb, args.mb))
-    cpus = os.cpu_count() or 1
+def prepare_sampled(corpus: Path, out: Path, seq_len: int) -> tuple[TreeSampler, float]:
+    """``enigma data prepare`` of ``corpus`` in a child process, its tree sampled; seconds."""
     cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", f"--source=text:{corpus}"]
-    cmd += ["--out", str(work / "shards"), "--seq-len", str(args.seq_len), "--force"]
+    cmd += ["--out", str(out), "--seq-len", str(seq_len), "--force"]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tree, readings = TreeSampler(child.pid), 0
@@ -138,6 +130,20 @@ def run(args: argparse.Namespace) -> dict:
     output = child.stdout.read()
     if child.returncode != 0:
         raise RuntimeError(f"prepare failed:\n{output[-2000:]}")
+    return tree, seconds
+
+
+def run(args: argparse.Namespace) -> dict:
+    import os
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="enigma-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.txt"
+    size = write_corpus(corpus, args.mb)
+    # Timed before and after the prepare, and averaged: a shared machine's speed drifts.
+    before = tokenizer_limit(corpus, min(args.probe_mb, args.mb))
+    cpus = os.cpu_count() or 1
+    tree, seconds = prepare_sampled(corpus, work / "shards", args.seq_len)
     manifest = json.loads((work / "shards" / "manifest.json").read_text())
     after = tokenizer_limit(corpus, min(args.probe_mb, args.mb))
     per_core = (before["encode_batch"] + after["encode_batch"]) / 2
