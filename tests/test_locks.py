@@ -160,6 +160,50 @@ def test_another_hosts_lease_on_shared_storage_is_refused_while_renewed_then_tak
     assert "from enigma train (pid 7 on node-b" in out and "not renewed for 1 s" in out
 
 
+def test_unlock_touches_lock_records_only(tmp_path, capsys):
+    """A file not named like a lock, or named like one but holding something else, is refused
+    at once and left as it is (no term watched, nothing deleted)."""
+    from enigma.cli import main
+
+    run_json = tmp_path / "run.json"
+    run_json.write_text('{"steps": 10}')
+    assert main(["unlock", str(run_json)]) == 2
+    assert "is not a lock" in capsys.readouterr().err and run_json.is_file()
+    impostor = tmp_path / ".model.lock"
+    impostor.write_text('{"steps": 10}')
+    assert main(["unlock", str(impostor)]) == 2
+    assert "does not hold a lock's record" in capsys.readouterr().err and impostor.is_file()
+
+
+def test_a_share_mounted_at_a_path_with_a_space_is_judged_a_share():
+    """/proc/mounts writes a space in a mount point as \\040: decoded, a lock under
+    `/mnt/shared runs` is on NFS (judged by its lease), not on the root's ext4."""
+    from enigma.storage.locks import mount_kind
+
+    mounts = "/dev/vda / ext4 rw 0 0\nsrv:/e /mnt/shared\\040runs nfs4 rw,vers=4.2 0 0\n"
+    assert mount_kind("/mnt/shared runs/out/.lock", mounts) == "nfs4"
+    assert mount_kind("/mnt/shared/out/.lock", mounts) == "ext4"
+
+
+def test_leftovers_of_one_output_are_told_apart_from_anothers(tmp_path):
+    """What a killed replacement of ``best`` left is matched by the name itself, not a glob:
+    ``best.old-2024``'s copy set aside, and the staging directory of ``m5`` for an output
+    called ``m[0-9]``, are not ``best``'s or ``m[0-9]``'s to restore or remove."""
+    from enigma.storage.atomic import remove_leftovers, staging_dir
+
+    (tmp_path / ".best.old-2024.old-77").mkdir()  # set aside by a swap of best.old-2024
+    remove_leftovers(tmp_path / "best")
+    assert not (tmp_path / "best").exists(), "another output's copy was not restored as best"
+    assert (tmp_path / ".best.old-2024.old-77").is_dir()
+    others = staging_dir(tmp_path / "m5")
+    mine = staging_dir(tmp_path / "m[0-9]")
+    remove_leftovers(tmp_path / "m[0-9]")
+    assert others.is_dir() and not mine.exists()
+    (tmp_path / ".best.old-31").mkdir()  # best's own copy, set aside by its killed swap
+    remove_leftovers(tmp_path / "best")
+    assert (tmp_path / "best").is_dir(), "its own copy is put back"
+
+
 def test_unlock_refuses_a_live_holder_and_removes_a_dead_ones_lock(tmp_path, capsys):
     from enigma.cli import main
 

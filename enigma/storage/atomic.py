@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,8 +85,18 @@ def staging_dir(out: Path, label: str = "staging") -> Path:
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{label}-"))
 
 
+def _siblings(out: Path, label: str, suffix: str) -> list[Path]:
+    """``out``'s own ``.NAME.LABEL-SUFFIX`` siblings, ``out``'s name matched literally: a glob
+    built from it would read ``m[0-9]`` as a pattern, and ``.best.old-*`` would also match what
+    a replacement of ``best.old-2024`` set aside (``.best.old-2024.old-PID``)."""
+    own = re.compile(rf"\.{re.escape(out.name)}\.{re.escape(label)}-{suffix}")
+    if not out.parent.is_dir():
+        return []
+    return [p for p in out.parent.iterdir() if own.fullmatch(p.name)]
+
+
 def _set_aside(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return sorted(_siblings(out, "old", r"\d+"), key=lambda p: p.stat().st_mtime)
 
 
 def recover(out: Path) -> bool:
@@ -134,7 +145,8 @@ def remove_leftovers(out: Path, label: str = "staging") -> None:
     (:func:`recover`), then staging directories and copies set aside are removed. Call under the
     lock of ``out``."""
     recover(out)
-    for stale in [*out.parent.glob(f".{out.name}.{label}-*"), *_set_aside(out)]:
+    # mkdtemp's suffix: eight of [a-z0-9_]
+    for stale in [*_siblings(out, label, "[a-z0-9_]{8}"), *_set_aside(out)]:
         shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -35,6 +35,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -176,16 +177,25 @@ def shared_file_system(path: Path) -> bool:
     """Whether ``path`` may lie on a file system other hosts mount too: any but the local
     kinds this knows (:data:`LOCAL_FILE_SYSTEMS`)."""
     try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
+        mounts = Path("/proc/mounts").read_text()
     except OSError:
         return True  # unknown: judge it as shared, the careful way
-    target, best, kind = str(path.resolve()), "", ""
-    for line in mounts:
+    return mount_kind(str(path.resolve()), mounts) not in LOCAL_FILE_SYSTEMS
+
+
+def mount_kind(target: str, mounts: str) -> str:
+    """The file system type of the longest mount point holding ``target``, from the text of
+    ``/proc/mounts`` (which writes a space in a mount point as ``\\040``, a tab ``\\011``, a
+    backslash ``\\134``); "" when none does."""
+    best, kind = "", ""
+    for line in mounts.splitlines():
         fields = line.split()
-        if len(fields) >= 3 and target.startswith(fields[1].rstrip("/") + "/") and len(
-                fields[1]) >= len(best):  # fmt: skip
-            best, kind = fields[1], fields[2]
-    return kind not in LOCAL_FILE_SYSTEMS
+        if len(fields) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        if target.startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
 
 
 def watch_lease(read, term_s: float, poll_s: float | None = None) -> str:

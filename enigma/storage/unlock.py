@@ -29,6 +29,11 @@ def unlock_local(path: Path) -> tuple[dict | None, bool]:
     whether its holder released it meanwhile."""
     if not path.is_file():
         raise InputError(f"{path} does not exist: nothing to unlock")
+    if not path.name.endswith(".lock"):
+        raise InputError(
+            f"{path} is not a lock (`.lock` in an output directory, or "
+            "`.NAME.lock` beside a model); name the directory or its lock"
+        )
     fd = os.open(path, os.O_RDWR)
     try:
         try:
@@ -47,6 +52,7 @@ def unlock_local(path: Path) -> tuple[dict | None, bool]:
                 return None
 
         record = read()
+        _refuse_other_files(record, path.read_bytes(), str(path))
         released = _refuse_if_renewed(read, record, str(path))
         if not released:
             path.unlink(missing_ok=True)
@@ -76,6 +82,7 @@ def unlock_object(uri: str, shown: str) -> tuple[dict | None, bool]:
         if found is None:
             raise InputError(f"{lock.path} does not exist: nothing to unlock")
         record = _parse(found)
+        _refuse_other_files(record, found, shown)
         released = _refuse_if_renewed(read, record, shown)
         if not released:
             fs.delete_file(path)
@@ -88,10 +95,19 @@ def unlock_object(uri: str, shown: str) -> tuple[dict | None, bool]:
         record, etag = lock._current(client)
         if etag is None:
             raise InputError(f"{lock.path} does not exist: nothing to unlock")
+        _refuse_other_files(record, b"?" if record is None else b"", shown)  # always written
         released = _refuse_if_renewed(lambda: lock._current(client)[1], record, shown)
         if not released:
             client.delete_object(Bucket=lock.bucket, Key=lock.key, IfMatch=etag)
     return record, released
+
+
+def _refuse_other_files(record: dict | None, raw: bytes, shown: str) -> None:
+    """Only a lock's record is ever deleted: one with a holder's token, or an empty file (a lock
+    created and never written). Anything else named like a lock is refused, untouched."""
+    if (record is None and raw.strip()) or (record is not None and "token" not in record):
+        raise InputError(f"{shown} does not hold a lock's record (no holder's token in it); "
+                         "left as it is")  # fmt: skip
 
 
 def _refuse_if_renewed(read, record: dict | None, shown: str) -> bool:
