@@ -153,7 +153,7 @@ def test_a_kill_inside_the_model_swap_on_s3_leaves_a_model_that_loads(
 ):
     """The new model is uploaded beside the old one, then copied in over it: killed after any
     step, a reader (which completes an interrupted swap) loads a whole model, the old or the
-    new, and the next export goes through."""
+    new, with no file of the old one left beside the new, and the next export goes through."""
     import torch
 
     from enigma import EnigmaConfig, EnigmaLM
@@ -166,6 +166,7 @@ def test_a_kill_inside_the_model_swap_on_s3_leaves_a_model_that_loads(
         torch.manual_seed(len(version))
         made[version] = EnigmaLM(EnigmaConfig.from_preset("tiny", d=32, num_heads=2))
         made[version].save_pretrained(tmp_path / version)
+    (tmp_path / "old" / "only-the-old-model-has-it.bin").write_bytes(b"stale")
     storage.replace_model(tmp_path / "old", "model")
     storage.replace_model(tmp_path / "new", "model", stop_after=killed_after)
     assert storage.download(tmp_path / "read", "model")
@@ -174,6 +175,10 @@ def test_a_kill_inside_the_model_swap_on_s3_leaves_a_model_that_loads(
     assert any(torch.equal(weights, m.embed.weight) for m in made.values()), "a whole model"
     if killed_after != "upload":  # the old model was emptied: the reader finished the swap
         assert torch.equal(weights, made["new"].embed.weight)
+        held = {
+            k.rsplit("/", 1)[1] for k in keys(bucket, f"swap-{killed_after}/model/") if k[-1] != "/"
+        }
+        assert held == {f.name for f in (tmp_path / "new").iterdir()}, "none of the old's files"
     prefix = f"swap-{killed_after}/"
     assert not keys(bucket, f"{prefix}.model.next/"), "the copy beside is gone once read"
     storage.replace_model(tmp_path / "new", "model")

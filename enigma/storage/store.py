@@ -271,6 +271,9 @@ class Storage:
 
         whole, current = marked(beside), marked(path)
         if whole and not current:
+            # Emptied first: files of the old model that the new one lacks (one
+            # model.safetensors where the new has shards) would otherwise stay, and load first.
+            fs.delete_dir_contents(path, missing_dir_ok=True)
             self._finish_swap(fs, beside, path)
             print(f"note: {self.uri(name)} was completed from the copy an interrupted export "
                   "left beside it", flush=True)  # fmt: skip
