@@ -61,6 +61,7 @@ class TrainConfig:
     log_steps: int = 10
     grad_clip: float = 1.0
     shuffle_buffer: int = 256  # blocks, per worker
+    shuffle_shards: bool = True  # train shards and their blocks in an order drawn from seed
     # Recompute the standard layers in backward: "auto" (when a micro-batch's activations would
     # take over half the worker's free memory; enigma.train.checkpointing), "on", "off";
     # reversible layers need none.

@@ -219,7 +219,9 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={
-            "train": load_split(spec.data_dir, "train", verify=True, seed=cfg.seed),
+            "train": load_split(
+                spec.data_dir, "train", verify=True, seed=cfg.seed if cfg.shuffle_shards else None
+            ),  # fmt: skip
             "val": load_split(spec.data_dir, "val", verify=True),
         },
         dataset_config=DataConfig(

@@ -39,7 +39,14 @@ RUN_KNOBS = {
     "bos_token_id",
     "eos_token_id",
 }
-DATA_ORDER_KEYS = ("micro_batch", "grad_accum", "seed", "shuffle_buffer")
+DATA_ORDER_KEYS = ("micro_batch", "grad_accum", "seed", "shuffle_buffer", "shuffle_shards")
+# What a checkpoint written before a key existed ran with: its shards in the written order.
+ORDER_BEFORE = {"shuffle_shards": False}
+# The prepared tokens' identity: the recipe and the counts, not where or when they were made
+# (the source's path and mtimes, the shards' bytes), so the same corpus prepared on another
+# machine is the same data.
+DATA_IDENTITY = ("format", "seq_len", "normalization", "dedup", "val_fraction", "test_fraction",
+                 "kind", "chat_template", "seed", "source_sha256")  # fmt: skip
 
 
 def fingerprint(
@@ -52,14 +59,31 @@ def fingerprint(
 
     values = model_config.to_dict()
     model = {k: values[k] for k in MODEL_KEYS if k in values}
-    data = {k: v for k, v in manifest.items() if k not in ("created", "seconds")}
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-    stamp = {"model": model, "data": digest[:16], "world_size": world_size}
+    stamp = {"model": model, "data": _digest(data_identity(manifest)), "world_size": world_size}
+    # what checkpoints written before the identity recorded: the whole manifest but its times
+    stamp["data_before"] = _digest({k: v for k, v in manifest.items()
+                                    if k not in ("created", "seconds")})  # fmt: skip
     stamp["data_order"] = {k: data_order[k] for k in DATA_ORDER_KEYS}
     if tuned:
         stamp["model"]["finetune"] = tuned
     # As JSON would give it back, so a saved fingerprint compares equal to a fresh one.
     return json.loads(json.dumps(stamp))
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_identity(manifest: dict) -> dict:
+    """The manifest's recipe (tokenizer by its vocabulary) and every split's counts."""
+    identity = {k: manifest.get(k) for k in DATA_IDENTITY}
+    identity["vocab_hash"] = manifest.get("tokenizer", {}).get("vocab_hash")
+    counts = ("documents", "tokens", "separators", "blocks", "dropped_tokens", "assistant_tokens",
+              "too_long")  # fmt: skip
+    splits = manifest.get("splits")
+    identity["splits"] = {split: {k: s.get(k) for k in counts} for split, s in splits.items()
+                          } if isinstance(splits, dict) else splits  # fmt: skip
+    return identity
 
 
 def mismatch(saved: dict | None, current: dict) -> str | None:
@@ -75,7 +99,7 @@ def compare(saved: dict | None, current: dict) -> tuple[str | None, list[str]]:
     refused, accepted = _model_differences(saved.get("model", {}), current["model"])
     if refused:
         return f"its model differs ({', '.join(refused[:4])})", accepted
-    if saved.get("data") != current["data"]:
+    if saved.get("data") not in (current["data"], current.get("data_before")):
         return "it was trained on other data (the data manifest differs)", accepted
     if saved.get("world_size") != current["world_size"]:
         return (
@@ -85,10 +109,11 @@ def compare(saved: dict | None, current: dict) -> tuple[str | None, list[str]]:
         ), accepted
     order_a, order_b = saved.get("data_order"), current["data_order"]
     for key in DATA_ORDER_KEYS if order_a else ():
-        if order_a.get(key) != order_b[key]:
+        was = order_a.get(key, ORDER_BEFORE.get(key))
+        if was != order_b[key]:
             return (
-                f"{key} {order_a.get(key)!r} -> {order_b[key]!r} would change the order of the "
-                f"data, repeating or skipping some; resume with --set {key}={order_a.get(key)}"
+                f"{key} {was!r} -> {order_b[key]!r} would change the order of the data, "
+                f"repeating or skipping some; resume with --set {key}={was}"
             ), accepted
     return None, accepted
 
