@@ -232,11 +232,12 @@ def test_a_killed_prepare_leaves_no_manifest_and_resumes_to_the_same_shards(ray_
     big = [f"{i} " + "话说天下大势，分久必合，合久必分。" * 100 for i in range(400)]
     small = [[f"第{g}卷{i} 滚滚长江东逝水。" * 8 for i in range(60)] for g in range(6)]
     _row_groups(tmp_path / "c.parquet", [big, *small])
-    source = Source.parse(f"parquet:{tmp_path}/c.parquet")
+    source = Source.parse(f"parquet:{tmp_path}/c.parquet", unit_mb=0.001)  # a group a unit
     whole = prepare(source, tmp_path / "whole", seq_len=32, progress=False)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "enigma.cli", "data", "prepare", "--seq-len", "32",
-           f"--source=parquet:{tmp_path}/c.parquet", "--out", str(tmp_path / "cut")]  # fmt: skip
+           f"--source=parquet:{tmp_path}/c.parquet", "--out", str(tmp_path / "cut"),
+           "--unit-mb", "0.001"]  # fmt: skip
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     records = tmp_path / ".cut.prepare" / ".prepare"
     deadline = time.monotonic() + 120
@@ -264,7 +265,7 @@ def test_exact_duplicates_are_left_out_across_units_and_counted(ray_cluster, tmp
     copies = [docs[3], "  " + docs[4].replace(" ", " \t  "), docs[5].replace("。", "…")]
     docs[5] = docs[5].replace("。", "...")  # the same after normalization
     _row_groups(tmp_path / "d.parquet", [docs[:20] + [docs[0]], docs[20:] + copies])
-    source = Source.parse(f"parquet:{tmp_path}/d.parquet")
+    source = Source.parse(f"parquet:{tmp_path}/d.parquet", unit_mb=0.0001)  # a group a unit
     m = prepare(source, tmp_path / "dedup", seq_len=16, progress=False)
     assert m["duplicates"] == 4 and m["units"] == 2
     assert sum(s["documents"] for s in m["splits"].values()) == 30
@@ -272,9 +273,30 @@ def test_exact_duplicates_are_left_out_across_units_and_counted(ray_cluster, tmp
     assert "4 documents left out" in capsys.readouterr().out
     kept = prepare(source, tmp_path / "all", seq_len=16, progress=False, dedup=False)
     assert kept["duplicates"] == 0 and sum(s["documents"] for s in kept["splits"].values()) == 34
-    capped = Source.parse(f"parquet:{tmp_path}/d.parquet", max_docs=25)
+    capped = Source.parse(f"parquet:{tmp_path}/d.parquet", max_docs=25, unit_mb=0.0001)
     m = prepare(capped, tmp_path / "capped", seq_len=16, progress=False)
     assert sum(s["documents"] for s in m["splits"].values()) == 25 and m["duplicates"] == 1
+
+
+def test_small_files_share_a_unit_and_max_docs_reads_no_further(ray_cluster, tmp_path):
+    """Thirty small files make one unit (not thirty, each dropping its last partial blocks);
+    --max-docs stops hashing once it has enough: a later unit that would fail is never read."""
+    files = tmp_path / "small"
+    files.mkdir()
+    for i in range(30):
+        (files / f"{i:02d}.txt").write_text(f"第{i}回 话说天下大势，分久必合，合久必分。\n")
+    m = prepare(Source.parse(f"text:{files}"), tmp_path / "one", seq_len=8, progress=False)
+    assert m["units"] == 1 and sum(s["documents"] for s in m["splits"].values()) == 30
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text("".join(json.dumps({"text": f"{i}号"}) + "\n"
+                                                    for i in range(10)))  # fmt: skip
+    (tmp_path / "j" / "b.jsonl").write_text("not json\n" * 10)
+    source = Source.parse(f"jsonl:{tmp_path}/j", max_docs=5, unit_mb=0.0001)
+    m = prepare(source, tmp_path / "five", seq_len=8, progress=False)
+    assert sum(s["documents"] for s in m["splits"].values()) == 5
+    with pytest.raises(DataError, match="a line is not JSON"):
+        prepare(Source.parse(f"jsonl:{tmp_path}/j", unit_mb=0.0001), tmp_path / "all",
+                seq_len=8, progress=False)  # fmt: skip
 
 
 def test_hf_source_streams_a_local_dataset_one_unit_per_shard(ray_cluster, tmp_path):

@@ -19,6 +19,8 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.05)
     p.add_argument("--text-column", default="text", help="for parquet and hf sources")
     p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--unit-mb", type=float, default=None,
+                   help="text one task reads (4; small files are joined up to it)")  # fmt: skip
     p.add_argument("--tokenizer", default=None, help="a local tokenizer directory")
     p.add_argument("--shard-blocks", type=int, default=8192, help="blocks per parquet shard")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
@@ -30,7 +32,7 @@ def prepare(args: argparse.Namespace) -> dict:
     from .prepare import prepare as run_prepare
     from .sources import Source
 
-    source = Source.parse(args.source, args.text_column, args.max_docs)
+    source = Source.parse(args.source, args.text_column, args.max_docs, args.unit_mb)
     return run_prepare(
         source,
         args.out,

@@ -24,6 +24,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import closing
 from itertools import chain
 from pathlib import Path
 
@@ -137,10 +138,12 @@ def recipe(source: Source, tokenizer, seq_len: int, val: float, test: float,
     }
 
 
+RECIPE_KEYS = ("format", "source", "source_fingerprint", "seq_len", "normalization",
+               "val_fraction", "test_fraction", "dedup")  # fmt: skip
+
+
 def _same_recipe(manifest: dict, wanted: dict) -> bool:
-    keys = ("format", "source", "source_fingerprint", "seq_len", "normalization")
-    keys += ("val_fraction", "test_fraction", "dedup")
-    same = all(manifest.get(k) == wanted[k] for k in keys)
+    same = all(manifest.get(k) == wanted[k] for k in RECIPE_KEYS)
     return same and manifest["tokenizer"]["vocab_hash"] == wanted["tokenizer"]["vocab_hash"]
 
 
@@ -234,13 +237,21 @@ def _prepare_locked(source, out: Storage, work: Storage, tokenizer_name, setting
             print(f"{shown} is up to date ({source.describe()}, seq_len={wanted['seq_len']}); "
                   "--force rebuilds")  # fmt: skip
             return manifest, False
+        differ = [k for k in RECIPE_KEYS if manifest.get(k) != wanted[k]]
+        if manifest["tokenizer"]["vocab_hash"] != wanted["tokenizer"]["vocab_hash"]:
+            differ.append("tokenizer")
         raise DataError(
-            f"{shown} holds data prepared with another recipe (source {manifest.get('source')}, "
-            f"seq_len={manifest.get('seq_len')}); pass --force to rebuild it"
+            f"{shown} holds data prepared with another recipe ({', '.join(differ)} differ: "
+            f"source {manifest.get('source')}, seq_len={manifest.get('seq_len')}, dedup "
+            f"{manifest.get('dedup', 'none, before deduplication existed')}); pass --force to "
+            "rebuild it"
         )
     units = source.units()
     plan = _plan_id(wanted, units, settings["shard_blocks"])
-    if manifest or _read_json(work, WORK, "plan.json", default={}).get("plan") != plan:
+    # A local out is built beside itself, so its manifest says nothing about the work there; a
+    # URI's manifest is in the work's prefix: one that exists (a --force rebuild) goes first.
+    stale = _read_json(work, WORK, "plan.json", default={}).get("plan") != plan
+    if stale or (manifest and work.remote):
         _start_afresh(work, tokenizer, plan)
     from ..cluster.ray_setup import init_ray
 
@@ -300,10 +311,20 @@ def _start_afresh(work: Storage, tokenizer, plan: str) -> None:
 
 def _keep_plan(source, units: list[dict], settings) -> list[dict]:
     """For each unit, ``{"drop": positions, "first": n}``: its documents past the first ``n``
-    and at ``drop`` are left out (copies of earlier ones; past ``--max-docs``)."""
+    and at ``drop`` are left out (copies of earlier ones; past ``--max-docs``). With
+    ``--max-docs``, units are hashed in order until that many documents are kept: the units
+    after are never read (``first`` 0)."""
     if not settings["dedup"] and not source.max_docs:
         return [{"drop": None, "first": None} for _ in units]
-    hashes = list(_in_window([(_hash_unit, (unit,)) for unit in units], "hash", settings))
+    hashes, seen, kept = [], set(), 0
+    with closing(_in_window([(_hash_unit, (u,)) for u in units], "hash", settings)) as window:
+        for h in window:
+            hashes.append(h)
+            if source.max_docs:  # bounded by the cap: a Python set is small enough
+                kept += len(h) if not settings["dedup"] else len(set(h.tolist()) - seen)
+                seen.update(h.tolist() if settings["dedup"] else ())
+                if kept >= source.max_docs:
+                    break  # closing the window cancels its tasks still in flight
     keys = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     copy = np.zeros(len(keys), bool)  # not the first occurrence of its key in corpus order
     if settings["dedup"]:
@@ -318,7 +339,8 @@ def _keep_plan(source, units: list[dict], settings) -> list[dict]:
         drop = np.flatnonzero(copy[at:end][:first])
         plans.append({"drop": drop.astype(np.int64), "first": first})
         at = end
-    return plans
+    unread = {"drop": np.zeros(0, np.int64), "first": 0}
+    return plans + [unread] * (len(units) - len(plans))
 
 
 def _hash_unit(unit: dict) -> np.ndarray:
@@ -344,10 +366,10 @@ def _in_window(calls: list, label: str, settings, sizes: list | None = None):
             while len(pending) >= window or (i == len(calls) - 1 and pending):
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 j = pending.pop(ready[0])
-                done[j] = _result(ready[0])
-                bar.update((sizes[j] or 0) if total else 1)
+                done[j] = ready[0]  # its error, if any, raised in its turn: a caller that
+                bar.update((sizes[j] or 0) if total else 1)  # stops before it never sees it
                 while upto in done:
-                    yield done.pop(upto)
+                    yield _result(done.pop(upto))
                     upto += 1
     finally:
         bar.close()
@@ -387,6 +409,9 @@ def _run_units(source, units, keep, work: Storage, tokenizer, wanted, plan, sett
            "test": wanted["test_fraction"], "sep": tokenizer.sep_token_id,
            "dtype": np.dtype(ids_dtype(len(tokenizer))).name,
            "shard_blocks": settings["shard_blocks"]}  # fmt: skip
+    for i in range(len(units)):
+        if keep[i]["first"] == 0 and i not in records:  # past --max-docs: nothing to write
+            records[i] = _empty_record(plan)
     todo = [i for i in range(len(units)) if i not in records]
     for i in todo:
         calls.append((_prepare_unit, (i, units[i], keep[i], tok, job, work)))
@@ -395,6 +420,13 @@ def _run_units(source, units, keep, work: Storage, tokenizer, wanted, plan, sett
                          strict=True):  # fmt: skip
         records[i] = record
     return [records[i] for i in range(len(units))]
+
+
+def _empty_record(plan: str) -> dict:
+    empty = {"documents": 0, "tokens": 0, "separators": 0, "blocks": 0, "dropped_tokens": 0,
+             "shards": []}  # fmt: skip
+    return {"plan": plan, "input_bytes": 0, "duplicates": 0,
+            "splits": {s: dict(empty) for s in SPLITS}}  # fmt: skip
 
 
 def _sizes(work: Storage, *parts: str) -> dict:

@@ -233,6 +233,7 @@ def load_split(
     if not refs:
         raise DataError(f"split {split!r} of {directory} has no blocks; use a larger corpus")
     if seed is not None:
+        seed %= 2**63  # numpy takes no negative seed; arrow carries it as int64
         order = np.random.default_rng(seed).permutation(len(refs))
         refs = [{**refs[i], "seed": [seed, int(i)]} for i in order]
     files = ray.data.from_items(refs)

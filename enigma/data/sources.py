@@ -89,9 +89,11 @@ class Source:
     path: str | None = None
     text_column: str = "text"
     max_docs: int | None = None
+    unit_bytes: int = 4 * 2**20  # text a task reads, joining small files' pieces
 
     @classmethod
-    def parse(cls, spec: str, text_column: str = "text", max_docs: int | None = None) -> Source:
+    def parse(cls, spec: str, text_column: str = "text", max_docs: int | None = None,
+              unit_mb: float | None = None) -> Source:  # fmt: skip
         if spec == "wiki-zh":
             spec = WIKI
         kind, _, path = spec.partition(":")
@@ -103,7 +105,10 @@ class Source:
         if kind in ("text", "jsonl", "parquet", "hf") and not path:
             example = "hf:wikimedia/wikipedia:20231101.zh" if kind == "hf" else f"{kind}:corpus/"
             raise DataError(f"source {kind}: needs a name or path, e.g. {example}")
-        return cls(kind, path or None, text_column, max_docs)
+        if unit_mb is not None and not unit_mb > 0:
+            raise DataError(f"--unit-mb {unit_mb}: a positive size, e.g. --unit-mb 4")
+        unit = int(unit_mb * 2**20) if unit_mb else cls.unit_bytes
+        return cls(kind, path or None, text_column, max_docs, max(1, unit))
 
     def describe(self) -> str:
         return self.kind + (f":{self.path}" if self.path else "")
@@ -144,11 +149,13 @@ class Source:
             return [{"kind": "sanguo", "start": i, "end": min(i + SANGUO_UNIT_DOCS, count),
                      "bytes": None} for i in range(0, count, SANGUO_UNIT_DOCS)]  # fmt: skip
         if self.kind in ("text", "jsonl"):
-            kind, column = self.kind, "text"
-            return [{**r, "kind": kind, "column": column, "bytes": r["end"] - r["start"]}
-                    for r in text_ranges(self.files())]  # fmt: skip
+            ranges = text_ranges(self.files(), self.unit_bytes)
+            ranges = [{**r, "bytes": r["end"] - r["start"]} for r in ranges]
+            return _grouped(ranges, {"kind": self.kind, "column": "text"}, self.unit_bytes)
         if self.kind == "parquet":
-            return _parquet_units(self.files(), self.text_column)
+            groups = _parquet_groups(self.files(), self.text_column)
+            unit = {"kind": "parquet", "column": self.text_column}
+            return _grouped(groups, unit, self.unit_bytes)
         return _hf_units(self.path, self.text_column)
 
 
@@ -165,41 +172,58 @@ def _raw_documents(unit: dict) -> Iterator:
         docs = json.loads(sanguo_path().read_text(encoding="utf-8"))
         yield from docs[unit["start"] : unit["end"]]
     elif kind in ("text", "jsonl"):
-        for line in read_text_range(unit["path"], unit["start"], unit["end"]):
-            yield line if kind == "text" else _json_text(line, unit)
+        for part in unit["parts"]:
+            for line in read_text_range(part["path"], part["start"], part["end"]):
+                yield line if kind == "text" else _json_text(line, part["path"], unit["column"])
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(unit["path"]).read_row_group(unit["group"], [unit["column"]])
-        yield from table.column(0).to_pylist()
+        for part in unit["parts"]:
+            table = pq.ParquetFile(part["path"]).read_row_group(part["group"], [unit["column"]])
+            yield from table.column(0).to_pylist()
     else:
         for row in _hf_stream(unit["name"]).shard(unit["shards"], unit["index"]):
             yield row.get(unit["column"])
 
 
-def _json_text(line: str, unit: dict):
+def _json_text(line: str, path: str, column: str):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{unit['path']}: a line is not JSON ({err}): {line[:60]!r}") from None
-    if not isinstance(record, dict) or unit["column"] not in record:
-        raise DataError(f"{unit['path']}: a record has no {unit['column']!r} field: {line[:60]!r}")
-    return record[unit["column"]]
+        raise DataError(f"{path}: a line is not JSON ({err}): {line[:60]!r}") from None
+    if not isinstance(record, dict) or column not in record:
+        raise DataError(f"{path}: a record has no {column!r} field: {line[:60]!r}")
+    return record[column]
 
 
-def _parquet_units(files: list[str], column: str) -> list[dict]:
+def _grouped(pieces: list[dict], unit: dict, size: int) -> list[dict]:
+    """Consecutive pieces (byte ranges, row groups) joined into units of about ``size`` bytes:
+    a corpus of many small files makes a few units, not one a file (each unit drops its last
+    partial block of each split, and writes shards of its own)."""
+    units, parts, total = [], [], 0
+    for piece in pieces:
+        parts.append({k: v for k, v in piece.items() if k != "bytes"})
+        total += piece["bytes"]
+        if total >= size:
+            units.append({**unit, "parts": parts, "bytes": total})
+            parts, total = [], 0
+    if parts:
+        units.append({**unit, "parts": parts, "bytes": total})
+    return units
+
+
+def _parquet_groups(files: list[str], column: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    units = []
+    groups = []
     for path in files:
         meta = pq.ParquetFile(path)
         if column not in meta.schema_arrow.names:
             raise DataError(f"{path} has no {column!r} column (see --text-column)")
         for g in range(meta.num_row_groups):
             size = meta.metadata.row_group(g).total_byte_size
-            units.append({"kind": "parquet", "path": path, "group": g, "column": column,
-                          "bytes": size})  # fmt: skip
-    return units
+            groups.append({"path": path, "group": g, "bytes": size})
+    return groups
 
 
 def _hf_stream(name: str):

@@ -80,6 +80,8 @@ def local_file(path: str, flag: str) -> str:
         return path
     given = Storage.at(path, flag)
     root, _, name = given.root.rpartition("/")
+    if not name or "://" not in root or root.endswith(":/"):
+        raise InputError(f"{flag} {path}: name a file in the bucket, e.g. s3://bucket/rows.jsonl")
     storage = Storage(root, given.query)
     fs, where = given.filesystem()
     try:
@@ -87,6 +89,9 @@ def local_file(path: str, flag: str) -> str:
     except OSError as err:  # no bucket, no credentials, no route
         raise InputError(f"{flag} {path} cannot be read from here ({err}); check the bucket and "
                          "the AWS_* variables (endpoint and credentials)") from None  # fmt: skip
+    if info.type == pafs.FileType.Directory:
+        raise InputError(f"{flag} {path} is a directory, not a file (a prepared data directory "
+                         "has a manifest.json; an unfinished prepare none)")  # fmt: skip
     if info.type != pafs.FileType.File:
         raise InputError(f"{flag} {path} does not exist")
     listing = {name: (info.size, info.mtime_ns or 0)}
@@ -182,8 +187,8 @@ def _mirror(storage: Storage, name: str, listing: dict, source: str = "") -> Pat
         if problem:
             shutil.rmtree(partial, ignore_errors=True)
             raise InputError(
-                f"{storage.uri(name)} changed or is damaged ({problem}); export it again, or "
-                "retry if an export was writing it"
+                f"{source or storage.uri(name)} changed or is damaged ({problem}); "
+                + ("retry" if source else "export it again, or retry if an export was writing it")
             )
         fsync_tree(partial)  # on disk before its name says it is checked
         os.replace(partial, target)

@@ -103,11 +103,13 @@ def unlock_object(uri: str, shown: str) -> tuple[dict | None, bool]:
 
 
 def _refuse_other_files(record: dict | None, raw: bytes, shown: str) -> None:
-    """Only a lock's record is ever deleted: one with a holder's token, or an empty file (a lock
-    created and never written). Anything else named like a lock is refused, untouched."""
-    if (record is None and raw.strip()) or (record is not None and "token" not in record):
-        raise InputError(f"{shown} does not hold a lock's record (no holder's token in it); "
-                         "left as it is")  # fmt: skip
+    """Only a lock's record is ever deleted: one that names its holder (what, and its pid or
+    token), or an empty file (a lock created and never written). Anything else named like a
+    lock is refused, untouched."""
+    holder = record is not None and "what" in record and ("pid" in record or "token" in record)
+    if (record is None and raw.strip()) or (record is not None and not holder):
+        raise InputError(f"{shown} does not hold a lock's record (no holder named in it); left "
+                         "as it is")  # fmt: skip
 
 
 def _refuse_if_renewed(read, record: dict | None, shown: str) -> bool:

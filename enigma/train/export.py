@@ -312,6 +312,8 @@ def export_run(run_dir: str, out: str, step: str = "best") -> dict:
             with model_lock(Path(out), "enigma export"):
                 return _export_locked(run, out, step)
         given = Storage.at(out, "out")
+        if "/" not in given.root.split("://", 1)[1].strip("/"):
+            raise InputError(f"out {out}: name a prefix in the bucket, e.g. s3://bucket/models/m")
         root, _, name = given.root.rpartition("/")
         parent = Storage(root, given.query)
         parent.check("out")
@@ -330,8 +332,17 @@ def _fetched_run(run_dir: str, step: str, tmp: Path) -> Path:
     from ..storage.store import CHECKPOINT_PARTS, Storage
 
     storage, run = Storage.at(run_dir, "run_dir"), tmp / "run"
-    steps = [d for d in storage.list_dirs(*CHECKPOINT_PARTS) if d.startswith("step-")]
+    if "/" not in storage.root.split("://", 1)[1].strip("/"):  # a bucket, not a run in it
+        raise InputError(f"{run_dir}: name the run's prefix, e.g. s3://bucket/runs/base")
+    try:
+        steps = [d for d in storage.list_dirs(*CHECKPOINT_PARTS) if d.startswith("step-")]
+    except OSError as err:  # no bucket, no credentials, no route
+        raise InputError(f"{run_dir} cannot be read from here ({err}); check the bucket and the "
+                         "AWS_* variables (endpoint and credentials)") from None  # fmt: skip
     numbers = {int(d.split("-")[1]): d for d in steps if d.split("-")[1].isdigit()}
+    if not numbers:
+        raise InputError(f"{run_dir} has no checkpoints (ray/train/step-*): give the "
+                         "--storage-path of an `enigma train` run")  # fmt: skip
     chosen = max(numbers) if step == "latest" else int(step) if step.isdigit() else None
     for number, name in numbers.items():
         fs, where = storage.filesystem(*CHECKPOINT_PARTS, name)
