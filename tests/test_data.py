@@ -160,6 +160,24 @@ def test_a_seeded_split_reads_shards_and_blocks_in_the_same_shuffled_order_each_
     assert sorted(first) == sorted(written) and len(first) == manifest["splits"]["train"]["blocks"]
 
 
+def test_data_prepared_before_deduplication_is_used_with_no_dedup(sanguo, tmp_path, capsys):
+    """A manifest without ``dedup`` (prepared before it existed) is data deduplicated by none:
+    up to date for --no-dedup; otherwise refused naming dedup, --force and --no-dedup."""
+    import shutil
+
+    out, _ = sanguo
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = read_manifest(old)
+    for key in ("dedup", "duplicates", "units"):
+        manifest.pop(key)
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    again = prepare(Source.parse("sanguo"), old, seq_len=128, progress=False, dedup=False)
+    assert "up to date" in capsys.readouterr().out and "dedup" not in again
+    with pytest.raises(DataError, match=r"\(dedup differ.*--force.*--no-dedup to use it as it is"):
+        prepare(Source.parse("sanguo"), old, seq_len=128, progress=False)
+
+
 def test_load_split_streams_verified_shards(sanguo):
     out, manifest = sanguo
     ds = load_split(out, "val", seq_len=128)

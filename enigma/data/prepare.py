@@ -142,8 +142,12 @@ RECIPE_KEYS = ("format", "source", "source_fingerprint", "seq_len", "normalizati
                "val_fraction", "test_fraction", "dedup")  # fmt: skip
 
 
+# What a manifest written before a key existed was prepared with.
+RECIPE_BEFORE = {"dedup": "none"}
+
+
 def _same_recipe(manifest: dict, wanted: dict) -> bool:
-    same = all(manifest.get(k) == wanted[k] for k in RECIPE_KEYS)
+    same = all(manifest.get(k, RECIPE_BEFORE.get(k)) == wanted[k] for k in RECIPE_KEYS)
     return same and manifest["tokenizer"]["vocab_hash"] == wanted["tokenizer"]["vocab_hash"]
 
 
@@ -237,14 +241,14 @@ def _prepare_locked(source, out: Storage, work: Storage, tokenizer_name, setting
             print(f"{shown} is up to date ({source.describe()}, seq_len={wanted['seq_len']}); "
                   "--force rebuilds")  # fmt: skip
             return manifest, False
-        differ = [k for k in RECIPE_KEYS if manifest.get(k) != wanted[k]]
+        differ = [k for k in RECIPE_KEYS if manifest.get(k, RECIPE_BEFORE.get(k)) != wanted[k]]
         if manifest["tokenizer"]["vocab_hash"] != wanted["tokenizer"]["vocab_hash"]:
             differ.append("tokenizer")
         raise DataError(
             f"{shown} holds data prepared with another recipe ({', '.join(differ)} differ: "
             f"source {manifest.get('source')}, seq_len={manifest.get('seq_len')}, dedup "
-            f"{manifest.get('dedup', 'none, before deduplication existed')}); pass --force to "
-            "rebuild it"
+            f"{manifest.get('dedup', 'none')}); pass --force to rebuild it"
+            + (", or --no-dedup to use it as it is" if differ == ["dedup"] else "")
         )
     units = source.units()
     plan = _plan_id(wanted, units, settings["shard_blocks"])
