@@ -89,7 +89,7 @@ COMMANDS = [
     ),
     (
         ("data", "prepare"),
-        "tokenize, pack and split a corpus into parquet shards (Ray Data)",
+        "tokenize, deduplicate, pack and split a corpus into parquet shards, a Ray task a unit",
         "data.cli",
         "add_prepare_arguments",
         "prepare",

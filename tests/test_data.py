@@ -1,4 +1,4 @@
-"""Tokenizer, corpus preparation on Ray Data, the manifest, the verified reader, bad input."""
+"""Tokenizer, corpus preparation by Ray tasks, the manifest, the verified reader, bad input."""
 
 import json
 import subprocess
