@@ -10,7 +10,7 @@ import pytest
 from enigma.cli import main
 from enigma.data import load_tokenizer, vocab_hash
 from enigma.data.prepare import Packer, prepare
-from enigma.data.shards import MANIFEST, load_split, read_blocks, read_manifest
+from enigma.data.shards import MANIFEST, read_blocks, read_manifest
 from enigma.data.sources import DataError, Source
 from enigma.data.tokenizer import VOCAB_SIZE, read_vocab, shipped_vocab_path
 
@@ -140,24 +140,54 @@ def test_rerun_is_up_to_date_and_another_recipe_needs_force(sanguo, capsys):
         prepare(Source.parse("sanguo"), out, seq_len=64, progress=False)
 
 
-def test_a_seeded_split_reads_shards_and_blocks_in_the_same_shuffled_order_each_time(sanguo):
-    """``seed``: every block once, not in the written order, the same order for the same seed
-    (what a resumed run reads again), another for another seed."""
-    import ray
+def _numbered_shards(tmp_path, sizes=(7, 13, 5, 20, 1, 8)) -> tuple[dict, ...]:
+    """Shards whose block k holds the id k in every place, of the given block counts."""
+    from enigma.data.shards import write_columns
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # as training
-    out, manifest = sanguo
-    rows = lambda seed: [
-        tuple(r["input_ids"][:8])
-        for r in load_split(
-            out,
-            "train",  # noqa: E731
-            seed=seed,
-        ).take_all()
-    ]
-    written, first, again, other = rows(None), rows(1), rows(1), rows(2)
-    assert first == again and first != written and first != other
-    assert sorted(first) == sorted(written) and len(first) == manifest["splits"]["train"]["blocks"]
+    shards, first = [], 0
+    for i, rows in enumerate(sizes):
+        ids = np.arange(first, first + rows, dtype=np.uint16)[:, None].repeat(4, axis=1)
+        entry = write_columns(tmp_path / f"train-{i:05d}.parquet", {"input_ids": ids})
+        shards.append({**entry, "path": str(tmp_path / entry["file"])})
+        first += rows
+    return tuple(shards)
+
+
+def test_each_epoch_has_its_own_seeded_order_and_a_resume_reads_the_rest_of_it(
+    tmp_path, monkeypatch
+):
+    """Every block once an epoch, split between two ranks' spans; another order each epoch and
+    for another seed, the same for the same seed (windows mixing neighbouring shards included);
+    a rank resumed at any micro-batch gets exactly the rest of its span, opening only the shards
+    that hold it."""
+    import enigma.data.epochs as epochs
+
+    shards = _numbered_shards(tmp_path)
+    total = sum(s["blocks"] for s in shards)
+    blocks = lambda order, epoch, start, stop, skip=0: [  # noqa: E731
+        int(b["input_ids"][i, 0]) for b in order.batches(epoch, start, stop, 3, skip)
+        for i in range(3)
+    ]  # fmt: skip
+    written = blocks(epochs.EpochOrder(shards), 0, 0, 54)
+    assert written == list(range(54))
+    for window in (0, 8):
+        order = epochs.EpochOrder(shards, seed=7, window=window, window_seed=7)
+        ranks = [blocks(order, epoch, r * 27, (r + 1) * 27) for epoch in (0, 1) for r in (0, 1)]
+        assert sorted(ranks[0] + ranks[1]) == sorted(ranks[2] + ranks[3]) == list(range(54))
+        assert ranks[0] + ranks[1] != ranks[2] + ranks[3] != written
+        again = epochs.EpochOrder(shards, seed=7, window=window, window_seed=7)
+        assert blocks(again, 1, 27, 54) == ranks[3]
+        assert blocks(epochs.EpochOrder(shards, seed=8, window=window), 1, 27, 54) != ranks[3]
+        for skip in range(9):
+            assert blocks(order, 1, 27, 54, skip) == ranks[3][3 * skip :], (window, skip)
+    before = blocks(epochs.EpochOrder(shards, seed=7), 0, 0, total)
+    real, opened = epochs.read_columns, []
+    monkeypatch.setattr(epochs, "read_columns", lambda ref: opened.append(ref["file"]) or real(ref))
+    rest = blocks(epochs.EpochOrder(shards, seed=7), 0, 0, total, skip=10)
+    assert rest == before[30:] and len(rest) == 24
+    ends = np.cumsum([s["blocks"] for s in shards])
+    holding = {shards[int(np.searchsorted(ends, b, side="right"))]["file"] for b in rest}
+    assert sorted(opened) == sorted(holding) and len(holding) < len(shards)
 
 
 def test_data_prepared_before_deduplication_is_used_with_no_dedup(sanguo, tmp_path, capsys):
@@ -178,16 +208,20 @@ def test_data_prepared_before_deduplication_is_used_with_no_dedup(sanguo, tmp_pa
         prepare(Source.parse("sanguo"), old, seq_len=128, progress=False)
 
 
-def test_load_split_streams_verified_shards(sanguo):
+def test_a_split_is_checked_against_the_model_and_read_in_micro_batches(sanguo):
+    from enigma.data.epochs import EpochOrder
+    from enigma.data.shards import shard_paths
+
     out, manifest = sanguo
-    ds = load_split(out, "val", seq_len=128)
-    assert ds.count() == manifest["splits"]["val"]["blocks"]
-    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
+    _, shards = shard_paths(out, "val", seq_len=128)
+    order = EpochOrder(tuple(shards))
+    assert order.blocks == manifest["splits"]["val"]["blocks"]
+    batch = next(order.batches(0, 0, order.blocks, 8))
     assert tuple(batch["input_ids"].shape) == (8, 128)
     with pytest.raises(DataError, match="seq_len=128 but training expects seq_len=256"):
-        load_split(out, "val", seq_len=256)
+        shard_paths(out, "val", seq_len=256)
     with pytest.raises(DataError, match="another vocabulary"):
-        load_split(out, "val", vocab_hash="0" * 64)
+        shard_paths(out, "val", vocab_hash="0" * 64)
 
 
 def test_text_jsonl_parquet_sources(ray_cluster, tmp_path):
@@ -341,7 +375,7 @@ def test_corrupt_shard_is_detected(sanguo, tmp_path):
     of the right size but other bytes, by whatever reads it, as it reads it."""
     import shutil
 
-    from enigma.data.shards import read_blocks
+    from enigma.data.shards import read_blocks, shard_paths
 
     out, _ = sanguo
     copy = tmp_path / "copy"
@@ -356,7 +390,7 @@ def test_corrupt_shard_is_detected(sanguo, tmp_path):
         read_blocks(copy, "test")
     shard.write_bytes(data[:-10])
     with pytest.raises(DataError, match=f"holds {len(data) - 10:,} bytes and the manifest says"):
-        load_split(copy, "test")
+        shard_paths(copy, "test")
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -396,12 +430,14 @@ def test_stats_reports_coverage(sanguo, capsys):
 def test_uint16_shards_give_the_same_batches_as_int32_in_half_the_ids(
     ray_cluster, tmp_path, monkeypatch
 ):
-    """The vocabulary (21,128 ids) fits in uint16: shards store it, the manifest says so, Ray
-    Data's blocks carry it at half the bytes, and the ids are those of int32 shards of the same
-    corpus (read_blocks gives them as int32)."""
+    """The vocabulary (21,128 ids) fits in uint16: shards store it, the manifest says so, a
+    training rank's batches carry it at half the bytes, and the ids are those of int32 shards
+    of the same corpus (read_blocks gives them as int32)."""
     import pyarrow.parquet as pq
 
     import enigma.data.prepare as prepare_module
+    from enigma.data.epochs import EpochOrder
+    from enigma.data.shards import shard_paths
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"第{i}回 话说天下大势，分久必合，合久必分。\n" for i in range(400)))
@@ -416,11 +452,14 @@ def test_uint16_shards_give_the_same_batches_as_int32_in_half_the_ids(
     for split in ("train", "val", "test"):
         a, b = read_blocks(tmp_path / "uint16", split), read_blocks(tmp_path / "int32", split)
         assert a.dtype == b.dtype == np.int32 and (a == b).all()
-    splits = [load_split(tmp_path / d, "train") for d in ("uint16", "int32")]
-    rows = [split.take_all() for split in splits]
-    # What a training worker gets (model_inputs widens it on the device).
-    batch = next(iter(splits[0].iter_torch_batches(batch_size=4)))["input_ids"]
-    assert str(batch.dtype) == "torch.uint16" and tuple(batch.shape) == (4, 16)
-    assert [list(r["input_ids"]) for r in rows[0]] == [list(r["input_ids"]) for r in rows[1]]
-    held = [split.materialize().size_bytes() for split in splits]
-    assert held[0] < 0.6 * held[1], held
+    # What a training rank gets, in a seeded order (model_inputs widens it on the device).
+    orders = [EpochOrder(tuple(shard_paths(tmp_path / d, "train")[1]), seed=3, window=8)
+              for d in ("uint16", "int32")]  # fmt: skip
+    batches = [list(order.batches(1, 0, order.blocks, 4)) for order in orders]
+    assert str(batches[0][0]["input_ids"].dtype) == "torch.uint16"
+    assert str(batches[1][0]["input_ids"].dtype) == "torch.int32"
+    assert all(a["input_ids"].shape == (4, 16) for a in batches[0])
+    assert all((a["input_ids"].long() == b["input_ids"].long()).all()
+               for a, b in zip(*batches, strict=True))  # fmt: skip
+    held = [sum(b["input_ids"].nbytes for b in side) for side in batches]
+    assert held[0] * 2 == held[1], held

@@ -11,13 +11,14 @@ directory with a manifest is always complete.
 A reader names the directory by a local path or a storage URI (``s3://…?endpoint_override=…``,
 ``gs://…``). Before a run, the driver checks each shard's presence and size against the manifest
 (one listing); each shard's checksum is checked by whatever reads it, on its own node, as it
-reads it: the driver never reads the corpus.
+reads it: the driver never reads the corpus. What a training rank reads each epoch, and in what
+order: :mod:`enigma.data.epochs`.
 
 uint16 does not shrink the files: parquet has no 16-bit physical type, and its dictionary
 encoding already packs a 21,128-id vocabulary into about 14 bits an id (三国演义 at seq 128:
-890,175 bytes of uint16 shards, 890,280 of int32). It halves what moves after the read: Ray
-Data's blocks in the object store and between nodes, up to the training step, which widens the
-ids (:func:`enigma.train.worker.model_inputs`). :func:`read_blocks` gives int32.
+890,175 bytes of uint16 shards, 890,280 of int32). It halves what moves after the read, up to
+the training step, which widens the ids (:func:`enigma.train.worker.model_inputs`).
+:func:`read_blocks` gives int32.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from .sources import DataError
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
-READERS = 4  # shard-reading tasks in flight per split
 
 
 class ShardWriter:
@@ -188,8 +188,9 @@ def shard_paths(
     vocab_hash: str | None = None,
     verify: bool = True,
 ) -> tuple[dict, list[dict]]:
-    """The manifest and one split's shards, each ``{"path", "bytes", "sha256"}`` (a path or a
-    URI), every one present at its recorded size (one listing; older manifests record no size).
+    """The manifest and one split's shards, each ``{"path", "bytes", "sha256", "blocks"}`` (a
+    path or a URI), every one present at its recorded size (one listing; older manifests record
+    no size).
     Their contents are checked by :func:`read_shard` as they are read (``verify=False``: not)."""
     import pyarrow.fs as pafs
 
@@ -206,47 +207,9 @@ def shard_paths(
             raise DataError(f"shard {path} is missing; rebuild with `enigma data prepare --force`")
         if size is not None and sizes[shard["file"]] != size:
             raise _wrong_size(path, sizes[shard["file"]], size)
-        refs.append({"path": path, "bytes": size, "sha256": shard["sha256"] if verify else None})
+        refs.append({"path": path, "bytes": size, "sha256": shard["sha256"] if verify else None,
+                     "blocks": shard.get("blocks")})  # fmt: skip
     return manifest, refs
-
-
-def load_split(
-    directory: str | os.PathLike,
-    split: str,
-    seq_len: int | None = None,
-    vocab_hash: str | None = None,
-    verify: bool = True,
-    seed: int | None = None,
-):
-    """A ``ray.data.Dataset`` of the split's rows (``input_ids``; fine-tuning data also has
-    ``labels`` and ``attention_mask``), for ``get_dataset_shard`` streaming. ``seed``: the
-    shards in a seeded order and each shard's blocks in a seeded order of their own (the same
-    for every epoch and every resume of a run; the trainer's local buffer reshuffles each
-    epoch), so a run does not walk the corpus in the order it was written.
-
-    The dataset is the list of shard paths, each read by a zero-CPU task: training workers usually
-    hold every CPU, and ``read_parquet``'s file-listing task, which always asks for a whole CPU,
-    would wait for one for ever."""
-    import ray
-
-    _, refs = shard_paths(directory, split, seq_len, vocab_hash, verify)
-    if not refs:
-        raise DataError(f"split {split!r} of {directory} has no blocks; use a larger corpus")
-    if seed is not None:
-        seed %= 2**63  # numpy takes no negative seed; arrow carries it as int64
-        order = np.random.default_rng(seed).permutation(len(refs))
-        refs = [{**refs[i], "seed": [seed, int(i)]} for i in order]
-    files = ray.data.from_items(refs)
-    # Zero-CPU tasks have no resource to bound them: without a pool, one worker process starts
-    # per shard at once (a hundred small shards on a 2-CPU cluster: a hundred processes). A
-    # shard's read is cheap next to a training step; a few at a time keep up.
-    pool = ray.data.TaskPoolStrategy(size=READERS)
-    return files.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                             compute=pool)  # fmt: skip
-
-
-def _read_shards(batch: pa.Table) -> pa.Table:
-    return pa.concat_tables([read_shard(ref, widen=False) for ref in batch.to_pylist()])
 
 
 def read_shard(ref: dict, widen: bool = True) -> pa.Table:
@@ -267,8 +230,6 @@ def read_shard(ref: dict, widen: bool = True) -> pa.Table:
             "`enigma data prepare --force`"
         )
     table = pq.read_table(pa.BufferReader(data))
-    if ref.get("seed") is not None:  # [run seed, the shard's place in the manifest]
-        table = table.take(np.random.default_rng(ref["seed"]).permutation(table.num_rows))
     return as_int32(table) if widen else table
 
 

@@ -60,8 +60,9 @@ class TrainConfig:
     checkpoint_tmp_dir: str = ""  # where ranks stage a checkpoint; "": OUTPUT/.checkpoint-tmp
     log_steps: int = 10
     grad_clip: float = 1.0
-    shuffle_buffer: int = 256  # blocks, per worker
-    shuffle_shards: bool = True  # train shards and their blocks in an order drawn from seed
+    shuffle_buffer: int = 256  # a worker mixes its blocks in windows of this many; 0: none
+    # train shards and their blocks in an order drawn from (seed, epoch); False: as written
+    shuffle_shards: bool = True
     # Recompute the standard layers in backward: "auto" (when a micro-batch's activations would
     # take over half the worker's free memory; enigma.train.checkpointing), "on", "off";
     # reversible layers need none.

@@ -143,6 +143,7 @@ def prepare_run(
     any worker starts; ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the
     worker count in messages; ``spec_fields`` go to the :class:`RunSpec` as they are."""
     from ..cluster.ray_setup import init_ray
+    from ..data.shards import shard_paths
 
     if cfg.gpus_per_worker == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # quiets DeepSpeed's probe on the driver
@@ -153,6 +154,8 @@ def prepare_run(
 
         prepare_data(cfg)
     manifest = check_data(cfg)
+    # every shard present at its size, one listing a split; workers read them (enigma.data.epochs)
+    shards = {split: shard_paths(cfg.data, split)[1] for split in ("train", "val")}
     if cfg.gpus_per_worker == 0:  # known before Ray starts: fail before starting it
         deepspeed_json.check_device(fixed, cfg.ds_config, use_gpu=False)
     storage = Storage.of(cfg.storage_path, str(Path(cfg.output_dir).resolve()))
@@ -181,6 +184,7 @@ def prepare_run(
         output_dir=str(Path(cfg.output_dir).resolve()),
         storage_path=storage.uri() if cfg.storage_path else "",
         fingerprint=stamp,
+        shards=shards,
         **spec_fields,
     )
 
@@ -194,11 +198,9 @@ def build_trainer(
     progress=None,
 ):
     """The ``TorchTrainer`` of one training run (``enigma train``, or one sweep trial)."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..data.shards import load_split
     from .worker import train_loop_per_worker
 
     cfg = spec.train
@@ -217,16 +219,6 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-        ),
-        datasets={
-            "train": load_split(
-                spec.data_dir, "train", verify=True, seed=cfg.seed if cfg.shuffle_shards else None
-            ),  # fmt: skip
-            "val": load_split(spec.data_dir, "val", verify=True),
-        },
-        dataset_config=DataConfig(
-            datasets_to_split=["train", "val"],
-            execution_options=ExecutionOptions(preserve_order=True),  # same order on resume
         ),
     )
 

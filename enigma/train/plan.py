@@ -90,6 +90,7 @@ class RunSpec:
     faults: Faults = Faults()
     command: str = ""  # the command line that started the run, for the model card
     data_summary: dict | None = None  # the manifest's summary, for the model card
+    shards: dict | None = None  # split -> its shards as shard_paths gives them (checked)
 
     def run_info(self) -> dict:
         """What every checkpoint and the model card record of the run."""
@@ -111,6 +112,17 @@ class RunSpec:
         directly, else in the output directory, from which it is copied up."""
         storage = self.storage
         return f"{self.output_dir if storage.remote else storage.root}/{name}"
+
+    def epoch_order(self, split: str):
+        """How ``split``'s shards are ordered each epoch (:mod:`enigma.data.epochs`): train's
+        drawn from the run's seed, val's as written."""
+        from ..data.epochs import EpochOrder
+
+        cfg, shards = self.train, tuple(self.shards[split])
+        if split != "train":
+            return EpochOrder(shards)
+        seed = cfg.seed if cfg.shuffle_shards else None
+        return EpochOrder(shards, seed, window=cfg.shuffle_buffer, window_seed=cfg.seed)
 
     @property
     def use_gpu(self) -> bool:

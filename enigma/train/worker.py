@@ -22,7 +22,7 @@ from . import checkpoint, deepspeed_json
 from .checkpoint import CHECKPOINT_TMP, TrainState
 from .config import TrainConfig
 from .export import export_model, render_card
-from .plan import RunPlan, RunSpec
+from .plan import RunSpec
 from .progress import Reporter, run_hparams
 from .schedule import lr_at
 
@@ -37,31 +37,31 @@ def mean_over_workers(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def train_batches(shard, cfg: TrainConfig, plan: RunPlan, state: TrainState):
-    """Micro-batches for ever, ``plan.micro_per_epoch`` per epoch on every rank, resuming at
-    ``state.micro_in_epoch`` of ``state.epoch``."""
+def train_batches(spec: RunSpec, rank: int, state: TrainState):
+    """Micro-batches for ever, ``plan.micro_per_epoch`` per epoch on every rank: the rank's span
+    of each epoch's order (:mod:`enigma.data.epochs`), resuming at ``state.micro_in_epoch`` of
+    ``state.epoch`` without reading what came before."""
+    cfg, plan, order = spec.train, spec.plan, spec.epoch_order("train")
+    span = plan.micro_per_epoch * cfg.micro_batch
+    start = rank * span
     while True:
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.micro_batch,
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + state.epoch if cfg.shuffle_buffer else None,
-        )
-        seen = 0
-        for batch in batches:
-            if seen >= plan.micro_per_epoch:
-                break
-            seen += 1
-            if seen <= state.micro_in_epoch:
-                continue  # consumed before the checkpoint we resumed from
+        skip = state.micro_in_epoch
+        batches = order.batches(state.epoch, start, start + span, cfg.micro_batch, skip)
+        for seen, batch in enumerate(batches, start=skip + 1):
             state.micro_in_epoch = seen
             yield batch
-        if seen < plan.micro_per_epoch:
-            raise RuntimeError(
-                f"worker shard ran out after {seen} of {plan.micro_per_epoch} micro-batches"
-            )
+        if state.micro_in_epoch < plan.micro_per_epoch:
+            raise RuntimeError(f"rank {rank}'s span ran out after {state.micro_in_epoch} of "
+                               f"{plan.micro_per_epoch} micro-batches")  # fmt: skip
         state.epoch += 1
         state.micro_in_epoch = 0
+
+
+def val_batches(spec: RunSpec, rank: int) -> list[dict]:
+    """The rank's ``plan.eval_batches`` micro-batches of val, the same at every evaluation."""
+    size = spec.train.micro_batch
+    span = spec.plan.eval_batches * size
+    return list(spec.epoch_order("val").batches(0, rank * span, (rank + 1) * span, size))
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -76,19 +76,17 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(engine, shard, cfg: TrainConfig, batches: int, progress=None) -> float:
-    """Mean val loss over ``batches`` micro-batches per rank; ``progress(done, batches)`` is
-    called every few seconds of a long evaluation."""
+def evaluate(engine, batches: list[dict], progress=None) -> float:
+    """Mean val loss over this rank's ``batches``; ``progress(done, total)`` is called every few
+    seconds of a long evaluation."""
     engine.eval()
     total, seen = 0.0, 0
     said = time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True):
-        if seen >= batches:
-            break
+    for batch in batches:
         total += engine(**model_inputs(batch, engine.device)).loss.float().item()
         seen += 1
         if progress and time.perf_counter() - said > EVAL_PROGRESS_S:
-            progress(seen, batches)
+            progress(seen, len(batches))
             said = time.perf_counter()
     engine.train()
     return mean_over_workers([total / max(seen, 1)], engine.device)[0]
@@ -283,9 +281,8 @@ class Worker:
         )  # fmt: skip
         for note in [*lines, *notes]:
             self.reporter.note(note)
-        self.val_shard = ray.train.get_dataset_shard("val")
-        train_shard = ray.train.get_dataset_shard("train")
-        self.batches = train_batches(train_shard, self.cfg, self.plan, self.state)
+        self.val: list[dict] | None = None  # read at the first evaluation, then kept
+        self.batches = train_batches(spec, self.rank, self.state)
         self.interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
 
     def step(self) -> tuple[torch.Tensor, float]:
@@ -375,7 +372,9 @@ class Worker:
         say = lambda done, total: self.reporter.note(
             f"evaluating @ step {state.step}: {done}/{total} batches"
         )
-        val = evaluate(self.engine, self.val_shard, self.cfg, self.plan.eval_batches, say)
+        if self.val is None:
+            self.val = val_batches(self.spec, self.rank)
+        val = evaluate(self.engine, self.val, say)
         state.last_val, state.last_val_step = val, state.step
         if state.first_val is None:
             state.first_val = val
