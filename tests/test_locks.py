@@ -362,52 +362,96 @@ def test_export_of_a_checkpoint_a_live_run_deleted_is_one_line(tmp_path):
         export.pinned(checkpoint, tmp_path / "copy-to")
 
 
-@pytest.fixture
-def python_sigint():
-    """Python's own SIGINT handler for the test: a Ray Train run earlier in this process left
-    its handler, which would abort that run's long-gone controller (in a run, it ends the run)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+def _probe(storage: str, fault: str, after: float, term: float, prefix=()) -> subprocess.Popen:
+    """tests/lease_probe.py: a holder of ``storage``'s lock writing beside it every 50 ms."""
+    env = {**os.environ, "ENIGMA_LEASE_S": str(term)}
+    probe = [
+        *prefix,
+        sys.executable,
+        str(ROOT / "tests" / "lease_probe.py"),
+        storage,
+        fault,
+        str(after),
+    ]
+    proc = subprocess.Popen(probe, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().startswith("held"), proc.communicate()
+    return proc
 
 
-def _interrupted(seconds: float = 10.0) -> None:
-    """Wait for the heartbeat to interrupt this (the main) thread, as Ctrl-C would."""
-    with pytest.raises(KeyboardInterrupt):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.02)
+def _writes(out: str) -> tuple[float | None, list[float]]:
+    """When the probe broke its renewals, and when each of its writes landed."""
+    fault = [float(line.split()[1]) for line in out.splitlines() if line.startswith("fault")]
+    wrote = [float(line.split()[2]) for line in out.splitlines() if line.startswith("wrote")]
+    return (fault[0] if fault else None), wrote
 
 
-def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_takers_lock(
-    s3, tmp_path, monkeypatch, capsys, python_sigint
+@pytest.mark.parametrize("fault", ["503", "stall", "estale"])
+def test_a_holder_whose_renewals_fail_stops_writing_before_a_taker_can_start(
+    s3, tmp_path, monkeypatch, fault
 ):
-    """A holder paused past its term (SIGSTOP, a partition) finds at its next renewal that
-    another run took the lock over: it says so in one line and interrupts its main thread,
-    which ends a run, and its release leaves the taker's lock alone. Locally and on S3."""
-    from enigma.storage.locks import holder_record
+    """Renewals answered 503 SlowDown, renewals that never return (a stalled store), an NFS
+    handle gone stale: the holder keeps writing while its lease lasts, then says why in one line
+    and ends (exit 75) before 5/6 of a term has passed since its renewals broke, so before the
+    earliest moment a taker-over, which watches the record for a whole term after its last
+    change, could start. A taker started then takes the lease over, after the last write."""
+    from enigma.storage.locks import LEASE_EXIT
     from enigma.storage.store import Storage
 
-    monkeypatch.setenv("ENIGMA_LEASE_S", "0.6")
-    taker = {**holder_record("enigma train"), "host": "node-d", "pid": 11}
-    lock = tmp_path / ".lock"
-    held = DirectoryLock(lock, "enigma train").acquire()
-    fd = os.open(lock, os.O_RDWR)  # the taker rewrites the same file (NFS)
-    DirectoryLock._write(fd, taker)
-    os.close(fd)
-    _interrupted()
-    held.release()
-    assert json.loads(lock.read_text())["host"] == "node-d", "the taker's lock stays"
+    term, remote = 3.0, fault != "estale"
+    storage = f"s3://runs/failing-{fault}" if remote else str(tmp_path / "share")
+    # in a PID namespace of its own, as on another host: a taker judges it by its lease alone
+    apart = ("unshare", "-pf") if remote and _unshare_works() else ()
+    proc = _probe(storage, fault, after=1.0, term=term, prefix=apart)
+    monkeypatch.setenv("ENIGMA_LEASE_S", str(term))
+    take = lambda: Storage.of(storage, str(tmp_path / "t")).lock("enigma train").acquire()  # noqa: E731
+    if remote:
+        time.sleep(1.0 + term / 6 + 0.2)  # past the last renewal that could go through
+        take().release()
+        taken = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    if not remote:  # on one kernel a share's lock is the kernel's: free once its holder ends
+        take().release()
+        taken = time.monotonic()
+    broke, wrote = _writes(out)
+    assert proc.returncode == LEASE_EXIT, err
+    why = {"503": "SlowDown", "stall": "a renewal has not returned", "estale": "Stale file"}
+    assert err.count("error: the lease of") == 1 and why[fault] in err, err
+    assert "expired (not renewed for" in err and "resume the run once the store answers" in err
+    assert broke is not None and wrote[-1] > broke, "it wrote on while its lease lasted"
+    # its last good renewal was sent at most term/6 before the fault: no taker-over before
+    # broke + 5/6 term; it stopped at 2/3 of the term after that renewal
+    assert wrote[-1] < broke + 5 / 6 * term and wrote[-1] < taken, (broke, wrote[-1], taken)
 
-    held = Storage.of("s3://runs/lost", str(tmp_path)).lock("enigma train").acquire()
-    s3.put_object(Bucket="runs", Key="lost/.lock", Body=json.dumps(taker).encode())
-    _interrupted()
-    held.release()
-    body = s3.get_object(Bucket="runs", Key="lost/.lock")["Body"].read()
-    assert json.loads(body)["host"] == "node-d", "the taker's lock stays"
-    err = capsys.readouterr().err
-    assert err.count("is no longer ours (taken over by enigma train (pid 11 on node-d") == 2
-    assert "was not removed" not in err
+
+def _unshare_works() -> bool:
+    return subprocess.run(["unshare", "-pf", "true"], capture_output=True).returncode == 0
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_takers_lock(s3, tmp_path):
+    """A holder paused past its term (SIGSTOP, a partition) finds at its next renewal that
+    another run took the lock over: it says so in one line and ends at once (exit 75), writing
+    nothing more, and leaves the taker's lock alone. Locally and on S3."""
+    from enigma.storage.locks import LEASE_EXIT, holder_record
+
+    taker = {**holder_record("enigma train"), "host": "node-d", "pid": 11}
+    for storage in (str(tmp_path / "share"), "s3://runs/lost"):
+        proc = _probe(storage, "none", after=0, term=0.6)
+        time.sleep(0.3)
+        if "://" in storage:
+            s3.put_object(Bucket="runs", Key="lost/.lock", Body=json.dumps(taker).encode())
+        else:
+            fd = os.open(tmp_path / "share" / ".lock", os.O_RDWR)  # the taker rewrites it (NFS)
+            DirectoryLock._write(fd, taker)
+            os.close(fd)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == LEASE_EXIT, err
+        assert err.count("is no longer ours (taken over by enigma train (pid 11 on node-d") == 1
+        if "://" in storage:
+            body = s3.get_object(Bucket="runs", Key="lost/.lock")["Body"].read()
+        else:
+            body = (tmp_path / "share" / ".lock").read_bytes()
+        assert json.loads(body)["host"] == "node-d", "the taker's lock stays"
 
 
 def test_a_renewal_whose_answer_was_lost_is_ours_not_a_take_over(s3, tmp_path):

@@ -25,6 +25,16 @@ conditional writes is one line naming it. ``gs://`` has no conditional create th
 its lock is checked, written and read back, which two drivers starting in the same second can
 both pass.
 
+**A holder that cannot renew stops.** The lease is the holder's only until two thirds of a term
+after the last renewal that went through was sent: renewals that fail (503, expired credentials,
+``ESTALE``) or never return (a stalled store, a hung NFS server; each renewal runs in a thread of
+its own, and an S3 call gives up after a twelfth of the term) end the process then, in one line
+(:func:`stop_the_holder`, exit :data:`LEASE_EXIT`), with a third of the term to spare before a
+taker-over, who waits a whole term after the record's last change, can start. A holder that finds
+its lease taken over ends the same way. Ending the process is what stops its writes: a Ray
+driver's workers end with their driver. On a local disk the kernel's lock is the truth and
+nobody else can take it over, so its lease does not expire.
+
 ``enigma unlock`` (:mod:`enigma.storage.unlock`) removes a lock whose holder the operator knows
 is gone, and refuses one that is still being renewed.
 """
@@ -217,45 +227,108 @@ def watch_lease(read, term_s: float, poll_s: float | None = None) -> str:
     return "lapsed"
 
 
-def stop_the_holder(what: str, err: LeaseLost) -> None:
-    """A holder whose lease was taken over must not write on as if it held it: said in one
-    line, and the process's main thread is interrupted (as by Ctrl-C), which ends a run."""
-    import _thread
+# The exit status of a holder stopped because its lease is lost or expired (EX_TEMPFAIL: the
+# run can be resumed once the store answers again).
+LEASE_EXIT = 75
+# A lease is the holder's until this share of its term has passed since the last renewal that
+# went through was sent; the rest is time to stop writing before a taker-over, which waits a
+# whole term after the record last changed, can start.
+EXPIRY = 2 / 3
 
-    print(f"error: the lock of {what} is no longer ours ({err}): stopping, since another run "
-          "now writes there (a pause longer than the lease's term, ENIGMA_LEASE_S, does "
-          "this)", file=sys.stderr, flush=True)  # fmt: skip
-    _thread.interrupt_main()
+
+class LeaseExpired(LeaseLost):
+    """No renewal went through for :data:`EXPIRY` of the term (the store errs, stalls or cannot
+    be reached): the lease may be taken over soon, so its holder must stop now."""
+
+
+def stop_the_holder(what: str, err: LeaseLost) -> None:
+    """A holder whose lease is lost, or may be taken over any moment, must not write on: said in
+    one line, then the process ends at once (no clean-up that could write; a Ray driver's workers
+    end with it, since Ray ends a job's workers with its driver)."""
+    if isinstance(err, LeaseExpired):
+        line = (f"error: the lease of {what} expired ({err}): stopping before another run may "
+                "take it over; resume the run once the store answers again")  # fmt: skip
+    else:
+        line = (f"error: the lock of {what} is no longer ours ({err}): stopping, since another "
+                "run now writes there (a pause longer than the lease's term, ENIGMA_LEASE_S, "
+                "does this)")  # fmt: skip
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(LEASE_EXIT)
 
 
 class Heartbeat(threading.Thread):
-    """Calls ``renew()`` every ``term_s / 6`` seconds until stopped. A renewal that fails for a
-    while (the store is unreachable) is said once a term; one that finds the lease taken over
-    (:class:`LeaseLost`) stops the heartbeat and calls ``lost(err)``."""
+    """Calls ``renew()`` every ``term_s / 6`` seconds until stopped, each call in a thread of its
+    own so that one stuck in a stalled store or a hung NFS server cannot hold the clock.
 
-    def __init__(self, renew, term_s: float, what: str, lost=None):
+    ``since``: when the write that took the lease was sent (``time.monotonic()``). With
+    ``expires``, the lease is the holder's until :data:`EXPIRY` of the term after the last
+    renewal that went through was *sent* (its write landed later, and a taker-over watches a
+    whole term after that): past it, whatever the reason (errors, timeouts, a call that never
+    returns), ``lost(LeaseExpired)`` is called. A renewal that finds the lease taken over
+    (:class:`LeaseLost`) calls ``lost(err)`` at once. A failed renewal is said once a term."""
+
+    def __init__(self, renew, term_s: float, what: str, lost=None, since: float | None = None,
+                 expires: bool = True):  # fmt: skip
         super().__init__(daemon=True, name=f"lease {what}")
-        self.renew, self.every, self.what = renew, term_s / 6, what
+        self.renew, self.term, self.every, self.what = renew, term_s, term_s / 6, what
         self.lost = lost or (lambda err: stop_the_holder(what, err))
+        self.good = time.monotonic() if since is None else since
+        self.expires = expires
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        failed = 0.0
-        while not self.stopped.wait(self.every):
-            try:
-                self.renew()
-            except LeaseLost as err:
-                if not self.stopped.is_set():
-                    self.lost(err)
-                return
-            except Exception as err:  # the holder goes on; a taker-over is told in the note
-                if time.monotonic() - failed > 6 * self.every:
-                    print(f"warning: the lease of {self.what} was not renewed ({err})",
+        error, said = None, float("-inf")
+        while not self.stopped.wait(self.every if self.left() is None else
+                                    max(0.0, min(self.every, self.left()))):  # fmt: skip
+            if self.left() is not None and self.left() <= 0:
+                return self._lose(self._expired(f"last error: {error}"))
+            call = _Call(self.renew)
+            if not call.done.wait(self.left()):
+                return self._lose(self._expired("a renewal has not returned"))
+            if call.error is None:
+                self.good, error = call.sent, None
+            elif isinstance(call.error, LeaseLost):
+                return self._lose(call.error)
+            else:  # the holder goes on while its lease lasts
+                error = call.error
+                if time.monotonic() - said > self.term:
+                    print(f"warning: the lease of {self.what} was not renewed ({error})",
                           file=sys.stderr, flush=True)  # fmt: skip
-                    failed = time.monotonic()
+                    said = time.monotonic()
+        return None
+
+    def left(self) -> float | None:
+        """Seconds until the lease expires here; None when it does not."""
+        return self.good + EXPIRY * self.term - time.monotonic() if self.expires else None
+
+    def _expired(self, why: str) -> LeaseExpired:
+        waited = time.monotonic() - self.good
+        return LeaseExpired(f"not renewed for {waited:.1f} s of its {self.term:g} s term; {why}")
+
+    def _lose(self, err: LeaseLost) -> None:
+        if not self.stopped.is_set():
+            self.lost(err)
 
     def stop(self) -> None:
         self.stopped.set()
+
+
+class _Call:
+    """One renewal running in a daemon thread: when it was sent, whether and how it ended."""
+
+    def __init__(self, renew):
+        self.sent, self.error = time.monotonic(), None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(renew,), daemon=True, name="lease renewal").start()
+
+    def _run(self, renew) -> None:
+        try:
+            renew()
+        except Exception as err:
+            self.error = err
+        finally:
+            self.done.set()
 
 
 def _term_of(record: dict | None) -> float:
@@ -279,6 +352,7 @@ class DirectoryLock:
         self.fd: int | None = None
         self.record: dict | None = None
         self.heart: Heartbeat | None = None
+        self.sent = 0.0  # when our record was written (time.monotonic())
         self.mutex = threading.Lock()  # a renewal and the release never interleave
 
     @property
@@ -293,7 +367,11 @@ class DirectoryLock:
             try:
                 if self._lock(fd, deadline) and self._claim(fd, deadline):
                     self.fd = fd
-                    self.heart = Heartbeat(self._renew, lease_term(), str(self.target))
+                    # on a local disk the kernel's lock is the truth and nobody else takes it
+                    # over: only a share's lease can expire
+                    self.heart = Heartbeat(self._renew, lease_term(), str(self.target),
+                                           since=self.sent,
+                                           expires=shared_file_system(self.path))  # fmt: skip
                     self.heart.start()
                     return self
             except BaseException:
@@ -343,6 +421,7 @@ class DirectoryLock:
             print(f"note: taking over the lock of {self.target} left by pid {previous.get('pid')} "
                   "(gone)", flush=True)  # fmt: skip
         self.record = holder_record(self.what)
+        self.sent = time.monotonic()
         self._write(fd, self.record)
         return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from ..errors import InputError
 from .locks import (
@@ -73,6 +74,7 @@ class ObjectLock:
         self.scheme, self.bucket, self.key, self.options = split_object_uri(lock_uri)
         self.etag: str | None = None
         self.record: dict | None = None
+        self.sent = 0.0  # when the write that took the lock was sent (time.monotonic())
         self.heart: Heartbeat | None = None
         self.lost = False  # the lease was taken over: nothing of it is ours to delete
         self.mutex = threading.Lock()  # a renewal and the release never interleave
@@ -86,14 +88,14 @@ class ObjectLock:
             return self._acquire_unconditional()
         from .objects import s3_client
 
-        client = s3_client(self.options)
+        client = s3_client(self.options, lease_term())
         self.record = holder_record(self.what)
         body = json.dumps(self.record).encode()
         with store_errors(self.shown):
             done = self._create(client, body)
         self.etag = done["ETag"]
         self.heart = Heartbeat(lambda: self._renew(client), lease_term(), self.shown,
-                               lost=self._lost)  # fmt: skip
+                               lost=self._lost, since=self.sent)  # fmt: skip
         self.heart.start()
         return self
 
@@ -101,6 +103,7 @@ class ObjectLock:
         """The conditional create; taken over (or adopted) when the object is there."""
         for _ in range(tries):
             try:
+                self.sent = time.monotonic()
                 return client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
                                          IfNoneMatch="*")  # fmt: skip
             except client.exceptions.ClientError as err:
@@ -155,6 +158,7 @@ class ObjectLock:
                 )
             reason = f"from {describe(record)}: its lease was not renewed for {term:g} s"
         try:  # of two takers-over, the one whose If-Match still holds wins
+            self.sent = time.monotonic()
             done = client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
         except client.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") not in (*PRECONDITION, "NoSuchKey"):
@@ -218,6 +222,7 @@ class ObjectLock:
             with fs.open_output_stream(path) as f:
                 f.write(json.dumps(self.record).encode())
 
+        self.sent = time.monotonic()
         write()
         if _parse(read() or b"") != self.record:
             raise InputError(f"{self.shown} was locked by another run just now")
@@ -227,7 +232,7 @@ class ObjectLock:
             self.record = renewed(self.record)
             write()
 
-        self.heart = Heartbeat(renew, lease_term(), self.shown)
+        self.heart = Heartbeat(renew, lease_term(), self.shown, since=self.sent)
         self.heart.start()
         return self
 
@@ -251,7 +256,7 @@ class ObjectLock:
                 return
             from .objects import s3_client
 
-            client = s3_client(self.options)
+            client = s3_client(self.options, lease_term())
             # only our own lock: a run that took it over (our lease lapsed) keeps its own
             client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
         except Exception as err:
