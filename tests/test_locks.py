@@ -488,6 +488,31 @@ def test_a_reused_pid_is_not_the_holder_that_had_it(s3, tmp_path, capsys):
     assert f"left by pid {os.getpid()} (gone)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("verb", ["PUT", "DELETE"])
+def test_a_store_that_ignores_if_match_is_refused_leaving_nothing(s3, tmp_path, monkeypatch, verb):
+    """A store that drops If-Match (as some S3-compatible stores do, and AWS did on DELETE
+    until 2025) would let a late renewal or a release overwrite or delete another run's lock:
+    the lock probes it on an object of its own and refuses the store in one line, leaving
+    neither a lock nor its probe behind. moto honours both (every other S3 test)."""
+    from enigma.storage import object_lock, objects
+    from enigma.storage.store import Storage
+
+    made = objects.s3_client
+    operation = {"PUT": "PutObject", "DELETE": "DeleteObject"}[verb]
+
+    def ignoring(options, term_s=None):  # the condition never reaches the store
+        client = made(options, term_s)
+        drop = lambda request, **_: request.headers.__delitem__("If-Match")  # noqa: E731
+        client.meta.events.register(f"before-sign.s3.{operation}", drop)
+        return client
+
+    monkeypatch.setattr(objects, "s3_client", ignoring)
+    monkeypatch.setattr(object_lock, "_HONOURED", set())
+    with pytest.raises(InputError, match=f"does not honour If-Match on {verb}, without which"):
+        Storage.of("s3://runs/ignoring", str(tmp_path)).lock("enigma train").acquire()
+    assert "Contents" not in s3.list_objects_v2(Bucket="runs", Prefix="ignoring/")
+
+
 def test_what_the_user_fixes_about_a_lock_is_one_line(s3, tmp_path, monkeypatch):
     from enigma.storage.store import Storage
 

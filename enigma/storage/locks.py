@@ -21,7 +21,8 @@ at the path, and tries again.
 renewals and take-overs are conditional on the ETag seen (``If-Match``), so of two takers-over
 one wins, and a holder that finds its lease taken says so. A dead process on this host and PID
 namespace is known dead at once; any other holder is judged by its lease. A store that refuses
-conditional writes is one line naming it. ``gs://`` has no conditional create through pyarrow:
+conditional writes, or applies a PUT or DELETE whose If-Match does not hold (probed once per
+bucket), is one line naming it. ``gs://`` has no conditional create through pyarrow:
 its lock is checked, written and read back, which two drivers starting in the same second can
 both pass.
 

@@ -24,6 +24,11 @@ from .locks import (
 
 # What a conditional write's refusal is called by the stores that have them.
 PRECONDITION = ("PreconditionFailed", "412", "ConditionalRequestConflict")
+# What a store that does not take a condition answers instead of applying it.
+NO_CONDITIONS = ("NotImplemented", "501", "InvalidArgument")
+NO_SUCH_ETAG = '"00000000000000000000000000000000"'  # matches no object's ETag
+# (endpoint, bucket) whose If-Match this process has probed and found honoured
+_HONOURED: set[tuple[str, str]] = set()
 
 
 def store_errors(shown: str):
@@ -92,6 +97,7 @@ class ObjectLock:
         self.record = holder_record(self.what)
         body = json.dumps(self.record).encode()
         with store_errors(self.shown):
+            self._probe_conditions(client)
             done = self._create(client, body)
         self.etag = done["ETag"]
         self.heart = Heartbeat(lambda: self._renew(client), lease_term(), self.shown,
@@ -116,10 +122,46 @@ class ObjectLock:
                 return done
         raise InputError(f"{self.shown}: its lock keeps changing hands; try again")
 
+    def _probe_conditions(self, client) -> None:
+        """If-Match on PUT and DELETE, tried once per process and bucket on an object of our own
+        with an ETag no object has: a store that applies either anyway (some S3-compatible
+        stores do; AWS has honoured it on DELETE only since 2025) would let a late renewal or a
+        release overwrite or delete another run's lock, so it is refused in one line."""
+        import uuid
+
+        where = (client.meta.endpoint_url, self.bucket)
+        if where in _HONOURED:
+            return
+        key = f"{self.key}.probe-{uuid.uuid4().hex[:12]}"
+        client.put_object(Bucket=self.bucket, Key=key, Body=b"probe")
+        ignored = []
+        try:
+            for verb, call in (("PUT", client.put_object), ("DELETE", client.delete_object)):
+                extra = {"Body": b"changed"} if verb == "PUT" else {}
+                try:
+                    call(Bucket=self.bucket, Key=key, IfMatch=NO_SUCH_ETAG, **extra)
+                    ignored.append(verb)
+                except client.exceptions.ClientError as err:
+                    code = err.response.get("Error", {}).get("Code")
+                    if code in NO_CONDITIONS:
+                        ignored.append(f"{verb} ({code})")
+                    elif code not in PRECONDITION:
+                        raise
+        finally:
+            client.delete_object(Bucket=self.bucket, Key=key)
+        if ignored:
+            raise InputError(
+                f"the store behind {self.shown} does not honour If-Match on "
+                f"{' or '.join(ignored)}, without which a late renewal or a release could "
+                "overwrite or delete another run's lock; use a store that has it (AWS S3, MinIO, "
+                "Ceph RGW 18+) or a local or NFS storage path"
+            )
+        _HONOURED.add(where)
+
     def _refused_conditions(self, err, code) -> None:
         """A store without conditional writes: one line naming it (other errors keep theirs)."""
         text = str(err)
-        if code in ("NotImplemented", "501", "InvalidArgument") or "If-None-Match" in text:
+        if code in NO_CONDITIONS or "If-None-Match" in text:
             raise InputError(
                 f"the store behind {self.shown} refuses conditional writes (If-None-Match: "
                 f"{code}), without which two drivers could both take its lock; use a store "
