@@ -185,6 +185,23 @@ def test_a_share_mounted_at_a_path_with_a_space_is_judged_a_share():
     assert mount_kind("/mnt/shared/out/.lock", mounts) == "ext4"
 
 
+@pytest.mark.parametrize("option", ["local_lock=flock", "local_lock=all", "nolock"])
+def test_a_share_whose_flock_stays_on_one_host_is_refused(tmp_path, monkeypatch, option):
+    """NFS mounted with ``nolock`` or ``local_lock=flock|all`` locks on this host only: two
+    hosts starting at once would both take the lock, so a lock there is refused in one line
+    naming the option; the same share mounted without it is locked (and judged by its lease)."""
+    from enigma.storage import locks
+
+    share = "srv:/e {} nfs4 rw,vers=4.2,{}hard 0 0\n"
+    monkeypatch.setattr(locks, "_mounts", lambda: share.format(tmp_path, f"{option},"))
+    with pytest.raises(InputError, match=f"mounted with {option}: its locks cover this host"):
+        DirectoryLock(tmp_path / "out" / ".lock", "enigma train").acquire()
+    assert not (tmp_path / "out" / ".lock").exists()
+    monkeypatch.setattr(locks, "_mounts", lambda: share.format(tmp_path, "local_lock=none,"))
+    with DirectoryLock(tmp_path / "out" / ".lock", "enigma train") as lock:
+        assert lock.heart.expires, "on a share the lease expires where it is held"
+
+
 def test_leftovers_of_one_output_are_told_apart_from_anothers(tmp_path):
     """What a killed replacement of ``best`` left is matched by the name itself, not a glob:
     ``best.old-2024``'s copy set aside, and the staging directory of ``m5`` for an output

@@ -184,29 +184,57 @@ def alive_here(record: dict | None) -> bool:
     return _here(record) and _alive(record["pid"], record.get("started"))
 
 
+def _mounts() -> str | None:
+    try:
+        return Path("/proc/mounts").read_text()
+    except OSError:
+        return None
+
+
 def shared_file_system(path: Path) -> bool:
     """Whether ``path`` may lie on a file system other hosts mount too: any but the local
     kinds this knows (:data:`LOCAL_FILE_SYSTEMS`)."""
-    try:
-        mounts = Path("/proc/mounts").read_text()
-    except OSError:
+    mounts = _mounts()
+    if mounts is None:
         return True  # unknown: judge it as shared, the careful way
     return mount_kind(str(path.resolve()), mounts) not in LOCAL_FILE_SYSTEMS
 
 
+def flock_stays_on_this_host(path: Path) -> str | None:
+    """The mount option that makes ``flock`` on an NFS share lock this host only (``nolock``,
+    ``local_lock=flock`` or ``=all``), or None: with it, two hosts starting at once could both
+    take the lock."""
+    mounts = _mounts()
+    if mounts is None:
+        return None
+    kind, options = mount_of(str(path.resolve()), mounts)
+    if not kind.startswith("nfs"):
+        return None
+    for option in ("nolock", "local_lock=flock", "local_lock=all"):
+        if option in options:
+            return option
+    return None
+
+
 def mount_kind(target: str, mounts: str) -> str:
     """The file system type of the longest mount point holding ``target``, from the text of
-    ``/proc/mounts`` (which writes a space in a mount point as ``\\040``, a tab ``\\011``, a
-    backslash ``\\134``); "" when none does."""
-    best, kind = "", ""
+    ``/proc/mounts``; "" when none does."""
+    return mount_of(target, mounts)[0]
+
+
+def mount_of(target: str, mounts: str) -> tuple[str, set[str]]:
+    """The file system type and mount options of the longest mount point holding ``target``,
+    from the text of ``/proc/mounts`` (which writes a space in a mount point as ``\\040``, a
+    tab ``\\011``, a backslash ``\\134``); ``("", set())`` when none does."""
+    best, found = "", ("", set())
     for line in mounts.splitlines():
         fields = line.split()
-        if len(fields) < 3:
+        if len(fields) < 4:
             continue
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
         if target.startswith(point.rstrip("/") + "/") and len(point) >= len(best):
-            best, kind = point, fields[2]
-    return kind
+            best, found = point, (fields[2], set(fields[3].split(",")))
+    return found
 
 
 def watch_lease(read, term_s: float, poll_s: float | None = None) -> str:
@@ -362,6 +390,12 @@ class DirectoryLock:
 
     def acquire(self) -> DirectoryLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if option := flock_stays_on_this_host(self.path.parent):
+            raise InputError(
+                f"{self.target} is on an NFS share mounted with {option}: its locks cover this "
+                "host only, so a run on another host could take the same directory at once; "
+                "remount it without that option, or use an s3:// or gs:// storage path"
+            )
         deadline = time.monotonic() + self.wait_s
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
