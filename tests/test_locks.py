@@ -530,6 +530,37 @@ def test_a_store_that_ignores_if_match_is_refused_leaving_nothing(s3, tmp_path, 
     assert "Contents" not in s3.list_objects_v2(Bucket="runs", Prefix="ignoring/")
 
 
+def test_the_fence_advances_once_per_version_and_an_older_generation_cannot_swap_the_model(
+    s3, tmp_path
+):
+    """Two takers that read the same fence: the first advances it (If-None-Match / If-Match on
+    the version read), the second is refused in one line. A holder of the generation taken over
+    then cannot start a model swap: refused before it uploads, the model left as it was."""
+    from enigma.storage import fence as fences
+    from enigma.storage.store import Storage
+
+    storage = Storage.at("s3://runs/fenced")
+    fence, version = fences.read(storage)
+    assert (fence, version) == (fences.Fence(), "")
+    fences.write(storage, fence.successor(4), version)
+    with pytest.raises(InputError, match="was taken over by another run just now"):
+        fences.write(storage, fence.successor(6), version)
+    now, version = fences.read(storage)
+    assert now == fences.Fence(2, {1: 4}) and version
+    fences.write(storage, now.successor(9), version)
+    with pytest.raises(InputError, match="was taken over by another run just now"):
+        fences.write(storage, now.successor(9), version)
+    s3.put_object(Bucket="runs", Key="fenced/model/config.json", Body=b"{}")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "config.json").write_text('{"stale": true}')
+    with pytest.raises(fences.Fenced, match="generation 3 of .* took the run over from this one"):
+        storage.replace_model(staged, "model", guard=lambda: fences.check(storage, 2))
+    listed = s3.list_objects_v2(Bucket="runs", Prefix="fenced/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == ["fenced/fence.json", "fenced/model/config.json"]
+    assert s3.get_object(Bucket="runs", Key="fenced/model/config.json")["Body"].read() == b"{}"
+
+
 def test_what_the_user_fixes_about_a_lock_is_one_line(s3, tmp_path, monkeypatch):
     from enigma.storage.store import Storage
 

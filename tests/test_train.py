@@ -154,6 +154,42 @@ def test_resume_is_exact(data, tmp_path, fp32_zero2, fp32_baseline_run):
         assert abs(baseline[step] - rest[step]) < 1e-4, (step, baseline[step], rest[step])
 
 
+def test_a_generation_that_took_a_lapsed_lease_over_never_reads_what_the_old_one_wrote_after(
+    tmp_path, fp32_baseline_run, capsys
+):
+    """Generation 2 took the run over and resumed from step 10; the old holder, which lived on,
+    then wrote step 20 into its own run (ray/train). Resuming and exporting trust generation 1
+    up to step 10 only, and all of generation 2 (ray/train-g2), by the fence alone; the next
+    takeover cuts generation 2 where it resumes."""
+    import shutil
+
+    from enigma.storage import fence as fences
+    from enigma.storage.store import Storage
+    from enigma.train import export, resume
+
+    baseline_dir, _ = fp32_baseline_run
+    shutil.copytree(baseline_dir / "ray" / "train", tmp_path / "ray" / "train")
+    storage = Storage(str(tmp_path))
+    current = resume.read_state(str(tmp_path / "ray/train/step-0000010")).fingerprint
+    assert resume.choose_resume(storage, None, current).path.endswith("train/step-0000020")
+    fence, version = fences.read(storage)
+    assert (fence, version) == (fences.Fence(), None)
+    taken = fences.Fence(1).successor(10)
+    assert taken == fences.Fence(2, {1: 10})
+    fences.write(storage, taken, version)
+    chosen = resume.choose_resume(storage, None, current)
+    assert chosen.path.endswith("ray/train/step-0000010"), "step 20 is the old holder's"
+    assert sorted(export.checkpoints(tmp_path)) == [10]
+    shutil.copytree(tmp_path / "ray/train/step-0000010", tmp_path / "ray/train-g2/step-0000015")
+    chosen = resume.choose_resume(storage, None, current)
+    assert chosen.path.endswith("ray/train-g2/step-0000015")
+    assert sorted(export.checkpoints(tmp_path)) == [10, 15]
+    assert fences.read(storage)[0].successor(15) == fences.Fence(3, {1: 10, 2: 15})
+    with pytest.raises(fences.Fenced, match="generation 2 of .* took the run over from this one"):
+        fences.check(storage, 1)
+    fences.check(storage, 2)
+
+
 def test_a_kill_inside_the_set_aside_of_a_damaged_checkpoint_leaves_a_run_that_resumes(
     data, tmp_path, fp32_zero2, fp32_baseline_run, capsys, monkeypatch
 ):

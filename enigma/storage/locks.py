@@ -382,6 +382,7 @@ class DirectoryLock:
         self.record: dict | None = None
         self.heart: Heartbeat | None = None
         self.sent = 0.0  # when our record was written (time.monotonic())
+        self.lapsed = False  # taken over from a holder whose lease lapsed, who may live on
         self.mutex = threading.Lock()  # a renewal and the release never interleave
 
     @property
@@ -442,6 +443,7 @@ class DirectoryLock:
                 reason = "before this host's last boot, which ended it"
             elif (seen := watch_lease(self._read_fresh, _term_of(previous))) == "lapsed":
                 reason = f"its lease was not renewed for {_term_of(previous):g} s"
+                self.lapsed = True  # its holder may live on: a new generation (fence)
             elif seen == "released" or time.monotonic() < deadline:
                 return False  # a live holder on another host: try again until the deadline
             else:

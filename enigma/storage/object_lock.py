@@ -80,6 +80,7 @@ class ObjectLock:
         self.etag: str | None = None
         self.record: dict | None = None
         self.sent = 0.0  # when the write that took the lock was sent (time.monotonic())
+        self.lapsed = False  # taken over from a holder whose lease lapsed, who may live on
         self.heart: Heartbeat | None = None
         self.lost = False  # the lease was taken over: nothing of it is ours to delete
         self.mutex = threading.Lock()  # a renewal and the release never interleave
@@ -199,6 +200,7 @@ class ObjectLock:
                     f"lease; if you know that run is gone, `enigma unlock {self.shown}`"
                 )
             reason = f"from {describe(record)}: its lease was not renewed for {term:g} s"
+            self.lapsed = True  # its holder may live on: a new generation (fence)
         try:  # of two takers-over, the one whose If-Match still holds wins
             self.sent = time.monotonic()
             done = client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
@@ -258,6 +260,7 @@ class ObjectLock:
                                  f"that run is gone, `enigma unlock {self.shown}`")  # fmt: skip
             print(f"note: taking over the lock of {self.shown} from {describe(record)}",
                   flush=True)  # fmt: skip
+            self.lapsed = not dead_here(record)
         self.record = holder_record(self.what)
 
         def write() -> None:

@@ -1,7 +1,8 @@
 """Where a run's lasting state lives: a local directory, or shared storage named by a URI.
 
 ``--storage-path`` (a local or NFS path, ``s3://bucket/prefix`` or ``gs://bucket/prefix``) holds
-the checkpoints (``ray/train/step-*``, written by Ray Train), the TensorBoard events
+the checkpoints (``ray/train/step-*``, written by Ray Train; ``ray/train-gN/`` of a generation
+that took a lapsed lease over, :mod:`enigma.storage.fence`), the TensorBoard events
 (``tensorboard/``) and the exported model (``model/``), so a run resumes from it on a machine
 that has never seen it. Without it the output directory is the storage, with the same layout.
 Every access goes through pyarrow's file systems, which read an S3-compatible endpoint and its
@@ -26,7 +27,6 @@ from ..errors import InputError
 
 # What says an export is whole: from_pretrained's config, or a PEFT adapter's. Written last.
 MARKERS = ("config.json", "adapter_config.json")
-CHECKPOINT_PARTS = ("ray", "train")  # Ray Train's storage_path is ROOT/ray, its run name "train"
 # Query options that are credentials (pyarrow's S3 and GCS URI options).
 SECRET_OPTIONS = {"access_key", "secret_key", "session_token", "access_token", "credentials"}
 CREDENTIAL_VARIABLES = (
@@ -206,16 +206,21 @@ class Storage:
         pafs.copy_files(path, str(local), source_filesystem=fs)
         return True
 
-    def replace_model(self, staged: Path, name: str, stop_after: str | None = None) -> None:
+    def replace_model(self, staged: Path, name: str, stop_after: str | None = None,
+                      guard=None) -> None:  # fmt: skip
         """Put the exported model at ``root/name``. Object stores have no rename, so the swap
         goes in steps each of which leaves a model that loads (see :meth:`recover_model`):
         upload beside it, to ``.name.next/`` (the :data:`MARKERS`, what ``from_pretrained``
         looks for, last: their presence says the copy is whole); empty ``name/``, its marker
         first; copy the new files in, the marker last; remove ``.name.next/``. ``stop_after``
         (a step's name) stops there, as a kill would: for the tests and ``enigma bench
-        faults``."""
+        faults``. ``guard()``, called before the upload beside and again before ``name/`` is
+        touched, raises to stop a writer that must no longer write (a generation taken over);
+        once ``name/`` is emptied the swap completes."""
         import pyarrow.fs as pafs
 
+        guard = guard or (lambda: None)
+        guard()
         self.recover_model(name)
         fs, path = self.filesystem(name)
         _, beside = self.filesystem(f".{name}.next")
@@ -226,6 +231,7 @@ class Storage:
                 shutil.copyfileobj(src, dst, 8 << 20)
         if stop_after == "upload":
             return
+        guard()
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             for marker in MARKERS:  # first: a model without it is one the next swap completes
                 if fs.get_file_info(f"{path}/{marker}").type == pafs.FileType.File:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from ..storage import fence as fences
 from ..storage.locks import DirectoryLock
-from ..storage.store import CHECKPOINT_PARTS, Storage
+from ..storage.store import Storage
 from . import deepspeed_json, precision
 from .checkpoint import CHECKPOINT_TMP
 from .config import TrainConfig, build_config
@@ -136,12 +137,18 @@ def check_fits(cfg: TrainConfig, workers_flag: str = "--workers") -> None:
 
 
 def prepare_run(
-    cfg: TrainConfig, resume: str | None = None, workers_flag: str = "--workers", **spec_fields
+    cfg: TrainConfig,
+    resume: str | None = None,
+    workers_flag: str = "--workers",
+    lapsed: bool = False,
+    **spec_fields,
 ) -> RunSpec:
     """Validate the inputs, join or start Ray, decide GPU or CPU and the precision, choose the
     checkpoint to start from, and build what every worker gets. Raises :class:`InputError` before
     any worker starts; ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the
-    worker count in messages; ``spec_fields`` go to the :class:`RunSpec` as they are."""
+    worker count in messages; ``lapsed``: the lock was taken over from a holder whose lease
+    lapsed (a new generation starts, :func:`next_generation`); ``spec_fields`` go to the
+    :class:`RunSpec` as they are."""
     from ..cluster.ray_setup import init_ray
     from ..data.shards import shard_paths
 
@@ -167,7 +174,10 @@ def prepare_run(
     order = {k: getattr(cfg, k) for k in DATA_ORDER_KEYS}
     stamp = fingerprint(cfg.model_config(), manifest, cfg.workers, order, tuned(cfg))
     faults = spec_fields.get("faults")
-    start = choose_resume(storage, resume, stamp, bool(faults and faults.kill_in_set_aside))
+    fence, version = fences.read(storage)
+    start = choose_resume(storage, resume, stamp, bool(faults and faults.kill_in_set_aside), fence)
+    if lapsed:
+        fence = next_generation(storage, fence, version, start)
     resumed = start.state.precision if start else None
     chosen, line = precision.resolve(cfg.precision, ds, cfg.ds_config, cfg.gpus_per_worker > 0,
                                      resumed)  # fmt: skip
@@ -185,8 +195,21 @@ def prepare_run(
         storage_path=storage.uri() if cfg.storage_path else "",
         fingerprint=stamp,
         shards=shards,
+        generation=fence.generation,
         **spec_fields,
     )
+
+
+def next_generation(storage: Storage, fence: fences.Fence, version, start) -> fences.Fence:
+    """The storage's fence advanced past the generation whose lease lapsed: what it writes from
+    now on (its workers may live on) lands in a run nobody reads, after the step resumed from."""
+    step = start.state.step if start else 0
+    new = fence.successor(step)
+    fences.write(storage, new, version)
+    print(f"note: {storage.uri()} starts generation {new.generation} (checkpoints in "
+          f"{fences.RUNS}/{fences.run_name(new.generation)}); what generation "
+          f"{fence.generation} writes after step {step} is never read", flush=True)  # fmt: skip
+    return new
 
 
 def build_trainer(
@@ -214,8 +237,8 @@ def build_trainer(
             num_workers=cfg.workers, use_gpu=spec.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=name if storage_path else CHECKPOINT_PARTS[1],
-            storage_path=storage_path or spec.storage.uri(CHECKPOINT_PARTS[0]),
+            name=name if storage_path else fences.run_name(spec.generation),
+            storage_path=storage_path or spec.storage.uri(fences.RUNS),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -245,22 +268,25 @@ def train(
         raise InputError(f"--resume {resume}: no such checkpoint directory")
     resume = os.path.abspath(resume) if resume else None
     out = Path(cfg.output_dir).resolve()
-    with DirectoryLock(out / LOCK_FILE, "enigma train"):
+    with DirectoryLock(out / LOCK_FILE, "enigma train") as held:
         storage = Storage.of(cfg.storage_path, str(out))
         if storage.root == str(out):  # the output directory's lock covers it
-            return _train_locked(cfg, resume, faults or Faults(), command)
+            return _train_locked(cfg, resume, faults or Faults(), command, held.lapsed)
         storage.check()
-        with storage.lock("enigma train"):
-            return _train_locked(cfg, resume, faults or Faults(), command)
+        with storage.lock("enigma train") as held:
+            return _train_locked(cfg, resume, faults or Faults(), command, held.lapsed)
 
 
-def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command: str) -> dict:
+def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command: str,
+                  lapsed: bool = False) -> dict:  # fmt: skip
+    """``lapsed``: the storage's lock was taken over from a holder whose lease lapsed, which
+    may live on: this run is a new generation (:mod:`enigma.storage.fence`)."""
     import ray.exceptions
     from ray.util.queue import Queue
 
     from ..cluster.placement import release_orphans
 
-    spec = prepare_run(cfg, resume, faults=faults, command=command)
+    spec = prepare_run(cfg, resume, lapsed=lapsed, faults=faults, command=command)
     # Checkpoints staged by ranks that were killed mid-write (this directory is locked: none of
     # them belongs to a live run).
     shutil.rmtree(Path(spec.output_dir) / CHECKPOINT_TMP, ignore_errors=True)
@@ -346,7 +372,7 @@ def summarize(spec: RunSpec, result, printer: ProgressPrinter) -> dict:
     print(f"model (save_pretrained + tokenizer): {summary['model_dir']}")
     if spec.train.base_model and not spec.train.full:
         print(f"adapter (PEFT): {storage.uri('adapter')}")
-    print(f"checkpoints: {storage.uri(*CHECKPOINT_PARTS)}")
+    print(f"checkpoints: {storage.uri(fences.RUNS, fences.run_name(spec.generation))}")
     print(f"TensorBoard: tensorboard --logdir {summary['tensorboard']}")
     return summary
 

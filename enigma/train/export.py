@@ -284,11 +284,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:
-    from ..storage.store import CHECKPOINT_PARTS
+    """A run's checkpoints by step, those its fence trusts (:mod:`enigma.storage.fence`)."""
+    from ..storage import fence as fences
+    from ..storage.store import Storage
 
-    root = run_dir.joinpath(*CHECKPOINT_PARTS)
-    found = sorted(root.glob("step-*")) if root.is_dir() else []
-    return {int(p.name.split("-")[1]): p for p in found if p.name.split("-")[1].isdigit()}
+    storage = Storage(str(run_dir.resolve()))
+    fence = fences.read(storage)[0]
+    return {c.step: run_dir.joinpath(*c.parts) for c in fences.checkpoints(storage, fence)}
 
 
 def consolidated_weights(checkpoint: Path) -> dict:
@@ -328,25 +330,28 @@ def _fetched_run(run_dir: str, step: str, tmp: Path) -> Path:
     every kept checkpoint's state files, the chosen checkpoint whole, the exported model."""
     import pyarrow.fs as pafs
 
+    from ..storage import fence as fences
     from ..storage.mirror import local_model
-    from ..storage.store import CHECKPOINT_PARTS, Storage
+    from ..storage.store import Storage
 
     storage, run = Storage.at(run_dir, "run_dir"), tmp / "run"
     if "/" not in storage.root.split("://", 1)[1].strip("/"):  # a bucket, not a run in it
         raise InputError(f"{run_dir}: name the run's prefix, e.g. s3://bucket/runs/base")
     try:
-        steps = [d for d in storage.list_dirs(*CHECKPOINT_PARTS) if d.startswith("step-")]
+        fence = fences.read(storage)[0]
+        numbers = {c.step: c for c in fences.checkpoints(storage, fence)}
     except OSError as err:  # no bucket, no credentials, no route
         raise InputError(f"{run_dir} cannot be read from here ({err}); check the bucket and the "
                          "AWS_* variables (endpoint and credentials)") from None  # fmt: skip
-    numbers = {int(d.split("-")[1]): d for d in steps if d.split("-")[1].isdigit()}
     if not numbers:
         raise InputError(f"{run_dir} has no checkpoints (ray/train/step-*): give the "
                          "--storage-path of an `enigma train` run")  # fmt: skip
+    run.mkdir(parents=True)
+    (run / fences.FENCE).write_text(fence.to_json())
     chosen = max(numbers) if step == "latest" else int(step) if step.isdigit() else None
-    for number, name in numbers.items():
-        fs, where = storage.filesystem(*CHECKPOINT_PARTS, name)
-        local = run.joinpath(*CHECKPOINT_PARTS, name)
+    for number, found in numbers.items():
+        fs, where = storage.filesystem(*found.parts)
+        local = run.joinpath(*found.parts)
         local.mkdir(parents=True)
         if number == chosen:
             pafs.copy_files(where, str(local), source_filesystem=fs)

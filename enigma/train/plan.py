@@ -91,6 +91,8 @@ class RunSpec:
     command: str = ""  # the command line that started the run, for the model card
     data_summary: dict | None = None  # the manifest's summary, for the model card
     shards: dict | None = None  # split -> its shards as shard_paths gives them (checked)
+    generation: int = 1  # of the storage (enigma.storage.fence): where checkpoints go, and the
+    # generation a checkpoint or a model swap must still be to write
 
     def run_info(self) -> dict:
         """What every checkpoint and the model card record of the run."""

@@ -23,7 +23,8 @@ import json
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..storage.store import CHECKPOINT_PARTS, Storage
+from ..storage import fence as fences
+from ..storage.store import Storage
 from .checkpoint import TrainState, damage, read_state
 
 RUN_KNOBS = {
@@ -166,74 +167,82 @@ class Resume:
     state: TrainState
 
 
-def set_aside(storage: Storage, name: str, problem: str, die_between: bool = False) -> str:
-    """Take the checkpoint ``name`` out of Ray Train's record (rewritten whole), then move it
-    to ``damaged-NAME``; returns the new name. In that order: a kill between leaves a record
-    that no longer names it and the directory where it was, which the next run judges again;
-    the other order would leave a record naming a directory that is gone, which Ray refuses to
-    start from (:func:`repair_record` mends that, for records left by older versions)."""
+def set_aside(storage: Storage, found: fences.Checkpoint, problem: str,
+              die_between: bool = False) -> str:  # fmt: skip
+    """Take checkpoint ``found`` out of Ray Train's record (rewritten whole), then move it to
+    ``damaged-NAME`` beside it; returns the new name. In that order: a kill between leaves a
+    record that no longer names it and the directory where it was, which the next run judges
+    again; the other order would leave a record naming a directory that is gone, which Ray
+    refuses to start from (:func:`repair_record` mends that, for records left by older
+    versions)."""
     from ..cluster.ray_internals import forget_checkpoints
 
-    taken = set(storage.list_dirs(*CHECKPOINT_PARTS))
-    aside, n = f"damaged-{name}", 1
+    run = found.parts[:2]
+    taken = set(storage.list_dirs(*run))
+    aside, n = f"damaged-{found.name}", 1
     while aside in taken:
         n += 1
-        aside = f"damaged-{name}-{n}"
-    fs, run_path = storage.filesystem(*CHECKPOINT_PARTS)
-    forget_checkpoints(fs, run_path, {name})
+        aside = f"damaged-{found.name}-{n}"
+    fs, run_path = storage.filesystem(*run)
+    forget_checkpoints(fs, run_path, {found.name})
     if die_between:  # an injected fault (enigma bench faults): killed between the two steps
         import os
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-    storage.move_dir((*CHECKPOINT_PARTS, name), (*CHECKPOINT_PARTS, aside))
-    print(f"checkpoint {name} is damaged ({problem}): set aside as {aside}; trying the one "
+    storage.move_dir(found.parts, (*run, aside))
+    print(f"checkpoint {found.name} is damaged ({problem}): set aside as {aside}; trying the one "
           "before", flush=True)  # fmt: skip
     return aside
 
 
-def repair_record(storage: Storage, present: list[str]) -> None:
-    """Ray Train's record of the run naming checkpoints that are gone (a set-aside killed
-    half-way by an older version, a directory deleted by hand): take them out, or Ray would
-    refuse to start the run again."""
+def repair_record(storage: Storage, generation: int = 1) -> None:
+    """Ray Train's record of a generation's run naming checkpoints that are gone (a set-aside
+    killed half-way by an older version, a directory deleted by hand): take them out, or Ray
+    would refuse to start the run again."""
     from ..cluster.ray_internals import forget_checkpoints, recorded_checkpoints
 
-    fs, run_path = storage.filesystem(*CHECKPOINT_PARTS)
+    run = (fences.RUNS, fences.run_name(generation))
+    present = [n for n in storage.list_dirs(*run) if n.startswith("step-")]
+    fs, run_path = storage.filesystem(*run)
     missing = recorded_checkpoints(fs, run_path) - set(present)
     if missing and forget_checkpoints(fs, run_path, missing):
         gone = ", ".join(sorted(missing))
-        print(f"note: Ray Train's record of {storage.uri(*CHECKPOINT_PARTS)} named {gone}, "
-              "which are gone; taken out of it", flush=True)  # fmt: skip
+        print(f"note: Ray Train's record of {storage.uri(*run)} named {gone}, which are gone; "
+              "taken out of it", flush=True)  # fmt: skip
 
 
 def choose_resume(storage: Storage, explicit: str | None, current: dict,
-                  die_in_set_aside: bool = False) -> Resume | None:  # fmt: skip
+                  die_in_set_aside: bool = False,
+                  fence: fences.Fence | None = None) -> Resume | None:  # fmt: skip
     """The checkpoint this run starts from, said aloud: ``--resume PATH``, or the newest complete
-    one of an earlier run in the same storage (the output directory, or ``--storage-path``), or
-    none. Damaged ones are set aside; one that does not match ``current`` is refused."""
-    run = storage.uri(*CHECKPOINT_PARTS)
-    names = [n for n in storage.list_dirs(*CHECKPOINT_PARTS) if n.startswith("step-")]
-    repair_record(storage, names)
-    if explicit and names:
+    one of an earlier run in the same storage (the output directory, or ``--storage-path``) that
+    ``fence`` (the storage's own when not given) trusts, of any generation, or none. Damaged ones
+    are set aside; one that does not match ``current`` is refused."""
+    fence = fence or fences.read(storage)[0]
+    run = storage.uri(fences.RUNS)
+    trusted = fences.checkpoints(storage, fence)
+    repair_record(storage, fence.generation)
+    if explicit and trusted:
         raise InputError(
-            f"{storage.uri()} already holds a run (latest {names[-1]}), which this command "
-            f"resumes; --resume {explicit} would be ignored: drop --resume, or use another "
-            "--output-dir"
+            f"{storage.uri()} already holds a run (latest {trusted[-1].name}), which this "
+            f"command resumes; --resume {explicit} would be ignored: drop --resume, or use "
+            "another --output-dir"
         )
     if explicit:
         broken = damage(explicit)
         if broken:
             raise InputError(f"--resume {explicit} is damaged: {broken}")
         return _checked(explicit, read_state(explicit), current, "--resume")
-    for name in reversed(names):
-        fs, path = storage.filesystem(*CHECKPOINT_PARTS, name)
+    for found in reversed(trusted):
+        fs, path = storage.filesystem(*found.parts)
         broken = damage(path, fs)
         if broken:
-            set_aside(storage, name, broken, die_in_set_aside)
+            set_aside(storage, found, broken, die_in_set_aside)
             continue
-        where = storage.uri(*CHECKPOINT_PARTS, name)
+        where = storage.uri(*found.parts)
         return _checked(where, read_state(path, fs), current, f"the newest complete one in {run}")
-    if names:
+    if trusted:
         raise InputError(
             f"every checkpoint in {run} is damaged (set aside as damaged-step-*); the same "
             "command now starts over from step 0, or use another --output-dir"

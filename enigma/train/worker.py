@@ -343,6 +343,7 @@ class Worker:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        self.check_fence()  # nothing of a generation taken over reaches the storage
         self.reporter.persist()
         tmp_root = self.cfg.checkpoint_tmp_dir or str(Path(self.spec.output_dir) / CHECKPOINT_TMP)
         self.fill_disk()
@@ -396,6 +397,7 @@ class Worker:
         """Export the best model; a failure on any rank ends every rank now, with the cause,
         instead of leaving the others waiting in the next collective."""
         out = Path(self.spec.local_dir("model"))
+        self.check_fence()
         error = None
         try:
             state = self.state
@@ -421,16 +423,34 @@ class Worker:
                 raise error
             raise RuntimeError(f"step {self.state.step}: exporting {out} failed on another rank")
 
+    def check_fence(self) -> None:
+        """Every rank stops (:class:`~enigma.storage.fence.Fenced`) when a newer generation
+        took the run over: rank 0 reads the fence, the ranks agree."""
+        from ..storage import fence as fences
+
+        error = None
+        if self.rank == 0:
+            try:
+                fences.check(self.spec.storage, self.spec.generation)
+            except fences.Fenced as err:
+                error = err
+        if any_rank(error is not None, self.engine.device):
+            raise error or fences.Fenced("a newer generation took the run over (rank 0 read it)")
+
     def upload(self, name: str) -> None:
         """Swap the exported ``name`` into the remote storage; with the injected fault, die once
         inside the swap (after its ``kill_in_model_swap`` step), as a killed node would."""
         stop = self.spec.faults.kill_in_model_swap
         marker = Path(self.spec.output_dir) / f".fault-injected-swap-{name}"
+        from ..storage import fence as fences
+
+        storage, generation = self.spec.storage, self.spec.generation
+        guard = lambda: fences.check(storage, generation)  # noqa: E731  (before each step)
         if stop and not marker.exists():
-            self.spec.storage.replace_model(Path(self.spec.local_dir(name)), name, stop)
+            storage.replace_model(Path(self.spec.local_dir(name)), name, stop, guard)
             marker.write_text(stop)
             os._exit(1)
-        self.spec.storage.replace_model(Path(self.spec.local_dir(name)), name)
+        storage.replace_model(Path(self.spec.local_dir(name)), name, guard=guard)
 
     def inject_fault(self) -> None:
         """Injected kills: the last rank dies once at each listed step; Ray restarts the group

@@ -1,0 +1,169 @@
+"""Fencing: a holder whose lease was taken over cannot corrupt the run, even one that wakes late.
+
+A lease stops a holder that knows it lost it; a holder paused past its term (SIGSTOP, a long GC,
+a partition) does not know, and its workers, which were never paused, write on. So each holding
+that takes a lapsed lease over starts a new **generation** of the run, and everything a
+generation writes lands where the others never read:
+
+- its checkpoints and Ray Train's record of them go under ``ray/train-gN/`` (generation 1, every
+  run that never took a lapsed lease over, keeps ``ray/train/``), so no checkpoint mixes two
+  holders' shards and no holder's rotation deletes another's checkpoints;
+- ``fence.json`` in the storage, the one record readers trust, names the current generation and,
+  for each earlier one, the newest step that later generations trust (the step the taker resumed
+  from: what the old holder wrote after that is the stale run's). It is written only by a taker
+  that holds the lock, by a conditional write naming the version it replaces (If-Match /
+  If-None-Match on S3), so two takers cannot both advance it;
+- a model swap (``model/``) and every checkpoint first read the fence: a holder of an older
+  generation is refused and ends, saying which generation took over.
+
+A run that never took a lapsed lease over has no ``fence.json``: generation 1, everything
+trusted, the layout as before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from .locks import LeaseLost
+
+FENCE = "fence.json"
+RUNS = "ray"  # Ray Train's storage_path is ROOT/ray; a generation's run name is below it
+
+
+class Fenced(LeaseLost):
+    """This holder's generation is no longer the run's: a taker-over started a newer one."""
+
+
+@dataclass
+class Fence:
+    """The run's current generation and, for each earlier one, the newest step still trusted."""
+
+    generation: int = 1
+    cuts: dict[int, int] = field(default_factory=dict)
+
+    def trusts(self, generation: int, step: int) -> bool:
+        if generation == self.generation:
+            return True
+        return generation < self.generation and step <= self.cuts.get(generation, -1)
+
+    def successor(self, resumed_step: int) -> Fence:
+        """The next generation, which resumes from ``resumed_step`` (0: from the start): every
+        earlier generation is trusted up to there and no further."""
+        cuts = {g: min(self.cuts.get(g, math.inf), resumed_step)
+                for g in range(1, self.generation + 1)}  # fmt: skip
+        return Fence(self.generation + 1, {g: int(c) for g, c in cuts.items()})
+
+    def to_json(self) -> str:
+        return json.dumps({"generation": self.generation,
+                           "cuts": {str(g): s for g, s in sorted(self.cuts.items())}})  # fmt: skip
+
+
+def run_name(generation: int) -> str:
+    """Ray Train's run name (the directory under ``ray/``) of a generation."""
+    return "train" if generation <= 1 else f"train-g{generation}"
+
+
+def generation_of(name: str) -> int | None:
+    """The generation whose Ray run directory is called ``name``; None for another directory."""
+    if name == "train":
+        return 1
+    found = re.fullmatch(r"train-g(\d+)", name)
+    return int(found.group(1)) if found else None
+
+
+def step_of(name: str) -> int | None:
+    found = re.fullmatch(r"step-(\d+)", name)
+    return int(found.group(1)) if found else None
+
+
+def read(storage) -> tuple[Fence, str | None]:
+    """The run's fence (generation 1 when it has none) and the version a conditional write of
+    the next one names (an S3 ETag; ``""`` when there is none; None elsewhere)."""
+    text, version = _read_versioned(storage)
+    if text is None:
+        return Fence(), version
+    try:
+        data = json.loads(text)
+        cuts = {int(g): int(s) for g, s in data.get("cuts", {}).items()}
+        return Fence(int(data["generation"]), cuts), version
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{storage.uri(FENCE)} is not a fence record; restore it, or remove it "
+                         "if this run never had its lock taken over") from None  # fmt: skip
+
+
+def _read_versioned(storage) -> tuple[str | None, str | None]:
+    if storage.root.startswith("s3://"):
+        client, bucket, key = _s3(storage)
+        try:
+            found = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey:
+            return None, ""
+        return found["Body"].read().decode(), found["ETag"]
+    return storage.read_text(FENCE), None
+
+
+def write(storage, fence: Fence, version: str | None) -> None:
+    """Replace the fence, conditionally on ``version`` (from :func:`read`) where the store can:
+    a taker that lost a race for it is refused in one line. Locally (and on NFS) the writer
+    holds the storage's lock, and the file is replaced whole."""
+    body = fence.to_json()
+    if storage.root.startswith("s3://"):
+        client, bucket, key = _s3(storage)
+        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)
+        except client.exceptions.ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise InputError(f"{storage.uri()} was taken over by another run just now "
+                                 "(its fence changed)") from None  # fmt: skip
+            raise
+        return
+    # gs:// (one PUT lands whole) and local paths (a rename): the lock orders the takers
+    storage.write_text(body, FENCE)
+
+
+def _s3(storage):
+    from .locks import lease_term
+    from .objects import s3_client, split_object_uri
+
+    _, bucket, key, options = split_object_uri(storage.uri(FENCE))
+    return s3_client(options, lease_term()), bucket, key
+
+
+def check(storage, generation: int) -> None:
+    """Raise :class:`Fenced` when a newer generation holds the run (before a checkpoint or a
+    model swap of generation ``generation``)."""
+    current, _ = read(storage)
+    if current.generation > generation:
+        raise Fenced(f"generation {current.generation} of {storage.uri()} took the run over "
+                     f"from this one ({generation})")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    generation: int
+    name: str  # step-NNNNNNN
+    step: int
+
+    @property
+    def parts(self) -> tuple[str, str, str]:
+        return (RUNS, run_name(self.generation), self.name)
+
+
+def checkpoints(storage, fence: Fence | None = None) -> list[Checkpoint]:
+    """Every checkpoint in the storage, of every generation, oldest step first; with ``fence``,
+    those it trusts only."""
+    found = []
+    for directory in storage.list_dirs(RUNS):
+        generation = generation_of(directory)
+        if generation is None:
+            continue
+        for name in storage.list_dirs(RUNS, directory):
+            step = step_of(name)
+            if step is not None and (fence is None or fence.trusts(generation, step)):
+                found.append(Checkpoint(generation, name, step))
+    return sorted(found, key=lambda c: (c.step, c.generation))
