@@ -19,7 +19,9 @@ And the same run on S3 (moto's server on loopback, the endpoint in the URI's que
 is SIGKILLed mid-run, its lock left as a driver on another host would leave it, and the command
 is run again from another output directory (another machine): it must wait out the lease, take
 the lock over, resume from the bucket and finish; rank 0 is killed inside its first model swap
-into the bucket, and the model there must load at the end.
+into the bucket, and the model there must load at the end. Then the lease part
+(:mod:`.faults_lease`, ``--no-lease`` leaves it out): a driver whose store stalls must end before
+a taker can start, and a driver paused past its term is fenced while another run finishes.
 
 Reported: faults injected and survived, whether the other job's groups are intact, steps missing
 from or logged twice in the final curve, steps trained again after restarts, and the largest
@@ -45,6 +47,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from . import meta
+from .faults_lease import lease_scenarios
 from .faults_s3 import s3_scenario
 from .train_overhead import fp32_ds_config
 
@@ -58,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="default: a temporary directory")
     p.add_argument("--no-s3", dest="s3", action="store_false",
                    help="leave out the S3 part (its pieces have their own tests)")  # fmt: skip
+    p.add_argument("--no-lease", dest="lease", action="store_false",
+                   help="leave out the lease part (a stalled store, a driver paused past its "
+                   "term: enigma/benchmarks/faults_lease.py)")  # fmt: skip
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="compare the steps trained again after each restart with their first "
                    "training instead of running the undisturbed run (needs --no-s3)")  # fmt: skip
@@ -238,7 +244,8 @@ def clear_earlier(work: Path) -> None:
     """What an earlier run of the benchmark left in ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     for name in ("reference", "faulty", "reference.log", "faulty.log", "s3-a", "s3-b", "s3.log",
-                 "s3-events", "s3-model"):  # fmt: skip
+                 "s3-events", "s3-model", "stalled-a", "stalled-b", "paused-a", "paused-b",
+                 "lease-stalled.log", "lease-paused.log"):  # fmt: skip
         target = work / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
@@ -282,6 +289,9 @@ def run(args: argparse.Namespace) -> dict:
                 command = lambda out: train_command(args, data, out, ds_config)  # noqa: E731
                 kill_at = faults["sigterm_at_steps"][0]
                 s3 = s3_scenario(command, run_until, _env(address, None), work, kill_at)
+                if args.lease:
+                    lease = lease_scenarios(command, _env(address, None), work,
+                                            args.save_every + 1)  # fmt: skip
     finally:
         ray.shutdown()
     if args.reference:
@@ -291,9 +301,27 @@ def run(args: argparse.Namespace) -> dict:
     result = summarize(args, faults, outcome, curves)
     if args.s3:
         result["s3"] = summarize_s3(s3, losses(ref_out), args.steps)
+        if args.lease:
+            result["lease"] = summarize_lease(lease)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     meta.save(result, args.json_out, args.command_line)
     return result
+
+
+def summarize_lease(lease: dict) -> dict:
+    if "skipped" in lease:
+        print(f"lease: skipped ({lease['skipped']})")
+        return lease
+    stalled, paused = lease["stalled_store"], lease["paused_past_its_term"]
+    print(f"lease (term {lease['lease_term_s']} s): store stalled: the driver ended "
+          f"{stalled['a_ended_s_after_the_stall']} s after (exit {stalled['a_exit_code']}), "
+          f"taken over {stalled['b_took_over']}, finished {stalled['b_finished']}, objects of "
+          f"the old run after the stall {stalled['objects_from_a_after_the_stall']}; paused "
+          f"{paused['a_paused_s']} s: taken over as generation 2 "
+          f"{paused['b_took_over_as_generation_2']}, finished {paused['b_finished']}, the old "
+          f"run refused by the fence {paused['a_refused_by_the_fence']} time(s), the model the "
+          f"taker's {paused['model_is_b_s']}")  # fmt: skip
+    return lease
 
 
 def summarize_s3(scenario: tuple[dict, dict], reference: dict, steps: int) -> dict:

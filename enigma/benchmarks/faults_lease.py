@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 LEASE_S = 6
+# Long enough that the old run's workers, which the pause does not stop, are still training when
+# the taker has waited out the lease and started (they would otherwise finish the run first).
+STEPS = 120
 
 
 class StallingProxy:
@@ -77,9 +80,11 @@ def _uri(prefix: str, port: int) -> str:
 
 
 def _one_worker(command: list[str]) -> list[str]:
+    """One worker, :data:`STEPS` steps, one evaluation and export (at the end)."""
     cmd = list(command)
     cmd[cmd.index("--workers") + 1] = "1"
-    return [*cmd, "--set", "max_failures=1"]
+    cmd[cmd.index("--max-steps") + 1] = str(STEPS)
+    return [*cmd, "--set", "max_failures=1", "--set", f"eval_steps={STEPS}"]
 
 
 def _start(cmd: list[str], env: dict, log: Path, apart: bool) -> subprocess.Popen:
@@ -142,6 +147,29 @@ def _landed_after(client, prefix: str, when: float) -> int:
                if fences.step_of(o["Key"].split("/")[3]) is not None)  # fmt: skip
 
 
+def _refusals(uri: str) -> int | None:
+    """How many times a worker's checkpoint or export was refused by the fence of ``uri``: the
+    old run's workers print to its paused driver, so their own logs in the local cluster's
+    session (Ray's default place) are read."""
+    logs = Path("/tmp/ray/session_latest/logs")
+    if not logs.is_dir():
+        return None
+    said = f"Fenced: generation 2 of {uri}"
+    return sum(f.read_text(errors="replace").count(said) for f in logs.glob("worker-*.err"))
+
+
+def _beyond_cut(client, prefix: str, cut: int) -> list[str]:
+    """The old generation's checkpoints past the step the taker resumed from (what it wrote
+    while the taker started, at most the one it was writing when the fence moved)."""
+    from ..storage import fence as fences
+
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket="runs", Prefix=f"{prefix}/ray/train/"
+    )
+    names = {o["Key"].split("/")[3] for p in pages for o in p.get("Contents", [])}
+    return sorted(n for n in names if (fences.step_of(n) or 0) > cut)
+
+
 def stalled_store(command, env: dict, work: Path, port: int, client, step: int) -> dict:
     """Scenario 1 (see the module)."""
     proxy, log = StallingProxy(port), work / "lease-stalled.log"
@@ -198,7 +226,8 @@ def paused_past_its_term(command, env: dict, work: Path, port: int, client, step
         "b_took_over_as_generation_2": "starts generation 2" in text,
         "b_finished": code_b == 0 and "=== done ===" in text,
         "a_exit_code": code_a,
-        "a_refused_by_the_fence": text.count("took the run over from this one"),
+        "a_refused_by_the_fence": _refusals("s3://runs/paused"),
+        "a_checkpoints_after_the_cut": _beyond_cut(client, "paused", fence["cuts"].get("1", 0)),
         "a_stopped_on_its_lease": "is no longer ours" in text or "expired (not renewed" in text,
         "fence": fence,
         "newest_trusted_checkpoint": trusted[-1] if trusted else None,

@@ -491,8 +491,32 @@ def section_faults(r: dict) -> tuple[str, list[str]]:
             ["S3: steps missing / largest per-step loss difference vs the undisturbed run",
              f"{len(s3['steps_lost'])} / {s3['max_loss_diff']}"],
         ]  # fmt: skip
+    if "stalled_store" in r.get("lease", {}):
+        rows += _lease_rows(r["lease"])
     rows.append(["wall s (all runs)", r["wall_seconds"]])
     return title, table(["", ""], rows)
+
+
+def _lease_rows(lease: dict) -> list[list]:
+    stalled, paused = lease["stalled_store"], lease["paused_past_its_term"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    term = lease["lease_term_s"]
+    return [
+        [f"lease ({term} s term), store stalled: the driver ended, s after the stall (exit)",
+         f"{stalled['a_ended_s_after_the_stall']} ({stalled['a_exit_code']})"],
+        ["taken over, resumed and finished from another directory; the old run's objects "
+         "landed after the stall", f"{yes(stalled['b_finished'] and stalled['b_resumed'])}; "
+         f"{stalled['objects_from_a_after_the_stall']}"],
+        [f"lease, driver paused {paused['a_paused_s']} s: taken over as generation 2, finished",
+         yes(paused["b_took_over_as_generation_2"] and paused["b_finished"])],
+        ["the paused run: refused by the fence (times); trusted up to step; its checkpoints "
+         "past it (never read); the newest trusted checkpoint",
+         f"{paused['a_refused_by_the_fence']}; {paused['fence']['cuts'].get('1')}; "
+         f"{', '.join(paused['a_checkpoints_after_the_cut']) or 'none'}; "
+         f"{paused['newest_trusted_checkpoint']}"],
+        ["the model in the bucket is the taker's; the paused driver's exit once continued",
+         f"{yes(paused['model_is_b_s'])}; {paused['a_exit_code']}"],
+    ]  # fmt: skip
 
 
 def section_gpu(r: dict) -> tuple[str, list[str]]:

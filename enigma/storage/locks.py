@@ -310,8 +310,9 @@ class Heartbeat(threading.Thread):
         error, said = None, float("-inf")
         while not self.stopped.wait(self.every if self.left() is None else
                                     max(0.0, min(self.every, self.left()))):  # fmt: skip
-            if self.left() is not None and self.left() <= 0:
-                return self._lose(self._expired(f"last error: {error}"))
+            if self.left() is not None and self.left() <= 0:  # the process was paused or starved
+                why = f"last error: {error}" if error else "no renewal could be sent in time"
+                return self._lose(self._expired(why))
             call = _Call(self.renew)
             if not call.done.wait(self.left()):
                 return self._lose(self._expired("a renewal has not returned"))
