@@ -11,8 +11,8 @@ generation writes lands where the others never read:
 - ``fence.json`` in the storage, the one record readers trust, names the current generation and,
   for each earlier one, the newest step that later generations trust (the step the taker resumed
   from: what the old holder wrote after that is the stale run's). It is written only by a taker
-  that holds the lock, by a conditional write naming the version it replaces (If-Match /
-  If-None-Match on S3), so two takers cannot both advance it;
+  that holds the lock, by a conditional write naming the version it replaces (an ETag on S3, a
+  generation on GCS), so two takers cannot both advance it;
 - a model swap (``model/``) and every checkpoint first read the fence: a holder of an older
   generation is refused and ends, saying which generation took over.
 
@@ -96,42 +96,35 @@ def read(storage) -> tuple[Fence, str | None]:
 
 
 def _read_versioned(storage) -> tuple[str | None, str | None]:
-    if storage.root.startswith("s3://"):
-        client, bucket, key = _s3(storage)
-        try:
-            found = client.get_object(Bucket=bucket, Key=key)
-        except client.exceptions.NoSuchKey:
-            return None, ""
-        return found["Body"].read().decode(), found["ETag"]
+    if storage.remote:
+        data, version = _object(storage).read()
+        return (None if data is None else data.decode()), (version or "")
     return storage.read_text(FENCE), None
 
 
 def write(storage, fence: Fence, version: str | None) -> None:
-    """Replace the fence, conditionally on ``version`` (from :func:`read`) where the store can:
-    a taker that lost a race for it is refused in one line. Locally (and on NFS) the writer
-    holds the storage's lock, and the file is replaced whole."""
-    body = fence.to_json()
-    if storage.root.startswith("s3://"):
-        client, bucket, key = _s3(storage)
-        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
-        try:
-            client.put_object(Bucket=bucket, Key=key, Body=body.encode(), **condition)
-        except client.exceptions.ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                raise InputError(f"{storage.uri()} was taken over by another run just now "
-                                 "(its fence changed)") from None  # fmt: skip
-            raise
+    """Replace the fence, conditionally on ``version`` (from :func:`read`): on an object store a
+    taker that lost a race for it is refused in one line; locally (and on NFS) the writer holds
+    the storage's lock, and the file is replaced whole."""
+    body = fence.to_json().encode()
+    if not storage.remote:
+        storage.write_bytes(body, FENCE)
         return
-    # gs:// (one PUT lands whole) and local paths (a rename): the lock orders the takers
-    storage.write_text(body, FENCE)
+    from .objects import Conflict
+
+    stored = _object(storage)
+    try:
+        stored.replace(body, version) if version else stored.create(body)
+    except Conflict:
+        raise InputError(f"{storage.uri()} was taken over by another run just now (its fence "
+                         "changed)") from None  # fmt: skip
 
 
-def _s3(storage):
+def _object(storage):
     from .locks import lease_term
-    from .objects import s3_client, split_object_uri
+    from .objects import conditional_object
 
-    _, bucket, key, options = split_object_uri(storage.uri(FENCE))
-    return s3_client(options, lease_term()), bucket, key
+    return conditional_object(storage.uri(FENCE), lease_term())
 
 
 def check(storage, generation: int) -> None:

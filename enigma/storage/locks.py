@@ -16,15 +16,14 @@ renewed for a term, refused while renewed. The holder removes the file before le
 kernel lock; a process that locked the file in between finds that its file is no longer the one
 at the path, and tries again.
 
-**Object stores** (:mod:`enigma.storage.object_lock`, ``s3://``): a conditional create
-(``If-None-Match: *``) of the ``.lock`` object, so of two drivers exactly one creates it;
-renewals and take-overs are conditional on the ETag seen (``If-Match``), so of two takers-over
-one wins, and a holder that finds its lease taken says so. A dead process on this host and PID
+**Object stores** (:mod:`enigma.storage.object_lock`, ``s3://`` and ``gs://``): a conditional
+create of the ``.lock`` object (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), so of two
+drivers exactly one creates it; renewals, take-overs and the release are conditional on the
+version seen (the ETag, ``If-Match``; the generation), so of two takers-over one wins, and a
+holder that finds its lease taken says so. A dead process on this host and PID
 namespace is known dead at once; any other holder is judged by its lease. A store that refuses
 conditional writes, or applies a PUT or DELETE whose If-Match does not hold (probed once per
-bucket), is one line naming it. ``gs://`` has no conditional create through pyarrow:
-its lock is checked, written and read back, which two drivers starting in the same second can
-both pass.
+bucket), is one line naming it. Any other scheme has no compare-and-set here: refused.
 
 **A holder that cannot renew stops.** The lease is the holder's only until two thirds of a term
 after the last renewal that went through was sent: renewals that fail (503, expired credentials,

@@ -1,5 +1,6 @@
 """The lock of an object-store prefix: a conditional create of its ``.lock`` object, renewed as a
-lease (see :mod:`enigma.storage.locks`, whose module text says how it is judged)."""
+lease by writes conditional on the version seen (S3 ETags, GCS generations; see
+:mod:`enigma.storage.locks`, whose module text says how it is judged)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ from .locks import (
     renewed,
     watch_lease,
 )
+from .objects import NO_CONDITIONS, PRECONDITION, Conflict, NoConditions
 
-# What a conditional write's refusal is called by the stores that have them.
-PRECONDITION = ("PreconditionFailed", "412", "ConditionalRequestConflict")
-# What a store that does not take a condition answers instead of applying it.
-NO_CONDITIONS = ("NotImplemented", "501", "InvalidArgument")
 NO_SUCH_ETAG = '"00000000000000000000000000000000"'  # matches no object's ETag
 # (endpoint, bucket) whose If-Match this process has probed and found honoured
 _HONOURED: set[tuple[str, str]] = set()
@@ -43,6 +41,12 @@ def store_errors(shown: str):
     def context():
         try:
             yield
+        except NoConditions as err:
+            raise InputError(
+                f"the store behind {shown} refuses conditional writes ({err}), without which "
+                "two drivers could both take its lock; use a store that has them (AWS S3, GCS, "
+                "MinIO, Ceph RGW 18+) or a local or NFS storage path"
+            ) from None
         except be.NoCredentialsError:
             raise InputError(f"no credentials for {shown}: set AWS_ACCESS_KEY_ID and "
                              "AWS_SECRET_ACCESS_KEY (or an AWS profile)") from None  # fmt: skip
@@ -60,8 +64,25 @@ def store_errors(shown: str):
                                  f"{err.response.get('Error', {}).get('Message', '')}); check "
                                  "the bucket's name and the credentials") from None  # fmt: skip
             raise
+        except Exception as err:
+            if type(err).__module__.startswith(("google.auth", "google.api_core")):
+                _google_errors(err, shown)
+            raise
 
     return context()
+
+
+def _google_errors(err: Exception, shown: str) -> None:
+    """What a user fixes about Cloud Storage, in one line; anything else is left to raise."""
+    from google.api_core import exceptions
+    from google.auth.exceptions import DefaultCredentialsError
+
+    if isinstance(err, DefaultCredentialsError):
+        raise InputError(f"no credentials for {shown}: set GOOGLE_APPLICATION_CREDENTIALS (or "
+                         "run where the node's identity has access)") from None  # fmt: skip
+    if isinstance(err, exceptions.NotFound | exceptions.Forbidden | exceptions.Unauthorized):
+        raise InputError(f"{shown}: the store refused ({err.code}: {err.message}); check the "
+                         "bucket's name and the credentials") from None  # fmt: skip
 
 
 class ObjectLock:
@@ -77,7 +98,8 @@ class ObjectLock:
         self.shown = shown or lock_uri.split("?", 1)[0].rsplit("/", 1)[0]
         self.path = lock_uri.split("?", 1)[0]  # the object itself, for messages
         self.scheme, self.bucket, self.key, self.options = split_object_uri(lock_uri)
-        self.etag: str | None = None
+        self.object = None  # an S3Object or a GcsObject, once acquiring
+        self.etag: str | None = None  # the version of our record (an ETag, a generation)
         self.record: dict | None = None
         self.sent = 0.0  # when the write that took the lock was sent (time.monotonic())
         self.lapsed = False  # taken over from a holder whose lease lapsed, who may live on
@@ -90,35 +112,29 @@ class ObjectLock:
         return self.etag is not None
 
     def acquire(self) -> ObjectLock:
-        if self.scheme != "s3":
-            return self._acquire_unconditional()
-        from .objects import s3_client
+        from .objects import conditional_object
 
-        client = s3_client(self.options, lease_term())
+        self.object = conditional_object(self.lock_uri, lease_term())
         self.record = holder_record(self.what)
         body = json.dumps(self.record).encode()
         with store_errors(self.shown):
-            self._probe_conditions(client)
-            done = self._create(client, body)
-        self.etag = done["ETag"]
-        self.heart = Heartbeat(lambda: self._renew(client), lease_term(), self.shown,
-                               lost=self._lost, since=self.sent)  # fmt: skip
+            if self.scheme == "s3":  # GCS's preconditions are its API's own, never dropped
+                self._probe_conditions(self.object.client)
+            self.etag = self._create(body)
+        self.heart = Heartbeat(self._renew, lease_term(), self.shown, lost=self._lost,
+                               since=self.sent)  # fmt: skip
         self.heart.start()
         return self
 
-    def _create(self, client, body: bytes, tries: int = 5) -> dict:
+    def _create(self, body: bytes, tries: int = 5) -> str:
         """The conditional create; taken over (or adopted) when the object is there."""
         for _ in range(tries):
             try:
                 self.sent = time.monotonic()
-                return client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
-                                         IfNoneMatch="*")  # fmt: skip
-            except client.exceptions.ClientError as err:
-                code = err.response.get("Error", {}).get("Code")
-                if code not in PRECONDITION:
-                    self._refused_conditions(err, code)
-                    raise
-            done = self._take_over(client, body)
+                return self.object.create(body)
+            except Conflict:
+                pass
+            done = self._take_over(body)
             if done is not None:
                 return done
         raise InputError(f"{self.shown}: its lock keeps changing hands; try again")
@@ -159,31 +175,18 @@ class ObjectLock:
             )
         _HONOURED.add(where)
 
-    def _refused_conditions(self, err, code) -> None:
-        """A store without conditional writes: one line naming it (other errors keep theirs)."""
-        text = str(err)
-        if code in NO_CONDITIONS or "If-None-Match" in text:
-            raise InputError(
-                f"the store behind {self.shown} refuses conditional writes (If-None-Match: "
-                f"{code}), without which two drivers could both take its lock; use a store "
-                "that has them (AWS S3, MinIO, Ceph RGW 18+) or a local or NFS storage path"
-            ) from None
+    def _current(self) -> tuple[dict | None, str | None]:
+        data, version = self.object.read()
+        return (None if data is None else _parse(data)), version
 
-    def _current(self, client) -> tuple[dict | None, str | None]:
-        try:
-            found = client.get_object(Bucket=self.bucket, Key=self.key)
-        except client.exceptions.NoSuchKey:
-            return None, None
-        return _parse(found["Body"].read()), found["ETag"]
-
-    def _take_over(self, client, body: bytes) -> dict | None:
+    def _take_over(self, body: bytes) -> str | None:
         """The lock object is there: ours (a retried create that had gone through), a dead or
         lapsed holder's (taken over), or a live one's (refused). None: it went meanwhile."""
-        record, etag = self._current(client)
-        if etag is None:
+        record, version = self._current()
+        if version is None:
             return None  # released meanwhile: create it again
         if record is not None and record.get("token") == self.record["token"]:
-            return {"ETag": etag}  # our own create, retried by the client after it succeeded
+            return version  # our own create, retried by the client after it succeeded
         if dead_here(record):
             reason = f"left by pid {record['pid']} (gone)"
         elif alive_here(record):
@@ -191,7 +194,7 @@ class ObjectLock:
                              "or choose another storage path")  # fmt: skip
         else:
             term = _term_of(record)
-            seen = watch_lease(lambda: self._current(client)[1], term)
+            seen = watch_lease(lambda: self._current()[1], term)
             if seen == "released":
                 return None
             if seen == "renewed":
@@ -201,37 +204,29 @@ class ObjectLock:
                 )
             reason = f"from {describe(record)}: its lease was not renewed for {term:g} s"
             self.lapsed = True  # its holder may live on: a new generation (fence)
-        try:  # of two takers-over, the one whose If-Match still holds wins
+        try:  # of two takers-over, the one whose condition still holds wins
             self.sent = time.monotonic()
-            done = client.put_object(Bucket=self.bucket, Key=self.key, Body=body, IfMatch=etag)
-        except client.exceptions.ClientError as err:
-            if err.response.get("Error", {}).get("Code") not in (*PRECONDITION, "NoSuchKey"):
-                raise
+            done = self.object.replace(body, version)
+        except Conflict:
             raise InputError(f"{self.shown} was taken over by another run just now") from None
         print(f"note: taking over the lock of {self.shown} {reason}", flush=True)
         return done
 
-    def _renew(self, client) -> None:
+    def _renew(self) -> None:
         with self.mutex:
             if self.etag is None:
                 return
             record = renewed(self.record)
-            body = json.dumps(record).encode()
             try:
-                done = client.put_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag,
-                                         Body=body)  # fmt: skip
-            except client.exceptions.ClientError as err:
-                code = err.response.get("Error", {}).get("Code")
-                if code not in (*PRECONDITION, "NoSuchKey"):
-                    raise
-                found, etag = self._current(client)
+                done = self.object.replace(json.dumps(record).encode(), self.etag)
+            except Conflict:
+                found, version = self._current()
                 if found is None:
                     raise LeaseLost(f"{self.path} was removed") from None
                 if found.get("token") != record["token"]:
                     raise LeaseLost(f"taken over by {describe(found)}") from None
-                done = {"ETag": etag}  # our renewal went through; the client's retry did not
-                record = found
-            self.record, self.etag = record, done["ETag"]
+                done, record = version, found  # our renewal went through; the retry did not
+            self.record, self.etag = record, done
 
     def _lost(self, err: LeaseLost) -> None:
         from .locks import stop_the_holder
@@ -239,71 +234,21 @@ class ObjectLock:
         self.lost = True
         stop_the_holder(self.shown, err)
 
-    def _acquire_unconditional(self) -> ObjectLock:
-        """Check, write, read back: the best a store without conditional writes allows here."""
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(self.lock_uri)
-
-        def read() -> bytes | None:
-            if fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return None
-            with fs.open_input_stream(path) as f:
-                return f.read()
-
-        found = read()
-        if found is not None:
-            record = _parse(found)
-            term = _term_of(record)
-            if not (dead_here(record) or watch_lease(read, term) != "renewed"):
-                raise InputError(f"{self.shown} is in use by {describe(record)}; if you know "
-                                 f"that run is gone, `enigma unlock {self.shown}`")  # fmt: skip
-            print(f"note: taking over the lock of {self.shown} from {describe(record)}",
-                  flush=True)  # fmt: skip
-            self.lapsed = not dead_here(record)
-        self.record = holder_record(self.what)
-
-        def write() -> None:
-            with fs.open_output_stream(path) as f:
-                f.write(json.dumps(self.record).encode())
-
-        self.sent = time.monotonic()
-        write()
-        if _parse(read() or b"") != self.record:
-            raise InputError(f"{self.shown} was locked by another run just now")
-        self.etag = "unconditional"
-
-        def renew() -> None:
-            self.record = renewed(self.record)
-            write()
-
-        self.heart = Heartbeat(renew, lease_term(), self.shown, since=self.sent)
-        self.heart.start()
-        return self
-
     def release(self) -> None:
-        """Delete the lock, ours only; a failure is said (naming the object to delete by hand),
-        never raised over the error that ended the block."""
+        """Delete the lock, ours only (conditional on our version); a failure is said (naming
+        the object to delete by hand), never raised over the error that ended the block."""
         if self.etag is None:
             return
         if self.heart is not None:
             self.heart.stop()
         with self.mutex:
-            etag, self.etag = self.etag, None
+            version, self.etag = self.etag, None
         if self.lost:
             return  # taken over: the lock is the new holder's
         try:
-            if self.scheme != "s3":
-                import pyarrow.fs as pafs
-
-                fs, path = pafs.FileSystem.from_uri(self.lock_uri)
-                fs.delete_file(path)
-                return
-            from .objects import s3_client
-
-            client = s3_client(self.options, lease_term())
-            # only our own lock: a run that took it over (our lease lapsed) keeps its own
-            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+            self.object.delete(version)
+        except Conflict:
+            pass  # not ours any more: a run that took it over (our lease lapsed) keeps its own
         except Exception as err:
             print(f"note: the lock {self.path} was not removed ({type(err).__name__}: {err}); "
                   f"if it is ours, `enigma unlock {self.shown}`", file=sys.stderr,

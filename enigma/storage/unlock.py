@@ -62,43 +62,25 @@ def unlock_local(path: Path) -> tuple[dict | None, bool]:
 
 
 def unlock_object(uri: str, shown: str) -> tuple[dict | None, bool]:
-    """Delete the lock object ``uri`` unless its lease is being renewed; returns its record,
-    and whether its holder released it meanwhile."""
-    from .object_lock import ObjectLock
-
-    lock = ObjectLock(uri, "enigma unlock", shown=shown)
-    if lock.scheme != "s3":
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(uri)
-
-        def read():
-            if fs.get_file_info(path).type == pafs.FileType.NotFound:
-                return None
-            with fs.open_input_stream(path) as f:
-                return f.read()
-
-        found = read()
-        if found is None:
-            raise InputError(f"{lock.path} does not exist: nothing to unlock")
-        record = _parse(found)
-        _refuse_other_files(record, found, shown)
-        released = _refuse_if_renewed(read, record, shown)
-        if not released:
-            fs.delete_file(path)
-        return record, released
+    """Delete the lock object ``uri`` unless its lease is being renewed (a delete conditional on
+    the version watched); returns its record, and whether its holder released it meanwhile."""
     from .object_lock import store_errors
-    from .objects import s3_client
+    from .objects import Conflict, conditional_object
 
-    client = s3_client(lock.options)
+    found = conditional_object(uri)
     with store_errors(shown):
-        record, etag = lock._current(client)
-        if etag is None:
-            raise InputError(f"{lock.path} does not exist: nothing to unlock")
-        _refuse_other_files(record, b"?" if record is None else b"", shown)  # always written
-        released = _refuse_if_renewed(lambda: lock._current(client)[1], record, shown)
+        data, version = found.read()
+        if version is None:
+            raise InputError(f"{uri.split('?', 1)[0]} does not exist: nothing to unlock")
+        record = _parse(data)
+        _refuse_other_files(record, data, shown)
+        released = _refuse_if_renewed(lambda: found.read()[1], record, shown)
         if not released:
-            client.delete_object(Bucket=lock.bucket, Key=lock.key, IfMatch=etag)
+            try:
+                found.delete(version)
+            except Conflict:
+                raise InputError(f"{shown}: its lock changed hands while it was watched; left "
+                                 "as it is") from None  # fmt: skip
     return record, released
 
 
