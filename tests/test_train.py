@@ -157,8 +157,9 @@ def test_resume_is_exact(data, tmp_path, fp32_zero2, fp32_baseline_run):
 def test_a_generation_that_took_a_lapsed_lease_over_never_reads_what_the_old_one_wrote_after(
     tmp_path, fp32_baseline_run, capsys
 ):
-    """Generation 2 took the run over and resumed from step 10; the old holder, which lived on,
-    then wrote step 20 into its own run (ray/train). Resuming and exporting trust generation 1
+    """Generation 2 took the run over (written at once, trusting generation 1 as far as it was
+    listed) and resumed from step 10; the old holder, which lived on, had step 20 in its own run
+    (ray/train) by then, or wrote it after. Resuming and exporting trust generation 1
     up to step 10 only, and all of generation 2 (ray/train-g2), by the fence alone; the next
     takeover cuts generation 2 where it resumes."""
     import shutil
@@ -172,11 +173,11 @@ def test_a_generation_that_took_a_lapsed_lease_over_never_reads_what_the_old_one
     storage = Storage(str(tmp_path))
     current = resume.read_state(str(tmp_path / "ray/train/step-0000010")).fingerprint
     assert resume.choose_resume(storage, None, current).path.endswith("train/step-0000020")
-    fence, version = fences.read(storage)
-    assert (fence, version) == (fences.Fence(), None)
-    taken = fences.Fence(1).successor(10)
-    assert taken == fences.Fence(2, {1: 10})
-    fences.write(storage, taken, version)
+    assert fences.read(storage) == (fences.Fence(), None)
+    # taken over: generation 2 is written at once, trusting generation 1 as far as listed...
+    assert fences.advance(storage) == fences.Fence(2, {1: 20}) == fences.read(storage)[0]
+    # ... then no further than where it resumed, which here (say) was step 10
+    assert fences.settle(storage, 10) == fences.Fence(2, {1: 10}) == fences.read(storage)[0]
     chosen = resume.choose_resume(storage, None, current)
     assert chosen.path.endswith("ray/train/step-0000010"), "step 20 is the old holder's"
     assert sorted(export.checkpoints(tmp_path)) == [10]

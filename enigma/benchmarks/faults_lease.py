@@ -50,6 +50,10 @@ class StallingProxy:
     def stall(self) -> None:
         self.stalled.set()
 
+    def release(self) -> None:
+        """Forward what was held: requests a dead run sent before the stall land now, late."""
+        self.stalled.clear()
+
     def close(self) -> None:
         for s in self.sockets:
             s.close()
@@ -170,6 +174,27 @@ def _beyond_cut(client, prefix: str, cut: int) -> list[str]:
     return sorted(n for n in names if (fences.step_of(n) or 0) > cut)
 
 
+def _late_writes(client, prefix: str, when: float) -> dict:
+    """What landed in the run after wall-clock ``when`` (the held requests of a dead run,
+    released late): where each went, and whether anything a reader trusts is among it."""
+    from ..storage import fence as fences
+    from ..storage.store import Storage
+
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix=f"{prefix}/")
+    keys = [o["Key"] for p in pages for o in p.get("Contents", [])
+            if o["LastModified"].timestamp() > when]  # fmt: skip
+    port = client.meta.endpoint_url.rsplit(":", 1)[1]
+    fence, _ = fences.read(Storage.at(_uri(prefix, int(port))))
+    trusted = []
+    for key in keys:
+        parts = key.split("/")
+        generation = fences.generation_of(parts[2]) if len(parts) > 3 else None
+        step = fences.step_of(parts[3]) if len(parts) > 3 else None
+        if generation is not None and step is not None and fence.trusts(generation, step):
+            trusted.append(key)
+    return {"keys": sorted(keys), "in_trusted_checkpoints": trusted}
+
+
 def stalled_store(command, env: dict, work: Path, port: int, client, step: int) -> dict:
     """Scenario 1 (see the module)."""
     proxy, log = StallingProxy(port), work / "lease-stalled.log"
@@ -184,6 +209,10 @@ def stalled_store(command, env: dict, work: Path, port: int, client, step: int) 
         b = _start([*_one_worker(command(work / "stalled-b")), "--storage-path",
                     _uri("stalled", port)], env, log, apart=False)  # fmt: skip
         code_b = _drain(b, log, timeout=600)
+        finished = time.time()
+        proxy.release()  # the old run's held requests reach the store now, after the taker
+        time.sleep(3.0)
+        late = _late_writes(client, "stalled", finished)
     finally:
         proxy.close()
     text = log.read_text()
@@ -192,13 +221,16 @@ def stalled_store(command, env: dict, work: Path, port: int, client, step: int) 
         "a_exit_code": code_a,
         "a_said_its_lease_expired": "expired (not renewed for" in text,
         "a_ended_s_after_the_stall": ended_after,
-        "a_ended_before_a_taker_could_start": code_a is not None and ended_after < LEASE_S,
+        # its last good renewal went out at most a beat (term/6) before the stall: no taker
+        # before stall + 5/6 of the term
+        "a_ended_before_a_taker_could_start": code_a is not None and ended_after < LEASE_S * 5 / 6,
         "b_took_over": "taking over the lock of" in text,
         "b_resumed": "resuming from s3://runs/stalled/ray/train/step-" in text,
         "b_finished": code_b == 0 and "=== done ===" in text,
         "fence": fence,
         "newest_trusted_checkpoint": trusted[-1] if trusted else None,
         "objects_from_a_after_the_stall": _landed_after(client, "stalled", wall + 1.0),
+        "held_requests_released_after_the_taker_finished": late,
     }
 
 

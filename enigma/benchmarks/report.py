@@ -507,6 +507,10 @@ def _lease_rows(lease: dict) -> list[list]:
         ["taken over, resumed and finished from another directory; the old run's objects "
          "landed after the stall", f"{yes(stalled['b_finished'] and stalled['b_resumed'])}; "
          f"{stalled['objects_from_a_after_the_stall']}"],
+        ["the stalled run's held requests, released after the taker finished: objects landed; "
+         "in checkpoints a reader trusts",
+         f"{len(stalled['held_requests_released_after_the_taker_finished']['keys'])}; "
+         f"{len(stalled['held_requests_released_after_the_taker_finished']['in_trusted_checkpoints'])}"],
         [f"lease, driver paused {paused['a_paused_s']} s: taken over as generation 2, finished",
          yes(paused["b_took_over_as_generation_2"] and paused["b_finished"])],
         ["the paused run: refused by the fence (times); trusted up to step; its checkpoints "

@@ -80,10 +80,10 @@ def step_of(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def read(storage) -> tuple[Fence, str | None]:
+def read(storage, bounded: bool = True) -> tuple[Fence, str | None]:
     """The run's fence (generation 1 when it has none) and the version a conditional write of
     the next one names (an S3 ETag; ``""`` when there is none; None elsewhere)."""
-    text, version = _read_versioned(storage)
+    text, version = _read_versioned(storage, bounded)
     if text is None:
         return Fence(), version
     try:
@@ -95,9 +95,9 @@ def read(storage) -> tuple[Fence, str | None]:
                          "if this run never had its lock taken over") from None  # fmt: skip
 
 
-def _read_versioned(storage) -> tuple[str | None, str | None]:
+def _read_versioned(storage, bounded: bool) -> tuple[str | None, str | None]:
     if storage.remote:
-        data, version = _object(storage).read()
+        data, version = _object(storage, bounded).read()
         return (None if data is None else data.decode()), (version or "")
     return storage.read_text(FENCE), None
 
@@ -116,21 +116,48 @@ def write(storage, fence: Fence, version: str | None) -> None:
     try:
         stored.replace(body, version) if version else stored.create(body)
     except Conflict:
+        if stored.read()[0] == body:
+            return  # our own write, retried by the client after it went through
         raise InputError(f"{storage.uri()} was taken over by another run just now (its fence "
                          "changed)") from None  # fmt: skip
 
 
-def _object(storage):
+def _object(storage, bounded: bool = True):
+    """The fence's object; ``bounded``: its calls within a lease's term, as the lock's are."""
     from .locks import lease_term
     from .objects import conditional_object
 
-    return conditional_object(storage.uri(FENCE), lease_term())
+    return conditional_object(storage.uri(FENCE), lease_term() if bounded else None)
+
+
+def advance(storage) -> Fence:
+    """A lapsed lease was just taken over: write the next generation at once (before anything
+    that could fail, so no later run mistakes the old holder's writes for its own), trusting
+    each earlier generation up to its newest checkpoint listed now; :func:`settle` lowers that
+    to the step the run resumes from."""
+    fence, version = read(storage)
+    listed = checkpoints(storage, fence)
+    new = fence.successor(listed[-1].step if listed else 0)
+    write(storage, new, version)
+    return new
+
+
+def settle(storage, step: int) -> Fence:
+    """Every earlier generation trusted no further than ``step``, where the current one resumed
+    (a checkpoint of theirs past it, complete or not, is the old holder's)."""
+    fence, version = read(storage)
+    lowered = {g: min(cut, step) for g, cut in fence.cuts.items()}
+    if lowered != fence.cuts:
+        fence = Fence(fence.generation, lowered)
+        write(storage, fence, version)
+    return fence
 
 
 def check(storage, generation: int) -> None:
     """Raise :class:`Fenced` when a newer generation holds the run (before a checkpoint or a
-    model swap of generation ``generation``)."""
-    current, _ = read(storage)
+    model swap of generation ``generation``). Read with the store client's usual patience:
+    a slow answer here only delays a checkpoint."""
+    current, _ = read(storage, bounded=False)
     if current.generation > generation:
         raise Fenced(f"generation {current.generation} of {storage.uri()} took the run over "
                      f"from this one ({generation})")  # fmt: skip

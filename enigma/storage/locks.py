@@ -306,13 +306,13 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        error, said = None, float("-inf")
-        while not self.stopped.wait(self.every if self.left() is None else
-                                    max(0.0, min(self.every, self.left()))):  # fmt: skip
+        error, said, sent = None, float("-inf"), self.good
+        while not self.stopped.wait(self._pause(sent)):
             if self.left() is not None and self.left() <= 0:  # the process was paused or starved
                 why = f"last error: {error}" if error else "no renewal could be sent in time"
                 return self._lose(self._expired(why))
             call = _Call(self.renew)
+            sent = call.sent
             if not call.done.wait(self.left()):
                 return self._lose(self._expired("a renewal has not returned"))
             if call.error is None:
@@ -326,6 +326,13 @@ class Heartbeat(threading.Thread):
                           file=sys.stderr, flush=True)  # fmt: skip
                     said = time.monotonic()
         return None
+
+    def _pause(self, sent: float) -> float:
+        """Until the next renewal, a beat after the last was *sent* (so slow renewals that go
+        through still come every beat), and never past the expiry."""
+        pause = max(0.0, sent + self.every - time.monotonic())
+        left = self.left()
+        return pause if left is None else max(0.0, min(pause, left))
 
     def left(self) -> float | None:
         """Seconds until the lease expires here; None when it does not."""
@@ -508,7 +515,13 @@ class DirectoryLock:
             return
         if self.heart is not None:
             self.heart.stop()
-        with self.mutex:
+        # A renewal stuck in a hung NFS call holds the mutex: leave the file then (a run taking
+        # it over judges it by its lease) rather than hang here.
+        if not self.mutex.acquire(timeout=lease_term()):
+            print(f"note: the lock {self.path} was left in place: a renewal of it has not "
+                  "returned (a hung file system?)", file=sys.stderr, flush=True)  # fmt: skip
+            return
+        try:
             fd, self.fd = self.fd, None
             try:
                 found = self._read_fresh()
@@ -519,6 +532,8 @@ class DirectoryLock:
                 pass
             finally:
                 os.close(fd)
+        finally:
+            self.mutex.release()
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()

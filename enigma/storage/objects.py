@@ -158,8 +158,12 @@ class GcsObject:
         blob = self.bucket.blob(self.key)
         try:
             blob.upload_from_string(body, if_generation_match=generation, **self.calls)
-        except (exceptions.PreconditionFailed, exceptions.NotFound) as err:
+        except exceptions.PreconditionFailed as err:
             raise Conflict(str(err.code)) from None
+        except exceptions.NotFound as err:
+            if generation == 0:
+                raise  # a create finds no bucket: the caller's to say
+            raise Conflict(str(err.code)) from None  # replaced, and the object is gone
         return str(blob.generation)
 
     def create(self, body: bytes) -> str:

@@ -67,8 +67,8 @@ def unlock_object(uri: str, shown: str) -> tuple[dict | None, bool]:
     from .object_lock import store_errors
     from .objects import Conflict, conditional_object
 
-    found = conditional_object(uri)
     with store_errors(shown):
+        found = conditional_object(uri)
         data, version = found.read()
         if version is None:
             raise InputError(f"{uri.split('?', 1)[0]} does not exist: nothing to unlock")

@@ -147,7 +147,7 @@ def prepare_run(
     checkpoint to start from, and build what every worker gets. Raises :class:`InputError` before
     any worker starts; ``resume`` is ``--resume``; ``workers_flag`` names the flag that sets the
     worker count in messages; ``lapsed``: the lock was taken over from a holder whose lease
-    lapsed (a new generation starts, :func:`next_generation`); ``spec_fields`` go to the
+    lapsed (its new generation is settled, :func:`settled_generation`); ``spec_fields`` go to the
     :class:`RunSpec` as they are."""
     from ..cluster.ray_setup import init_ray
     from ..data.shards import shard_paths
@@ -174,10 +174,10 @@ def prepare_run(
     order = {k: getattr(cfg, k) for k in DATA_ORDER_KEYS}
     stamp = fingerprint(cfg.model_config(), manifest, cfg.workers, order, tuned(cfg))
     faults = spec_fields.get("faults")
-    fence, version = fences.read(storage)
+    fence, _ = fences.read(storage)
     start = choose_resume(storage, resume, stamp, bool(faults and faults.kill_in_set_aside), fence)
     if lapsed:
-        fence = next_generation(storage, fence, version, start)
+        fence = settled_generation(storage, start)
     resumed = start.state.precision if start else None
     chosen, line = precision.resolve(cfg.precision, ds, cfg.ds_config, cfg.gpus_per_worker > 0,
                                      resumed)  # fmt: skip
@@ -200,16 +200,16 @@ def prepare_run(
     )
 
 
-def next_generation(storage: Storage, fence: fences.Fence, version, start) -> fences.Fence:
-    """The storage's fence advanced past the generation whose lease lapsed: what it writes from
-    now on (its workers may live on) lands in a run nobody reads, after the step resumed from."""
-    step = start.state.step if start else 0
-    new = fence.successor(step)
-    fences.write(storage, new, version)
-    print(f"note: {storage.uri()} starts generation {new.generation} (checkpoints in "
-          f"{fences.RUNS}/{fences.run_name(new.generation)}); what generation "
-          f"{fence.generation} writes after step {step} is never read", flush=True)  # fmt: skip
-    return new
+def settled_generation(storage: Storage, start) -> fences.Fence:
+    """The generation this run started on taking a lapsed lease over, every earlier one trusted
+    no further than the step resumed from (in this storage; 0 otherwise), said aloud."""
+    inside = start is not None and start.path.startswith(storage.uri(fences.RUNS).split("?")[0])
+    step = start.state.step if inside else 0
+    fence = fences.settle(storage, step)
+    print(f"note: {storage.uri()} starts generation {fence.generation} (checkpoints in "
+          f"{fences.RUNS}/{fences.run_name(fence.generation)}); what generation "
+          f"{fence.generation - 1} writes after step {step} is never read", flush=True)  # fmt: skip
+    return fence
 
 
 def build_trainer(
@@ -271,10 +271,18 @@ def train(
     with DirectoryLock(out / LOCK_FILE, "enigma train") as held:
         storage = Storage.of(cfg.storage_path, str(out))
         if storage.root == str(out):  # the output directory's lock covers it
-            return _train_locked(cfg, resume, faults or Faults(), command, held.lapsed)
+            return _train_locked(cfg, resume, faults or Faults(), command, _fenced(storage, held))
         storage.check()
         with storage.lock("enigma train") as held:
-            return _train_locked(cfg, resume, faults or Faults(), command, held.lapsed)
+            return _train_locked(cfg, resume, faults or Faults(), command, _fenced(storage, held))
+
+
+def _fenced(storage: Storage, held) -> bool:
+    """Whether this run took a lapsed lease over; if so, the next generation is written now,
+    before any check that could end the run (:func:`enigma.storage.fence.advance`)."""
+    if held.lapsed:
+        fences.advance(storage)
+    return held.lapsed
 
 
 def _train_locked(cfg: TrainConfig, resume: str | None, faults: Faults, command: str,

@@ -432,10 +432,10 @@ class Worker:
         if self.rank == 0:
             try:
                 fences.check(self.spec.storage, self.spec.generation)
-            except fences.Fenced as err:
+            except Exception as err:  # the store's errors too: every rank stops with rank 0
                 error = err
         if any_rank(error is not None, self.engine.device):
-            raise error or fences.Fenced("a newer generation took the run over (rank 0 read it)")
+            raise error or RuntimeError("rank 0 could not read the run's fence, or found it moved")
 
     def upload(self, name: str) -> None:
         """Swap the exported ``name`` into the remote storage; with the injected fault, die once
