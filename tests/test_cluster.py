@@ -116,6 +116,7 @@ def _serve_one_completion(stages: Stages, model: str) -> dict:
     """``enigma serve`` onto the cluster from a fresh directory; one completion; Ctrl-C."""
     import json
     import signal
+    import threading
     import urllib.request
 
     work, port = stages.root / "serve", free_port()
@@ -132,6 +133,8 @@ def _serve_one_completion(stages: Stages, model: str) -> dict:
             if line.startswith("serving "):
                 break
         assert seen and seen[-1].startswith("serving "), "".join(seen)[-3000:]
+        # keep reading: a full pipe would block the server's own writes, its shutdown's too
+        threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True).start()
         body = json.dumps({"prompt": "话说", "max_tokens": 4, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                          headers={"Content-Type": "application/json",
@@ -140,7 +143,11 @@ def _serve_one_completion(stages: Stages, model: str) -> dict:
             answer = json.loads(response.read())
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("serve did not stop on SIGINT: " + "".join(seen)[-3000:]) from None
     stages.clean(work)
     return answer
 
