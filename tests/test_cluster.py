@@ -124,8 +124,12 @@ def _serve_one_completion(stages: Stages, model: str) -> dict:
     env = {**stages.env, "ENIGMA_CACHE": str(work / "cache"), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "enigma.cli", "serve", model, "--port", str(port),
             "--api-key", "k", "--max-batch-size", "2"]  # fmt: skip
+    # Ctrl-C's signal as a terminal gives it: a shell's background job inherits SIGINT ignored,
+    # and Python then installs no handler for it
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_sigint)  # fmt: skip
     try:
         seen = []
         for line in proc.stdout:
