@@ -412,13 +412,14 @@ def test_a_holder_whose_renewals_fail_stops_writing_before_a_taker_can_start(
     and ends (exit 75) before 5/6 of a term has passed since its renewals broke, so before the
     earliest moment a taker-over, which watches the record for a whole term after its last
     change, could start. A taker started then takes the lease over, after the last write."""
+    from enigma.benchmarks.faults_lease import apart_works
     from enigma.storage.locks import LEASE_EXIT
     from enigma.storage.store import Storage
 
     term, remote = 3.0, fault != "estale"
     storage = f"s3://runs/failing-{fault}" if remote else str(tmp_path / "share")
     # in a PID namespace of its own, as on another host: a taker judges it by its lease alone
-    apart = ("unshare", "-pf") if remote and _unshare_works() else ()
+    apart = ("unshare", "-pf") if remote and apart_works() else ()
     proc = _probe(storage, fault, after=1.0, term=term, prefix=apart)
     monkeypatch.setenv("ENIGMA_LEASE_S", str(term))
     take = lambda: Storage.of(storage, str(tmp_path / "t")).lock("enigma train").acquire()  # noqa: E731
@@ -439,10 +440,6 @@ def test_a_holder_whose_renewals_fail_stops_writing_before_a_taker_can_start(
     # its last good renewal was sent at most term/6 before the fault: no taker-over before
     # broke + 5/6 term; it stopped at 2/3 of the term after that renewal
     assert wrote[-1] < broke + 5 / 6 * term and wrote[-1] < taken, (broke, wrote[-1], taken)
-
-
-def _unshare_works() -> bool:
-    return subprocess.run(["unshare", "-pf", "true"], capture_output=True).returncode == 0
 
 
 def test_a_holder_whose_lease_was_taken_over_stops_and_leaves_the_takers_lock(s3, tmp_path):
